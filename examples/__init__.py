@@ -1,0 +1,1 @@
+"""Example task modules (entrypoints under the default allow-list prefix ``examples.``)."""

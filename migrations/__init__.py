@@ -1,0 +1,1 @@
+"""Alembic migrations for prunehub's database. ``server.db.migrate`` runs them programmatically."""

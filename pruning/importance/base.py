@@ -1,0 +1,41 @@
+"""The importance interface: one call from a layer to a score tensor (higher = keep)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["Importance", "effective_weight", "is_batchnorm"]
+
+
+def effective_weight(module: nn.Module) -> Tensor:
+    """The weight the module computes with (masked if a mask is applied), detached, as float."""
+    return module.weight.detach().float()
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for BatchNorm layers (scored only by ``slim`` and the activation criteria)."""
+    return isinstance(module, _BatchNorm)
+
+
+class Importance:
+    """Scores one layer: per weight element (fine-grained) or per output channel (structured).
+
+    ``__call__(name, module)`` returns a tensor of scores (higher = more important) or ``None`` when
+    the criterion says nothing about that kind of layer (``l1`` about BatchNorm, ``slim`` about
+    convolutions); the pruner then averages the members of a channel group that do have scores.
+    Statistics criteria set ``requires_task`` and gather what they need in ``collect`` first, once
+    for all layers. Subclasses are small; a new criterion is a new subclass.
+    """
+
+    requires_task: ClassVar[bool] = False
+    structured: ClassVar[bool] = True
+
+    def collect(self, model: nn.Module, layer_names: Sequence[str], task: Any) -> None:
+        """Gather statistics for `layer_names` from the user's `task` (no-op for weight criteria)."""
+
+    def __call__(self, name: str, module: nn.Module) -> Tensor | None:
+        raise NotImplementedError

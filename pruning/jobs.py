@@ -1,0 +1,229 @@
+"""Execute one search :class:`~pruning.search.base.Job` against the user's task and measure the result.
+
+The runner (in-process or distributed) calls :func:`execute_job` for every job a strategy asks for. Generic kinds
+(``evaluate``, ``finetune_and_evaluate``) are handled here; kinds that belong to one strategy (ADMM's training
+step, NetAdapt's candidate search) are dispatched to that strategy's module, which exposes the same signature.
+
+Weights travel through the :class:`~pruning.artifacts.ArtifactStore`:
+
+* a *checkpoint* artifact (``format: prunehub.masked/1``) holds the full-shape weights (pruned entries zero) and
+  the masks, in the original model's numbering — later jobs start from it;
+* a *model* artifact (``format: prunehub.pruned/1``) holds the physically shrunk weights and the
+  :class:`~pruning.shrink.ShrinkRecipe` that rebuilds their shape from the task's ``model()``
+  (:func:`load_pruned`) — this is what users download.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+import traceback
+from typing import Any
+
+from pruning.artifacts import ArtifactStore
+from pruning.config import PruningProblem, layer_distribution, overall_sparsity
+from pruning.search.base import Job, Result, SearchProblem
+from pruning.task import Task
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MODEL_FORMAT",
+    "JobFailed",
+    "execute_job",
+    "load_checkpoint",
+    "load_pruned",
+    "measure_model",
+    "save_checkpoint",
+    "save_pruned_model",
+]
+
+CHECKPOINT_FORMAT = "prunehub.masked/1"
+MODEL_FORMAT = "prunehub.pruned/1"
+
+# Job kinds that one strategy owns: kind -> module exposing ``execute(task, problem, job, store, device)``.
+STRATEGY_KINDS = {
+    "admm_train": "pruning.search.admm",
+}
+
+
+class JobFailed(RuntimeError):
+    """A job could not produce a valid result; the message is the trial's error."""
+
+
+def save_checkpoint(store: ArtifactStore, model: Any, masks: dict[str, Any]) -> str:
+    """Store full-shape (stripped) weights and masks; return the artifact id."""
+    tensors = {f"w::{name}": value for name, value in model.state_dict().items()}
+    tensors.update({f"m::{name}": mask for name, mask in masks.items()})
+    return store.put(tensors, {"format": CHECKPOINT_FORMAT})
+
+
+def load_checkpoint(task: Task, store: ArtifactStore, artifact_id: str | None) -> tuple[Any, dict[str, Any]]:
+    """A fresh ``task.model()`` with the checkpoint's weights loaded, and its masks (empty without one)."""
+    model = task.model()
+    if artifact_id is None:
+        return model, {}
+    tensors, meta = store.get(artifact_id)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise JobFailed(f"artifact {artifact_id} is not a checkpoint ({meta.get('format')!r})")
+    state = {name[3:]: value for name, value in tensors.items() if name.startswith("w::")}
+    masks = {name[3:]: value for name, value in tensors.items() if name.startswith("m::")}
+    model.load_state_dict(state)
+    return model, masks
+
+
+def save_pruned_model(
+    store: ArtifactStore, model: Any, recipe: Any, *, entrypoint: str, base_algo: str, score: float | None
+) -> str:
+    """Store the shrunk model's weights and the recipe that rebuilds its shape; return the artifact id."""
+    meta = {
+        "format": MODEL_FORMAT,
+        "entrypoint": entrypoint,
+        "base_algo": base_algo,
+        "score": score,
+        "recipe": recipe.model_dump(mode="json") if recipe is not None else None,
+    }
+    return store.put(dict(model.state_dict()), meta)
+
+
+def load_pruned(task: Task, files: tuple[str, str] | list[str] | dict[str, Any]) -> Any:
+    """Rebuild the downloaded pruned model: ``files`` = (weights ``.safetensors``, recipe ``.json``) paths.
+
+    The task's ``model()`` gives the architecture; the recipe removes the same channels; the weights load into it.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pruning.shrink import ShrinkRecipe, apply_recipe
+
+    weights_path, recipe_path = (files["weights"], files["recipe"]) if isinstance(files, dict) else files
+    meta = json.loads(Path(recipe_path).read_text())
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{recipe_path} is not a prunehub pruned-model recipe")
+    model = task.model()
+    if meta.get("recipe"):
+        apply_recipe(model, ShrinkRecipe.model_validate(meta["recipe"]), task.dummy_input())
+    model.load_state_dict(load_file(str(weights_path)))
+    return model
+
+
+def measure_model(
+    model: Any, masks: dict[str, Any], problem: SearchProblem, dummy_input: Any, device: str
+) -> tuple[dict[str, Any], Any, Any]:
+    """Physical metrics of a masked (stripped) model: shrink a copy for structured masks.
+
+    Returns (metrics, shrunk model or the model itself, recipe or None).
+    """
+    from pruning.metrics import count_nonzero, count_params_flops, measure_latency
+
+    pruning = problem.pruning
+    if pruning.structured:
+        from pruning.shrink import shrink
+
+        shrunk = copy.deepcopy(model)
+        recipe = shrink(shrunk, masks, dummy_input)
+        params, flops = count_params_flops(shrunk, dummy_input)
+    else:
+        # Fine-grained sparsity leaves dense kernels: FLOPs do not fall, only the non-zeros do.
+        shrunk, recipe = model, None
+        params = count_nonzero(model)
+        _, flops = count_params_flops(model, dummy_input)
+    metrics: dict[str, Any] = {
+        "params": int(params),
+        "flops": int(flops),
+        "params_ratio": params / pruning.dense_params if pruning.dense_params else None,
+        "flops_ratio": flops / pruning.dense_flops if pruning.dense_flops else None,
+    }
+    if problem.resource == "latency":
+        metrics["latency_ms"] = measure_latency(shrunk, dummy_input, device=device) * 1000.0
+    return metrics, shrunk, recipe
+
+
+def _check_achieved(pruning: PruningProblem, requested: dict[str, float], achieved: dict[str, float]) -> str | None:
+    """A reason when a layer's achieved sparsity is more than one channel/element away from the request."""
+    for layer in pruning.layers:
+        if layer.name not in requested:
+            continue
+        unit = pruning.unit(layer.unit)
+        n = unit.channels if pruning.structured and unit.channels else layer.weight_count
+        if abs(requested[layer.name] - achieved.get(layer.name, 0.0)) * n > 1.0 + 1e-6:
+            return (
+                f"layer {layer.name}: requested sparsity {requested[layer.name]:.4f} but achieved "
+                f"{achieved.get(layer.name, 0.0):.4f} (more than one {'channel' if pruning.structured else 'element'})"
+            )
+    return None
+
+
+def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store: ArtifactStore, device: str) -> Result:
+    from pruning.masks import achieved_sparsity, apply_masks, strip
+    from pruning.pruner import compute_masks
+
+    pruning = problem.pruning
+    model, previous = load_checkpoint(task, store, job.parent_artifact)
+    masks = compute_masks(model, pruning, job.distribution, task=task)
+    if previous:
+        # Pruning is monotonic: what the parent removed stays removed.
+        masks = {name: mask * previous[name] if name in previous else mask for name, mask in masks.items()}
+    apply_masks(model, masks)
+    if job.finetune_epochs:
+        task.fine_tune(model, job.finetune_epochs)
+    score = task.evaluate(model)
+    strip(model)
+    requested = layer_distribution(job.distribution, pruning)
+    achieved = achieved_sparsity(masks, pruning)
+    dummy = task.dummy_input()
+    metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
+    result = Result(
+        key=job.key,
+        score=score,
+        requested=requested,
+        achieved=achieved,
+        overall_sparsity=overall_sparsity(job.distribution, pruning),
+        **metrics,
+    )
+    mismatch = _check_achieved(pruning, requested, achieved)
+    if mismatch:
+        return result.model_copy(update={"status": "failed", "error": mismatch})
+    if job.save_artifact:
+        checkpoint = save_checkpoint(store, model, masks)
+        model_id = save_pruned_model(
+            store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score
+        )
+        result = result.model_copy(update={"artifact": checkpoint, "extra": {"model_artifact": model_id}})
+    return result
+
+
+def execute_job(task: Task, problem: SearchProblem, job: Job, store: ArtifactStore, device: str = "cpu") -> Result:
+    """Run ``job`` and return its :class:`Result`; failures of the job become a failed result with the reason.
+
+    Errors in the user's code that concern the whole experiment (a missing function) propagate as
+    :class:`~pruning.task.TaskError` so the runner can fail the experiment instead of one trial.
+    """
+    from pruning.task import TaskError
+
+    started = time.perf_counter()
+    try:
+        if job.kind in ("evaluate", "finetune_and_evaluate"):
+            result = _prune_finetune_evaluate(task, problem, job, store, device)
+        elif job.kind in STRATEGY_KINDS:
+            module = importlib.import_module(STRATEGY_KINDS[job.kind])
+            result = module.execute(task, problem, job, store, device)
+        else:
+            raise JobFailed(f"no executor for job kind {job.kind!r}")
+    except TaskError:
+        raise
+    except Exception as exc:  # the user's trainer/evaluator may raise anything: it fails this trial
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        result = Result(
+            key=job.key,
+            status="failed",
+            error=detail,
+            requested=layer_distribution(job.distribution, problem.pruning) if job.distribution else {},
+            extra={"traceback": traceback.format_exc(limit=20)},
+        )
+    if result.score is not None and not math.isfinite(result.score):
+        result = result.model_copy(update={"status": "failed", "error": f"score is {result.score}"})
+    return result.model_copy(update={"duration_s": time.perf_counter() - started})

@@ -1,0 +1,142 @@
+"""Masks that survive training: apply, read back, strip.
+
+A mask is a 0/1 tensor shaped like a layer's weight, keyed by the layer's module name. It is applied as
+a `torch.nn.utils.parametrize` parametrization, so ``module.weight`` is ``original * mask`` in every
+forward pass: gradients of pruned entries are zero, and whatever an optimizer does to the stored
+``original`` (momentum, weight decay) never reaches the weights the model computes with. Pruned
+originals are also zeroed when a mask is applied, so stripping leaves exact zeros.
+
+Structured masks (whole output channels) also mask the layer's bias, and BatchNorm masks cover both
+its weight and bias, so a pruned channel outputs exactly zero, the same as after physical shrinking.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from pruning.config import PruningProblem
+
+__all__ = ["Mask", "achieved_sparsity", "apply_masks", "is_channel_mask", "masks_of", "strip"]
+
+
+class Mask(nn.Module):
+    """Parametrization ``w ↦ w * mask``; the mask is a buffer, so it follows ``.to()`` and state_dict."""
+
+    mask: Tensor
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+
+def is_channel_mask(mask: Tensor) -> bool:
+    """True when every output channel (dim 0) of `mask` is all ones or all zeros."""
+    flat = mask.reshape(mask.shape[0], -1)
+    return bool(torch.equal(flat.amin(dim=1), flat.amax(dim=1)))
+
+
+def _channel_vector(mask: Tensor) -> Tensor:
+    return mask.reshape(mask.shape[0], -1).amax(dim=1)
+
+
+def _mask_of(module: nn.Module, tensor_name: str) -> Mask | None:
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    for p in module.parametrizations[tensor_name]:  # type: ignore[union-attr,index]
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
+    current = getattr(module, tensor_name)
+    if mask.shape != current.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tensor_name} {tuple(current.shape)}")
+    mask = mask.to(device=current.device, dtype=current.dtype)
+    existing = _mask_of(module, tensor_name)
+    if existing is None:
+        parametrize.register_parametrization(module, tensor_name, Mask(mask))
+    else:
+        # Update in place: the optimizer keeps pointing at the same `original` Parameter.
+        existing.mask.copy_(mask)
+    with torch.no_grad():
+        original = module.parametrizations[tensor_name].original  # type: ignore[union-attr,index]
+        original.mul_(mask)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, Tensor], structured: bool | None = None) -> nn.Module:
+    """Mask `model` in place (replacing masks already there) and return it.
+
+    `structured` says whether masks remove whole output channels; then biases of removed channels are
+    masked too (BatchNorm masks always mask the bias). ``None`` infers it: structured when every
+    Conv/Linear mask is constant per output channel. Pass it explicitly when you know it — a
+    fine-grained mask of a tiny layer can be channel-constant by chance.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in masks if name not in modules]
+    if missing:
+        raise ValueError(f"masks name layers the model does not have: {missing}")
+    if structured is None:
+        structured = all(is_channel_mask(m) for m in masks.values())
+    for name, mask in masks.items():
+        module = modules[name]
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        _set_mask(module, "weight", mask)
+        bias = getattr(module, "bias", None)
+        if bias is not None and (structured or is_bn):
+            _set_mask(module, "bias", _channel_vector(mask))
+    return model
+
+
+def masks_of(model: nn.Module) -> dict[str, Tensor]:
+    """The weight masks currently applied to `model`, keyed by module name (copies)."""
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        found = _mask_of(module, "weight")
+        if found is not None:
+            out[name] = found.mask.detach().clone()
+    return out
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove all masking machinery in place, leaving plain modules with zeros in place; returns `model`.
+
+    Parameters become new `nn.Parameter` objects: build optimizers after stripping.
+    """
+    for module in model.modules():
+        for tensor_name in ("weight", "bias"):
+            if _mask_of(module, tensor_name) is not None:
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model
+
+
+def achieved_sparsity(model_or_masks: nn.Module | dict[str, Tensor], problem: PruningProblem) -> dict[str, float]:
+    """Per prunable layer of `problem`: the fraction of zero weights (fine-grained) or of fully-zero
+    output channels (structured), read from masks, a masked model, or a plain model's zeros."""
+    if isinstance(model_or_masks, nn.Module):
+        masks = masks_of(model_or_masks)
+        modules = dict(model_or_masks.named_modules())
+        for layer in problem.layers:
+            if layer.name not in masks:
+                weight = modules[layer.name].weight.detach()
+                masks[layer.name] = (weight != 0).to(weight.dtype)
+    else:
+        masks = model_or_masks
+    out: dict[str, float] = {}
+    for layer in problem.layers:
+        mask = masks.get(layer.name)
+        if mask is None:
+            out[layer.name] = 0.0
+        elif problem.structured:
+            out[layer.name] = float((_channel_vector(mask) == 0).float().mean())
+        else:
+            out[layer.name] = float((mask == 0).float().mean())
+    return out

@@ -1,0 +1,109 @@
+"""Model size and speed: parameters, FLOPs (MACs) per layer and in total, non-zeros, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pruning._graph import plain_copy, run_model
+
+__all__ = ["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"]
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    # Torch-Pruning's counter keys on module types; masked (parametrized) modules are counted on a stripped copy.
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        return plain_copy(model)
+    return model
+
+
+def _as_inputs(dummy_input: Any) -> Any:
+    # count_ops_and_params unpacks tuples/lists itself, the same rule as run_model.
+    return list(dummy_input) if isinstance(dummy_input, tuple) else dummy_input
+
+
+def count_params_flops(model: nn.Module, dummy_input: Any) -> tuple[int, int]:
+    """Total parameters and MACs of `model` on `dummy_input` (Torch-Pruning's counter).
+
+    Masked weights count as dense here: use `count_nonzero` for the sparse view.
+    """
+    was_training = model.training
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(_plain(model), _as_inputs(dummy_input))
+    model.train(was_training)
+    return int(params), int(macs)
+
+
+def layer_stats(model: nn.Module, dummy_input: Any) -> dict[str, tuple[int, int]]:
+    """Per-layer ``(params, MACs)`` for every leaf module that has parameters or does arithmetic."""
+    work = _plain(model)
+    was_training = model.training
+    with torch.no_grad():
+        _, _, flops, params = tp.utils.count_ops_and_params(work, _as_inputs(dummy_input), layer_wise=True)
+    model.train(was_training)
+    out: dict[str, tuple[int, int]] = {}
+    for name, module in work.named_modules():
+        if name == "" or any(True for _ in module.children()):
+            continue
+        p = params.get(module) or 0
+        f = flops.get(module) or 0
+        if p or f:
+            out[name] = (int(p), int(f))
+    return out
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Non-zero parameter entries, as the model computes with them (masks applied)."""
+    work = _plain(model)
+    return int(sum(int(torch.count_nonzero(p.detach())) for p in work.parameters()))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def measure_latency(
+    model: nn.Module,
+    dummy_input: Any,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+    repeat: int = 10,
+) -> float:
+    """Median wall-clock seconds of one forward pass on `device`.
+
+    Runs `warmup` untimed passes, then `repeat` timed ones under `torch.inference_mode`, synchronising
+    CUDA before and after each pass so queued kernels are counted. The model is moved to `device`
+    and put in eval mode (its previous mode is restored).
+    """
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    dev = torch.device(device)
+    model.to(dev)
+    inputs = _to_device(dummy_input, dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                run_model(model, inputs)
+            sync()
+            for _ in range(repeat):
+                start = time.perf_counter()
+                run_model(model, inputs)
+                sync()
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)

@@ -1,0 +1,371 @@
+"""``netadapt``: NetAdapt (Yang et al., ECCV 2018) with measured resource reductions.
+
+Iteration ``i`` asks for a resource reduction ``ΔR_i = initial_reduction * R0 * reduction_decay**i``. For
+every unit (coupled channel group) one independent ``netadapt_candidate`` job finds the smallest number of
+whole filters of that unit, ranked by the base algorithm, whose *measured* resource (params, MACs or latency
+of the dependency-aware shrunk model) falls at least ``ΔR_i`` below the current model's, fine-tunes that
+candidate for ``short_term_finetune_epochs`` and evaluates it. The best-scoring candidate, with its fine-tuned
+weights (a checkpoint artifact), becomes the next iteration's model. The search stops once the measured
+resource is within ``target_resource_ratio * R0``; then ``finetune_epochs`` of long-term fine-tuning.
+
+When no unit can reach ``ΔR`` (every unit is nearly empty, or the reduction is coarser than any unit's
+filters), the iteration is retried with ``ΔR`` halved, at most ``max_halvings`` times, after which the search
+stops with ``state.stop_reason`` saying why (NNI looped forever here). Progress is the measured resource.
+
+Job kind ``netadapt_candidate`` is executed by :func:`execute` in this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pruning.search._common import TrialRecord, resource_value, trial_budget
+from pruning.search.base import Job, Result, SearchProblem, SearchState, better
+from pruning.search.configs import NetAdaptConfig
+
+__all__ = ["NetAdaptSearch", "NetAdaptState", "execute"]
+
+
+class NetAdaptState(SearchState):
+    version: int = 1
+    problem: SearchProblem
+    max_trials: int | None = None
+    phase: Literal["baseline", "search", "final", "finished"] = "baseline"
+    iteration: int = 0
+    halvings: int = 0
+    initial_resource: float | None = None  # R0, measured on the unpruned model
+    budget: float | None = None  # target_resource_ratio * R0
+    current_resource: float | None = None
+    current_score: float | None = None
+    current_distribution: dict[str, float] = Field(default_factory=dict)
+    current_artifact: str | None = None  # checkpoint of the current model (None = the task's model())
+    current_key: str | None = None
+    progress: float = 0.0  # (R0 - R) / (R0 - budget), from measured resources
+    pending: list[Job] = Field(default_factory=list)
+    history: list[TrialRecord] = Field(default_factory=list)
+    best_distribution: dict[str, float] | None = None
+
+
+class NetAdaptSearch:
+    """NetAdapt over coupled channel groups; see the module docstring.
+
+    Example::
+
+        search = NetAdaptSearch(NetAdaptConfig(algorithm="netadapt", config_list=[...], target_resource_ratio=0.5))
+        state = search.start(problem)
+        state, jobs = search.ask(state)   # the baseline measurement, then one candidate job per unit
+    """
+
+    def __init__(self, config: NetAdaptConfig) -> None:
+        self.config = config
+
+    def start(self, problem: SearchProblem) -> NetAdaptState:
+        if not problem.pruning.structured:
+            raise ValueError("netadapt needs a structured base algorithm (it removes whole filters)")
+        return NetAdaptState(
+            problem=problem,
+            max_trials=trial_budget(self.config.max_trials, problem.max_trials),
+            current_distribution={name: 0.0 for name in problem.pruning.unit_names()},
+        )
+
+    # ----------------------------------------------------------------------------------------------------- ask
+    def ask(self, state: NetAdaptState) -> tuple[NetAdaptState, list[Job]]:
+        if state.done:
+            return state, []
+        if state.pending:
+            return state, list(state.pending)
+        if state.phase == "baseline":
+            job = Job(
+                key="netadapt-base",
+                kind="evaluate",
+                distribution=state.current_distribution,
+                context={"iteration": -1},
+            )
+            return self._asked(state, [job])
+        if state.phase == "final":
+            job = Job(
+                key="netadapt-final",
+                kind="finetune_and_evaluate",
+                distribution=state.current_distribution,
+                parent_artifact=state.current_artifact,
+                finetune_epochs=self.config.finetune_epochs,
+                save_artifact=True,
+                context={"iteration": state.iteration, "final": True},
+            )
+            return self._asked(state, [job])
+        if state.phase == "finished":
+            return state.model_copy(update={"done": True}), []
+        if state.iteration >= self.config.max_iterations:
+            return self._stop(state, f"max_iterations ({self.config.max_iterations}) reached above the budget")
+        assert state.initial_resource is not None and state.current_resource is not None
+        reduction = (
+            self.config.initial_reduction
+            * state.initial_resource
+            * self.config.reduction_decay**state.iteration
+            * 0.5**state.halvings
+        )
+        target = state.current_resource - reduction
+        jobs = []
+        for unit in state.problem.pruning.units:
+            assert unit.channels is not None
+            if _prunable_channels(unit) <= unit.count(state.current_distribution[unit.name]):
+                continue  # already at its bound: nothing left to offer
+            jobs.append(
+                Job(
+                    key=f"netadapt-{state.iteration}-h{state.halvings}-{unit.name}",
+                    kind="netadapt_candidate",
+                    distribution=state.current_distribution,
+                    parent_artifact=state.current_artifact,
+                    finetune_epochs=self.config.short_term_finetune_epochs,
+                    save_artifact=True,
+                    params={"unit": unit.name, "target_resource": target},
+                    context={
+                        "iteration": state.iteration,
+                        "layer": unit.name,
+                        "delta_resource": reduction,
+                        "halving": state.halvings,
+                    },
+                )
+            )
+        if not jobs:
+            return self._stop(state, "every unit is at its max_sparsity before the resource budget was reached")
+        if state.max_trials is not None and state.trials_asked + len(jobs) > state.max_trials:
+            return self._stop(
+                state,
+                f"max_trials ({state.max_trials}) cannot pay for iteration {state.iteration}'s {len(jobs)} "
+                f"candidates; stopped at resource {state.current_resource:g} above the budget {state.budget:g}",
+            )
+        return self._asked(state, jobs)
+
+    def _asked(self, state: NetAdaptState, jobs: list[Job]) -> tuple[NetAdaptState, list[Job]]:
+        update = {"pending": jobs, "trials_asked": state.trials_asked + len(jobs)}
+        return state.model_copy(update=update), jobs
+
+    def _stop(self, state: NetAdaptState, reason: str) -> tuple[NetAdaptState, list[Job]]:
+        return state.model_copy(update={"done": True, "phase": "finished", "stop_reason": reason}), []
+
+    # ---------------------------------------------------------------------------------------------------- tell
+    def tell(self, state: NetAdaptState, results: list[Result]) -> NetAdaptState:
+        by_key = {result.key: result for result in results}
+        pending, state = state.pending, state.model_copy(update={"pending": []})
+        if state.phase == "baseline":
+            return self._tell_baseline(state, by_key.get(pending[0].key))
+        if state.phase == "final":
+            return self._tell_final(state, pending[0], by_key.get(pending[0].key))
+        return self._tell_candidates(state, pending, by_key)
+
+    def _tell_baseline(self, state: NetAdaptState, result: Result | None) -> NetAdaptState:
+        resource = None if result is None else resource_value(result, state.problem.resource)
+        if result is None or result.status != "succeeded" or not resource:
+            error = "no result" if result is None else (result.error or f"no {state.problem.resource} measured")
+            return state.model_copy(
+                update={"done": True, "phase": "finished", "stop_reason": f"baseline measurement failed: {error}"}
+            )
+        budget = self.config.target_resource_ratio * resource
+        history = [*state.history, _record(result, resource, "baseline", {"iteration": -1})]
+        return state.model_copy(
+            update={
+                "phase": "search",
+                "initial_resource": resource,
+                "budget": budget,
+                "current_resource": resource,
+                "current_score": result.score,
+                "history": history,
+            }
+        )
+
+    def _tell_candidates(
+        self, state: NetAdaptState, pending: list[Job], by_key: dict[str, Result]
+    ) -> NetAdaptState:
+        mode = state.problem.optimize_mode
+        chosen: tuple[Job, Result, float] | None = None
+        history = list(state.history)
+        for job in pending:
+            result = by_key.get(job.key)
+            resource = None if result is None else resource_value(result, state.problem.resource)
+            ok = (
+                result is not None
+                and result.status == "succeeded"
+                and result.score is not None
+                and resource is not None
+                and result.extra.get("distribution") is not None
+            )
+            if not ok:
+                history.append(_record(result, resource, "unreachable", job.context, key=job.key))
+                continue
+            assert result is not None and result.score is not None and resource is not None
+            history.append(_record(result, resource, "candidate", job.context))
+            if chosen is None or better(result.score, chosen[1].score, mode):
+                chosen = (job, result, resource)
+        if chosen is None:
+            halvings = state.halvings + 1
+            if halvings > self.config.max_halvings:
+                reason = (
+                    f"no unit can reduce the {state.problem.resource} by the iteration's ΔR even after "
+                    f"{self.config.max_halvings} halvings (iteration {state.iteration}, resource "
+                    f"{state.current_resource:g}, budget {state.budget:g})"
+                )
+                return state.model_copy(
+                    update={"done": True, "phase": "finished", "stop_reason": reason, "history": history}
+                )
+            return state.model_copy(update={"halvings": halvings, "history": history})
+        job, result, resource = chosen
+        for i in range(len(history) - 1, -1, -1):
+            if history[i].key == job.key:
+                history[i] = history[i].model_copy(update={"decision": "chosen"})
+                break
+        assert state.initial_resource is not None and state.budget is not None
+        progress = (state.initial_resource - resource) / max(state.initial_resource - state.budget, 1e-12)
+        update: dict[str, Any] = {
+            "iteration": state.iteration + 1,
+            "halvings": 0,
+            "current_resource": resource,
+            "current_score": result.score,
+            "current_distribution": dict(result.extra["distribution"]),
+            "current_artifact": result.artifact,
+            "current_key": result.key,
+            "progress": min(max(progress, 0.0), 1.0),
+            "history": history,
+        }
+        if resource <= state.budget:
+            # Every candidate of this iteration within the budget is feasible; the chosen one scores best.
+            update |= {
+                "best_key": result.key,
+                "best_score": result.score,
+                "best_distribution": dict(result.extra["distribution"]),
+                "phase": "final" if self.config.finetune_epochs > 0 else "finished",
+            }
+            if self.config.finetune_epochs == 0:
+                update |= {"done": True, "stop_reason": "resource budget reached"}
+        return state.model_copy(update=update)
+
+    def _tell_final(self, state: NetAdaptState, job: Job, result: Result | None) -> NetAdaptState:
+        update: dict[str, Any] = {"done": True, "phase": "finished", "stop_reason": "resource budget reached"}
+        if result is not None and result.status == "succeeded" and result.score is not None:
+            resource = resource_value(result, state.problem.resource)
+            update["history"] = [*state.history, _record(result, resource, "final", job.context)]
+            # The long-term fine-tuned model is the deliverable whenever it evaluated.
+            update |= {"best_key": result.key, "best_score": result.score}
+        else:
+            error = "no result" if result is None else result.error
+            update["stop_reason"] = f"resource budget reached; the final fine-tune failed ({error})"
+        return state.model_copy(update=update)
+
+
+def _prunable_channels(unit: Any) -> int:
+    """The most channels a unit may lose: its max_sparsity, and at least one channel always survives."""
+    return min(unit.count(unit.max_sparsity), unit.channels - 1)
+
+
+def _record(
+    result: Result | None,
+    resource: float | None,
+    decision: str,
+    context: dict[str, Any],
+    key: str | None = None,
+) -> TrialRecord:
+    return TrialRecord(
+        key=key if result is None else result.key,
+        score=None if result is None else result.score,
+        overall_sparsity=None if result is None else result.overall_sparsity,
+        resource=resource,
+        decision=decision,
+        context=context,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- execute
+def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str = "cpu") -> Result:
+    """Run one ``netadapt_candidate`` job: the smallest pruning of ``job.params["unit"]`` (whole filters, the
+    base algorithm's ranking, monotonic over the parent's masks) whose measured resource on the shrunk model
+    is at most ``job.params["target_resource"]``; then fine-tune, evaluate, save a checkpoint.
+
+    A unit that cannot reach the target even at its bound gives a failed result whose error says so (no
+    training or evaluation is spent on it). ``Result.extra["distribution"]`` is the candidate's unit-level
+    distribution (original-model terms), ``extra["model_artifact"]`` the downloadable shrunk model.
+    """
+    from pruning.config import layer_distribution, overall_sparsity
+    from pruning.jobs import load_checkpoint, measure_model, save_checkpoint, save_pruned_model
+    from pruning.masks import achieved_sparsity, apply_masks, strip
+    from pruning.pruner import compute_masks
+
+    pruning = problem.pruning
+    unit = pruning.unit(str(job.params["unit"]))
+    target = float(job.params["target_resource"])
+    model, previous = load_checkpoint(task, store, job.parent_artifact)
+    model.to(device)
+    dummy = task.dummy_input()
+    assert unit.channels is not None
+    channels = unit.channels
+
+    def masks_for(count: int) -> tuple[dict[str, float], dict[str, Any]]:
+        distribution = dict(job.distribution)
+        distribution[unit.name] = count / channels
+        masks = compute_masks(model, pruning, distribution, task=task)
+        if previous:
+            # Monotonic: what the parent removed stays removed.
+            masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
+        return distribution, masks
+
+    def measured(count: int) -> tuple[float, dict[str, float], dict[str, Any], dict[str, Any]]:
+        distribution, masks = masks_for(count)
+        metrics, _, _ = measure_model(model, masks, problem, dummy, device)
+        value = {"params": metrics["params"], "flops": metrics["flops"]}.get(problem.resource)
+        if value is None:
+            value = metrics["latency_ms"]
+        return float(value), distribution, masks, metrics
+
+    low = unit.count(job.distribution[unit.name]) + 1
+    high = _prunable_channels(unit)
+    if low > high:
+        return Result(key=job.key, status="failed", error=f"unit {unit.name} has no channel left to prune")
+    # Resources fall monotonically with the channels removed: binary search the smallest count that reaches
+    # the target, measuring each probe on the physically shrunk model.
+    found: tuple[float, dict[str, float], dict[str, Any], dict[str, Any]] | None = None
+    top = measured(high)
+    if top[0] > target:
+        return Result(
+            key=job.key,
+            status="failed",
+            error=(
+                f"unit {unit.name} cannot reach {problem.resource} {target:g}: pruning {high} of {channels} "
+                f"channels measures {top[0]:g}"
+            ),
+            extra={"reached": False, "best_possible": top[0]},
+        )
+    found, hi, lo = top, high, low
+    while lo < hi:
+        mid = (lo + hi) // 2
+        probe = measured(mid)
+        if probe[0] <= target:
+            found, hi = probe, mid
+        else:
+            lo = mid + 1
+    assert found is not None
+    _, distribution, masks, _ = found
+    apply_masks(model, masks, structured=True)
+    if job.finetune_epochs:
+        task.fine_tune(model, job.finetune_epochs)
+    score = task.evaluate(model)
+    strip(model)
+    metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
+    result = Result(
+        key=job.key,
+        score=score,
+        requested=layer_distribution(distribution, pruning),
+        achieved=achieved_sparsity(masks, pruning),
+        overall_sparsity=overall_sparsity(distribution, pruning),
+        extra={"distribution": distribution, "reached": True, "pruned_channels": hi, "unit": unit.name},
+        **metrics,
+    )
+    if job.save_artifact:
+        checkpoint = save_checkpoint(store, model, masks)
+        model_id = save_pruned_model(
+            store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score
+        )
+        result = result.model_copy(
+            update={"artifact": checkpoint, "extra": {**result.extra, "model_artifact": model_id}}
+        )
+    return result

@@ -1,0 +1,52 @@
+"""``uniform``: the baseline every search is compared with — each unit at its config-list sparsity."""
+
+from __future__ import annotations
+
+from pruning.config import initial_distribution
+from pruning.search.base import Job, Result, SearchProblem, SearchState, better
+from pruning.search.configs import UniformConfig
+
+__all__ = ["UniformSearch", "UniformState"]
+
+
+class UniformState(SearchState):
+    version: int = 1
+    distribution: dict[str, float]
+    optimize_mode: str = "maximize"
+    asked: bool = False
+
+
+class UniformSearch:
+    """One job: the uniform distribution at the target, fine-tuned ``finetune_epochs`` then evaluated."""
+
+    def __init__(self, config: UniformConfig) -> None:
+        self.config = config
+
+    def start(self, problem: SearchProblem) -> UniformState:
+        return UniformState(
+            distribution=initial_distribution(problem.pruning), optimize_mode=problem.optimize_mode
+        )
+
+    def ask(self, state: UniformState) -> tuple[UniformState, list[Job]]:
+        if state.asked or state.done:
+            return state.model_copy(update={"done": True}), []
+        epochs = self.config.finetune_epochs
+        job = Job(
+            key="uniform-0",
+            kind="finetune_and_evaluate" if epochs else "evaluate",
+            distribution=state.distribution,
+            finetune_epochs=epochs,
+            save_artifact=True,
+            context={"iteration": 0},
+        )
+        return state.model_copy(update={"asked": True, "trials_asked": 1}), [job]
+
+    def tell(self, state: UniformState, results: list[Result]) -> UniformState:
+        update: dict[str, object] = {"done": True}
+        for result in results:
+            if result.status == "succeeded" and result.score is not None:
+                if better(result.score, state.best_score, state.optimize_mode):
+                    update |= {"best_key": result.key, "best_score": result.score}
+        if state.best_key is None and "best_key" not in update:
+            update["stop_reason"] = "the uniform distribution failed to evaluate"
+        return state.model_copy(update=update)

@@ -1,0 +1,161 @@
+"""Physical shrinking ("speedup") of structured masks with Torch-Pruning's dependency graph.
+
+Removing an output channel also removes every input that consumes it: the next conv's input
+channels, BatchNorm entries, the matching slice of a concatenation, the channels of a depthwise
+convolution, and the ``H*W`` features a flatten turns a channel into for the next Linear. A channel is
+removed only when every masked layer coupled with it has it masked, so the shrunk model computes
+exactly what the masked model computes (channels that are masked but not removable stay as zeros).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+
+from pruning import _graph
+from pruning.config import PruningProblem, _check_keys
+from pruning.masks import strip
+from pruning.metrics import count_params_flops
+
+__all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "shrink", "shrunk_copy"]
+
+
+class ShrinkRecipe(BaseModel):
+    """What `shrink` removed: layer name → output channel indices, numbered as in the original model.
+
+    JSON-serialisable; `apply_recipe` replays it on a fresh copy of the original model.
+    """
+
+    removed: dict[str, list[int]] = Field(default_factory=dict)
+
+
+class _Shrinker:
+    """Prunes groups one root at a time while tracking each layer's original channel numbering."""
+
+    def __init__(self, model: nn.Module, dummy_input: Any) -> None:
+        self.model = model
+        self.graph = _graph.build(model, dummy_input)
+        self.modules = dict(model.named_modules())
+        self.order = {n: i for i, n in enumerate(self.modules)}
+        # original index of each current output channel, per maskable layer
+        self.origin: dict[str, Tensor] = {
+            n: torch.arange(_graph.out_dim_size(m))
+            for n, m in self.modules.items()
+            if isinstance(m, _graph.MASKABLE) and m in self.graph.dg.module2node
+        }
+        self.removed: dict[str, list[int]] = {}
+
+    def prune_root(self, root: str, current_idxs: list[int]) -> None:
+        module = self.modules[root]
+        rg, group = _graph.root_group(self.graph, module, current_idxs)
+        if rg.blocked_reason is not None:
+            raise ValueError(f"cannot remove output channels of {root!r}: {rg.blocked_reason}")
+        group.prune(record_history=False)
+        for item in rg.items:
+            origin = self.origin[item.name]
+            idxs = torch.tensor(sorted(set(item.idxs)), dtype=torch.long)
+            self.removed.setdefault(item.name, []).extend(origin[idxs].tolist())
+            keep = torch.ones(origin.numel(), dtype=torch.bool)
+            keep[idxs] = False
+            self.origin[item.name] = origin[keep]
+
+    def full_group(self, root: str) -> _graph.RootGroup:
+        module = self.modules[root]
+        rg, _ = _graph.root_group(self.graph, module, list(range(_graph.out_dim_size(module))))
+        return rg
+
+
+def _zero_channels(mask: Tensor) -> Tensor:
+    return mask.detach().reshape(mask.shape[0], -1).amax(dim=1).cpu() == 0
+
+
+def shrink(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> ShrinkRecipe:
+    """Strip `model` and physically remove its masked output channels, in place.
+
+    `masks` are structured masks as `pruning.pruner.compute_masks` returns them (layer name → weight
+    mask). A channel is removed when all coupled layers present in `masks` have it fully masked;
+    groups tied to the model's output are never shrunk. Returns the recipe (original numbering).
+    Parameters are replaced: build optimizers after shrinking.
+    """
+    strip(model)
+    shrinker = _Shrinker(model, dummy_input)
+    zero = {name: _zero_channels(mask) for name, mask in masks.items()}
+    unknown = [n for n in zero if n not in shrinker.origin]
+    if unknown:
+        raise ValueError(f"masks name layers that are not prunable modules of the traced model: {unknown}")
+    for name in sorted(zero, key=shrinker.order.__getitem__):
+        origin = shrinker.origin[name]
+        if not bool(zero[name][origin].any()):
+            continue
+        rg = shrinker.full_group(name)
+        if rg.blocked_reason is not None:
+            continue  # leave the zeros: removing them would change the model's output shape
+        removable = torch.ones(origin.numel(), dtype=torch.bool)  # in the root's current numbering
+        for item in rg.items:
+            if item.name not in zero:
+                continue
+            member_zero = zero[item.name][shrinker.origin[item.name][torch.tensor(item.idxs, dtype=torch.long)]]
+            agree = torch.ones(origin.numel(), dtype=torch.bool)
+            agree[torch.tensor(item.root_idxs, dtype=torch.long)] = member_zero
+            removable &= agree
+        idxs = torch.nonzero(removable).flatten().tolist()
+        if idxs:
+            shrinker.prune_root(name, idxs)
+    ordered = sorted(shrinker.removed, key=shrinker.order.__getitem__)
+    return ShrinkRecipe(removed={n: sorted(shrinker.removed[n]) for n in ordered})
+
+
+def apply_recipe(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any) -> nn.Module:
+    """Replay `recipe` on a fresh, unmasked copy of the original model (in place); returns it."""
+    strip(model)
+    shrinker = _Shrinker(model, dummy_input)
+    for name, wanted in recipe.removed.items():
+        if name not in shrinker.origin:
+            raise ValueError(f"recipe names {name!r}, which is not a prunable layer of this model")
+        origin = shrinker.origin[name]
+        todo = torch.isin(origin, torch.tensor(wanted, dtype=torch.long))
+        idxs = torch.nonzero(todo).flatten().tolist()
+        if idxs:
+            shrinker.prune_root(name, idxs)
+    for name, wanted in recipe.removed.items():
+        if sorted(shrinker.removed.get(name, [])) != sorted(wanted):
+            raise ValueError(f"recipe does not fit this model: {name!r} lost {shrinker.removed.get(name)}")
+    return model
+
+
+def predict_params_flops(
+    model: nn.Module, problem: PruningProblem, distribution: dict[str, float], dummy_input: Any
+) -> tuple[int, int]:
+    """Params and MACs the shrunk model will have for a structured `distribution`.
+
+    Which channels go does not change the sizes, only how many, so this shrinks a copy with each unit's
+    lowest-numbered channels masked and counts it. `model` is not modified.
+    """
+    _check_keys(distribution, problem)
+    if not problem.structured:
+        raise ValueError("size prediction applies to structured problems; fine-grained pruning keeps shapes")
+    work = _graph.plain_copy(model)
+    modules = dict(work.named_modules())
+    masks: dict[str, Tensor] = {}
+    for unit in problem.units:
+        assert unit.channels is not None
+        k = unit.count(distribution[unit.name])
+        keep = torch.ones(unit.channels, dtype=torch.bool)
+        keep[:k] = False
+        for member in unit.members:
+            weight = modules[member].weight
+            idx = unit.channel_index.get(member)
+            per = keep[torch.tensor(idx)] if idx is not None else keep
+            masks[member] = per.view((-1,) + (1,) * (weight.dim() - 1)).expand_as(weight).to(weight.dtype)
+    shrink(work, masks, dummy_input)
+    return count_params_flops(work, dummy_input)
+
+
+def shrunk_copy(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> tuple[nn.Module, ShrinkRecipe]:
+    """`shrink` applied to a deep copy; returns the copy and the recipe."""
+    work = copy.deepcopy(model)
+    return work, shrink(work, masks, dummy_input)

@@ -1,0 +1,1 @@
+"""prunehub's service core: settings, database, use cases (``services``) and the HTTP API (``api``)."""

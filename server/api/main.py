@@ -1,0 +1,69 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.services.dispatch import CeleryDispatcher, Dispatcher
+from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError
+from server.settings import Settings, get_settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None, *, dispatcher: Dispatcher | None = None, migrate: bool = True
+) -> FastAPI:
+    """Build the API. Migrations are applied at start (``migrate=False`` when the caller already did)."""
+    from server.api.routes import experiments, health
+    from server.db.migrate import upgrade
+    from server.db.session import make_engine, make_session_factory
+
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            upgrade(settings.database_url)
+        engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = make_session_factory(engine)
+        if dispatcher is not None:
+            app.state.dispatcher = dispatcher
+        else:
+            from worker.celery_app import make_celery
+
+            app.state.dispatcher = CeleryDispatcher(make_celery(settings))
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="prunehub",
+        version="0.1.0",
+        description="Automated neural-network pruning search as a service: submit an experiment, a worker "
+        "searches per-layer sparsity distributions of your model, poll for the best one.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        status = 400
+        if isinstance(exc, NotFound):
+            status = 404
+        elif isinstance(exc, Conflict):
+            status = 409
+        elif isinstance(exc, InvalidInput):
+            status = 422
+        return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
+
+    app.include_router(health.router)
+    app.include_router(experiments.router)
+    return app

@@ -1,0 +1,259 @@
+"""Experiments: submit, list, read, trials, best, Pareto front, model download, cancel."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from typing import Literal
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import Response
+from sqlalchemy import func, select
+
+from pruning.search.configs import parse_algorithm_config
+from server.api.deps import DispatcherDep, SessionDep, SettingsDep
+from server.api.schemas import (
+    BestPublic,
+    BestSummary,
+    ErrorPublic,
+    ExperimentCreate,
+    ExperimentPublic,
+    ExperimentsPublic,
+    ParetoPoint,
+    ParetoPublic,
+    Progress,
+    TrialPublic,
+    TrialsPublic,
+    split_create,
+)
+from server.db.models import Experiment, Trial
+from server.services import experiments as service
+from server.services.errors import NotFound
+
+router = APIRouter(prefix="/experiments", tags=["experiments"])
+log = logging.getLogger(__name__)
+
+OWNER = "local"  # one tenant until API keys exist
+_ERRORS = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}}
+
+
+def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False) -> ExperimentPublic:
+    best = None
+    if experiment.best_trial_id is not None:
+        trial = session.get(Trial, experiment.best_trial_id)
+        if trial is not None:
+            best = BestSummary(
+                trial_id=trial.id,
+                score=trial.score,
+                overall_sparsity=trial.overall_sparsity,
+                distribution=trial.distribution,
+            )
+    count = session.scalar(select(func.count()).where(Trial.experiment_id == experiment.id)) if detail else 0
+    duration = None
+    if experiment.started_at and experiment.finished_at:
+        duration = (experiment.finished_at - experiment.started_at).total_seconds()
+    return ExperimentPublic(
+        id=experiment.id,
+        name=experiment.name,
+        owner=experiment.owner,
+        entrypoint=experiment.entrypoint,
+        algorithm=experiment.algorithm,
+        status=experiment.status,
+        progress=Progress(done=experiment.progress_done, total=experiment.progress_total, phase=experiment.phase),
+        config=experiment.config,
+        best_score=experiment.best_score,
+        best=best,
+        trials_count=count or 0,
+        error=experiment.error,
+        traceback=experiment.traceback if detail else None,
+        attempts=experiment.attempts,
+        created_at=experiment.created_at,
+        started_at=experiment.started_at,
+        finished_at=experiment.finished_at,
+        duration_s=duration,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ExperimentPublic, responses=_ERRORS)
+def create_experiment(
+    body: ExperimentCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
+) -> ExperimentPublic:
+    """Submit an experiment. It is stored ``queued`` and handed to a worker after the commit."""
+    name, entrypoint, raw = split_create(body)
+    experiment = service.create_experiment(
+        session,
+        owner=OWNER,
+        name=name,
+        entrypoint=entrypoint,
+        config=parse_algorithm_config(raw),
+        allowed_prefixes=settings.allowed_entrypoints,
+    )
+    session.commit()
+    try:
+        dispatcher.enqueue_experiment(experiment.id)
+    except Exception:  # noqa: BLE001 - stored and queued; a worker's start-up sweep picks it up
+        log.exception("could not enqueue experiment %s; it stays queued", experiment.id)
+    return _public(session, experiment, detail=True)
+
+
+@router.get("", response_model=ExperimentsPublic)
+def list_experiments(
+    session: SessionDep,
+    status_: str | None = Query(None, alias="status", max_length=20),
+    algorithm: str | None = Query(None, max_length=40),
+    entrypoint: str | None = Query(None, max_length=300),
+    order_by: Literal["created", "best_score"] = "created",
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=500),
+) -> ExperimentsPublic:
+    """Experiments, newest first (``order_by=best_score`` ranks them by best score), cursor-paginated."""
+    rows, next_cursor = service.list_experiments(
+        session,
+        owner=OWNER,
+        status=status_,
+        algorithm=algorithm,
+        entrypoint=entrypoint,
+        order_by=order_by,
+        limit=limit,
+        cursor=cursor,
+    )
+    return ExperimentsPublic(items=[_public(session, row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
+def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+    """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
+    return _public(session, service.get_experiment(session, experiment_id, OWNER), detail=True)
+
+
+@router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
+def list_trials(
+    experiment_id: int,
+    session: SessionDep,
+    status_: str | None = Query(None, alias="status", max_length=20),
+    order_by: Literal["seq", "score"] = "seq",
+    context: str | None = Query(
+        None, max_length=1000, description='JSON object of context keys to match, e.g. {"iteration": 2}'
+    ),
+    limit: int = Query(100, ge=1, le=1000),
+    cursor: str | None = Query(None, max_length=500),
+) -> TrialsPublic:
+    """The search history: every trial with requested and achieved sparsity, score, params, FLOPs, context."""
+    experiment = service.get_experiment(session, experiment_id, OWNER)
+    context_filter = None
+    if context:
+        try:
+            context_filter = json.loads(context)
+            if not isinstance(context_filter, dict):
+                raise ValueError
+        except ValueError as exc:
+            from server.services.errors import InvalidInput
+
+            raise InvalidInput("context must be a JSON object", field="context") from exc
+    rows, next_cursor, total = service.list_trials(
+        session, experiment, status=status_, context=context_filter, order_by=order_by, limit=limit, cursor=cursor
+    )
+    return TrialsPublic(
+        items=[TrialPublic.model_validate(row) for row in rows], total=total, next_cursor=next_cursor
+    )
+
+
+@router.get("/{experiment_id}/best", response_model=BestPublic, responses=_ERRORS)
+def get_best(
+    experiment_id: int,
+    session: SessionDep,
+    objective: Literal["score", "flops", "params"] = "score",
+    max_flops_ratio: float | None = Query(None, gt=0, le=1),
+    max_params_ratio: float | None = Query(None, gt=0, le=1),
+) -> BestPublic:
+    """The best per-layer sparsity distribution with its score, overall sparsity, params and FLOPs before/after.
+
+    ``max_flops_ratio`` / ``max_params_ratio`` ask for the best under a physical budget (shrunk model / dense).
+    """
+    experiment = service.get_experiment(session, experiment_id, OWNER)
+    trial = service.best_trial(
+        session, experiment, objective=objective, max_flops_ratio=max_flops_ratio, max_params_ratio=max_params_ratio
+    )
+    if trial is None:
+        raise NotFound(f"experiment {experiment_id} has no successful trial (under that budget)", field="id")
+    pruning = (experiment.problem or {}).get("pruning", {})
+    return BestPublic(
+        experiment_id=experiment.id,
+        trial_id=trial.id,
+        score=trial.score,
+        overall_sparsity=trial.overall_sparsity,
+        distribution=trial.distribution,
+        requested=trial.requested,
+        achieved=trial.achieved,
+        params_before=pruning.get("dense_params"),
+        params_after=trial.params,
+        flops_before=pruning.get("dense_flops"),
+        flops_after=trial.flops,
+        params_ratio=trial.params_ratio,
+        flops_ratio=trial.flops_ratio,
+        context=trial.context,
+        model_available=bool((trial.extra or {}).get("model_artifact")),
+    )
+
+
+@router.get("/{experiment_id}/pareto", response_model=ParetoPublic, responses=_ERRORS)
+def get_pareto(experiment_id: int, session: SessionDep) -> ParetoPublic:
+    """Non-dominated trials: best score for fewer FLOPs, and for fewer params (every strategy)."""
+    experiment = service.get_experiment(session, experiment_id, OWNER)
+
+    def points(resource: Literal["flops", "params"]) -> list[ParetoPoint]:
+        return [
+            ParetoPoint(
+                trial_id=t.id,
+                score=t.score,
+                flops=t.flops,
+                params=t.params,
+                flops_ratio=t.flops_ratio,
+                params_ratio=t.params_ratio,
+                overall_sparsity=t.overall_sparsity,
+            )
+            for t in service.pareto_trials(session, experiment, resource)
+        ]
+
+    return ParetoPublic(experiment_id=experiment.id, flops=points("flops"), params=points("params"))
+
+
+@router.get(
+    "/{experiment_id}/model",
+    responses={200: {"content": {"application/zip": {}}}, **_ERRORS},
+    response_class=Response,
+)
+def download_model(experiment_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+    """The best pruned model as a zip: ``model.safetensors`` (shrunk weights) and ``recipe.json`` (rebuilds the
+    shape from the task's ``model()``; load with ``pruning.load_pruned(task, files)``). No pickles."""
+    from pruning.artifacts import ArtifactNotFound, ArtifactStore
+
+    experiment = service.get_experiment(session, experiment_id, OWNER)
+    trial = service.best_trial(session, experiment)
+    artifact = (trial.extra or {}).get("model_artifact") if trial else None
+    if not artifact:
+        raise NotFound(f"experiment {experiment_id} has no pruned model yet", field="id")
+    try:
+        weights, recipe = ArtifactStore(settings.artifacts_dir).files(artifact)
+    except ArtifactNotFound as exc:
+        raise NotFound(f"the model artifact of experiment {experiment_id} is missing", field="id") from exc
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.write(weights, "model.safetensors")
+        archive.write(recipe, "recipe.json")
+    return Response(
+        content=buffer.getvalue(),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="experiment-{experiment_id}-model.zip"'},
+    )
+
+
+@router.post("/{experiment_id}/cancel", response_model=ExperimentPublic, responses=_ERRORS)
+def cancel_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+    """A queued experiment is cancelled at once; a running one goes ``cancelling`` then ``cancelled``."""
+    experiment = service.get_experiment(session, experiment_id, OWNER, for_update=True)
+    service.cancel_experiment(session, experiment)
+    session.commit()
+    return _public(session, experiment, detail=True)

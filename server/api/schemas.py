@@ -1,0 +1,168 @@
+"""Request and response bodies of the API, named by role (``ExperimentCreate``, ``ExperimentPublic``, ...)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from pruning.search.configs import AlgorithmConfig
+
+__all__ = [
+    "BestPublic",
+    "ErrorPublic",
+    "ExperimentCreate",
+    "ExperimentPublic",
+    "ExperimentsPublic",
+    "ParetoPublic",
+    "Progress",
+    "TrialPublic",
+    "TrialsPublic",
+]
+
+_NAME = (str, Field(min_length=1, max_length=200, description="a name for people"))
+_ENTRYPOINT = (
+    str,
+    Field(
+        min_length=1,
+        max_length=300,
+        description="the task module: 'package.module' or 'package.module:attr'",
+        examples=["examples.digits"],
+    ),
+)
+
+
+def _create_model_for(config_cls: type[BaseModel]) -> type[BaseModel]:
+    algorithm = config_cls.model_fields["algorithm"].annotation
+    tag = get_args(algorithm)[0]
+    name = "".join(part.capitalize() for part in str(tag).split("_")) + "ExperimentCreate"
+    return create_model(name, __base__=config_cls, name=_NAME, entrypoint=_ENTRYPOINT)  # type: ignore[call-overload,no-any-return]
+
+
+_CONFIG_CLASSES = get_args(get_args(AlgorithmConfig)[0])
+if not _CONFIG_CLASSES:  # a union of one is collapsed by typing
+    _CONFIG_CLASSES = (get_args(AlgorithmConfig)[0],)
+_CREATE_MODELS = tuple(_create_model_for(cls) for cls in _CONFIG_CLASSES)
+
+# The body of POST /experiments: name + entrypoint + one algorithm's config, discriminated by "algorithm".
+ExperimentCreate = Annotated[Union[_CREATE_MODELS], Field(discriminator="algorithm")]  # type: ignore[valid-type]  # noqa: UP007
+
+
+def split_create(body: BaseModel) -> tuple[str, str, dict[str, Any]]:
+    """(name, entrypoint, algorithm config dict) of a validated create body."""
+    data = body.model_dump(mode="json", exclude_none=False)
+    return data.pop("name"), data.pop("entrypoint"), data
+
+
+class ErrorPublic(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+class Progress(BaseModel):
+    done: float
+    total: float | None
+    phase: str | None
+
+
+class BestSummary(BaseModel):
+    trial_id: int
+    score: float | None
+    overall_sparsity: float | None
+    distribution: dict[str, float]
+
+
+class ExperimentPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    owner: str
+    entrypoint: str
+    algorithm: str
+    status: str
+    progress: Progress
+    config: dict[str, Any]
+    best_score: float | None
+    best: BestSummary | None = None
+    trials_count: int = 0
+    error: str | None
+    traceback: str | None = None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None = None
+
+
+class ExperimentsPublic(BaseModel):
+    items: list[ExperimentPublic]
+    next_cursor: str | None
+
+
+class TrialPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    seq: int
+    job_key: str
+    kind: str
+    status: str
+    distribution: dict[str, float]
+    requested: dict[str, float] | None
+    achieved: dict[str, float] | None
+    overall_sparsity: float | None
+    score: float | None
+    params: int | None
+    flops: int | None
+    params_ratio: float | None
+    flops_ratio: float | None
+    latency_ms: float | None
+    context: dict[str, Any]
+    extra: dict[str, Any]
+    error: str | None
+    artifact_id: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+
+
+class TrialsPublic(BaseModel):
+    items: list[TrialPublic]
+    total: int
+    next_cursor: str | None
+
+
+class BestPublic(BaseModel):
+    experiment_id: int
+    trial_id: int
+    score: float | None
+    overall_sparsity: float | None
+    distribution: dict[str, float] = Field(description="requested sparsity per unit (coupled group or layer)")
+    requested: dict[str, float] | None = Field(description="requested sparsity per layer")
+    achieved: dict[str, float] | None = Field(description="achieved sparsity per layer")
+    params_before: int | None
+    params_after: int | None
+    flops_before: int | None
+    flops_after: int | None
+    params_ratio: float | None
+    flops_ratio: float | None
+    context: dict[str, Any]
+    model_available: bool
+
+
+class ParetoPoint(BaseModel):
+    trial_id: int
+    score: float | None
+    flops: int | None
+    params: int | None
+    flops_ratio: float | None
+    params_ratio: float | None
+    overall_sparsity: float | None
+
+
+class ParetoPublic(BaseModel):
+    experiment_id: int
+    flops: list[ParetoPoint]
+    params: list[ParetoPoint]

@@ -1,0 +1,351 @@
+"""The ``prunehub`` command line.
+
+Service roles: ``serve`` (the API; ``--with-worker`` also starts a worker process), ``worker``, ``db upgrade``.
+Client commands (``submit``, ``status``, ``best``, ``trials``, ``list``, ``cancel``, ``download``) talk HTTP to the
+API at ``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "examples" / "digits_uniform.json"
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from server.client import PrunehubClient
+    from server.settings import get_settings
+
+    return PrunehubClient(args.api_url or get_settings().api_url)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _progress_line(experiment: dict[str, Any]) -> str:
+    progress = experiment["progress"]
+    total = progress.get("total")
+    amount = f"{progress['done']:g}/{total:g}" if total else f"{progress['done']:g}"
+    best = experiment.get("best_score")
+    best_text = f"  best={best:.4f}" if best is not None else ""
+    return f"[{experiment['status']:>10}] {amount:>8}  {progress.get('phase') or ''}{best_text}"
+
+
+def _print_best(best: dict[str, Any]) -> None:
+    print(f"best trial {best['trial_id']}: score={best['score']:.4f}  overall sparsity={best['overall_sparsity']:.4f}")
+    if best.get("params_before"):
+        print(
+            f"params {best['params_before']:,} -> {best['params_after']:,}   "
+            f"FLOPs {best['flops_before']:,} -> {best['flops_after']:,}"
+        )
+    requested = best.get("requested") or {}
+    achieved = best.get("achieved") or {}
+    print(f"{'layer':<32} {'requested':>10} {'achieved':>10}")
+    for layer, value in requested.items():
+        print(f"{layer:<32} {value:>10.4f} {achieved.get(layer, float('nan')):>10.4f}")
+
+
+def _watch(client: Any, experiment_id: int, interval: float = 1.0) -> dict[str, Any]:
+    last = ""
+
+    def show(experiment: dict[str, Any]) -> None:
+        nonlocal last
+        line = _progress_line(experiment)
+        if line != last:
+            print(line, flush=True)
+            last = line
+
+    return client.wait(experiment_id, interval=interval, on_update=show)  # type: ignore[no-any-return]
+
+
+# --- service roles -------------------------------------------------------------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from server.db.migrate import downgrade, upgrade
+    from server.settings import get_settings
+
+    url = get_settings().database_url
+    if args.action == "upgrade":
+        upgrade(url, args.revision or "head")
+    else:
+        downgrade(url, args.revision or "base")
+    print(f"database {args.action}d: {url}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        # Before anything imports torch: this process only ever sees its own GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        os.environ.setdefault("PRUNEHUB_DEVICE", "cuda")
+    from server.settings import get_settings
+    from worker.celery_app import make_celery
+    from worker.signals import connect_signals
+    from worker.tasks import register_tasks
+
+    settings = get_settings()
+    Path(settings.artifacts_dir).mkdir(parents=True, exist_ok=True)
+    app = make_celery(settings)
+    register_tasks(app)
+    connect_signals()
+    argv = [
+        "worker",
+        "--queues",
+        args.queues,
+        "--concurrency",
+        str(args.concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        args.loglevel,
+        "--hostname",
+        f"prunehub-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if settings.broker_url.startswith("filesystem://"):
+        argv.append("--without-heartbeat")
+    app.worker_main(argv)
+    return 0
+
+
+def _spawn_worker() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.main import create_app
+    from server.db.migrate import upgrade
+    from server.settings import get_settings
+
+    settings = get_settings()
+    upgrade(settings.database_url)  # before a worker starts: one migrator at a time
+    worker = _spawn_worker() if args.with_worker else None
+    try:
+        uvicorn.run(create_app(settings, migrate=False), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            _stop(worker)
+    return 0
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start API + worker, submit the shipped example, show its progress and best result, keep serving."""
+    from server.client import PrunehubClient
+
+    url = f"http://{args.host}:{args.port}"
+    env = {**os.environ, "PRUNEHUB_API_URL": url}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--with-worker", "--host", args.host, "--port", str(args.port)],
+        env=env,
+    )
+    try:
+        with PrunehubClient(url) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.health()
+                    break
+                except Exception:  # noqa: BLE001 - not up yet
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        print("the API did not start", file=sys.stderr)
+                        return 1
+                    time.sleep(0.5)
+            spec = json.loads(Path(args.spec).read_text())
+            experiment = client.submit(spec)
+            print(f"submitted experiment {experiment['id']} ({spec['algorithm']} on {spec['entrypoint']})")
+            final = _watch(client, experiment["id"])
+            if final["status"] == "succeeded":
+                _print_best(client.best(experiment["id"]))
+            else:
+                print(f"experiment ended {final['status']}: {final.get('error')}")
+        print(f"\nprunehub is running at {url}  (API docs: {url}/docs). Press Ctrl-C to stop.")
+        server.wait()
+    except KeyboardInterrupt:
+        print("\nstopping API and worker ...")
+    finally:
+        _stop(server, timeout=30)
+    return 0
+
+
+# --- client commands -----------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = json.loads(Path(args.file).read_text())
+    with _client(args) as client:
+        experiment = client.submit(spec)
+        print(f"experiment {experiment['id']} {experiment['status']}")
+        if args.wait:
+            final = _watch(client, experiment["id"])
+            if final["status"] == "succeeded":
+                _print_best(client.best(experiment["id"]))
+            return 0 if final["status"] == "succeeded" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        experiment = client.get(args.id)
+        print(_progress_line(experiment))
+        if experiment.get("error"):
+            print(f"error: {experiment['error']}")
+        if args.json:
+            _print_json(experiment)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        best = client.best(args.id)
+        _print_json(best) if args.json else _print_best(best)
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.trials(args.id, order_by=args.order_by, limit=args.limit)
+        print(f"{'seq':>4} {'status':>10} {'score':>10} {'sparsity':>9} {'flops':>7}  context")
+        for t in page["items"]:
+            score = f"{t['score']:.4f}" if t["score"] is not None else "-"
+            sparsity = f"{t['overall_sparsity']:.3f}" if t["overall_sparsity"] is not None else "-"
+            flops = f"{t['flops_ratio']:.3f}" if t["flops_ratio"] is not None else "-"
+            print(f"{t['seq']:>4} {t['status']:>10} {score:>10} {sparsity:>9} {flops:>7}  {json.dumps(t['context'])}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.list(status=args.status, entrypoint=args.entrypoint)
+        for e in page["items"]:
+            best = f"{e['best_score']:.4f}" if e["best_score"] is not None else "-"
+            print(f"{e['id']:>5} {e['status']:>10} {e['algorithm']:>12} {best:>8}  {e['name']}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(_progress_line(client.cancel(args.id)))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import io
+    import zipfile
+
+    with _client(args) as client:
+        data = client.download_model(args.id)
+    target = Path(args.dir)
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        archive.extractall(target)
+    print(f"wrote {target / 'model.safetensors'} and {target / 'recipe.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunehub", description=__doc__.splitlines()[0])
+    parser.add_argument("--api-url", default=None, help="API base URL (default: PRUNEHUB_API_URL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API (applies migrations first)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--with-worker", action="store_true", help="also run one worker process")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--queues", default="experiments,evaluations")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--gpu", type=int, default=None, help="serve this GPU only (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("db", help="database migrations")
+    p.add_argument("action", choices=["upgrade", "downgrade"])
+    p.add_argument("revision", nargs="?")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("demo", help="start API + worker, run the digits example, keep serving")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--spec", default=str(DEMO_SPEC))
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="submit an experiment from a JSON file")
+    p.add_argument("file")
+    p.add_argument("--wait", action="store_true", help="follow its progress and print the best result")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, help_text in (
+        ("status", cmd_status, "an experiment's status and progress"),
+        ("best", cmd_best, "the best distribution of an experiment"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("id", type=int)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("trials", help="an experiment's trials")
+    p.add_argument("id", type=int)
+    p.add_argument("--order-by", choices=["seq", "score"], default="seq")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_trials)
+
+    p = sub.add_parser("list", help="experiments, newest first")
+    p.add_argument("--status")
+    p.add_argument("--entrypoint")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("cancel", help="cancel an experiment")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("download", help="download the best pruned model into DIR")
+    p.add_argument("id", type=int)
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from server.client import ApiError
+
+        if isinstance(exc, ApiError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

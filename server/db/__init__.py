@@ -1,0 +1,1 @@
+"""Database layer: declarative base with a naming convention, typed models, engine/session factories."""

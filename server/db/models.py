@@ -1,0 +1,130 @@
+"""Typed SQLAlchemy 2.0 models: ``experiments``, ``trials`` and the append-only ``events`` log."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from server.db.base import Base, JSONType
+
+__all__ = ["Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ExperimentStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (ExperimentStatus.succeeded, ExperimentStatus.failed, ExperimentStatus.cancelled)
+
+
+class TrialStatus(enum.StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+    __table_args__ = (
+        Index("ix_experiments_status_created", "status", "created_at"),
+        Index("ix_experiments_entrypoint", "entrypoint"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), default="local")
+    name: Mapped[str] = mapped_column(String(200))
+    entrypoint: Mapped[str] = mapped_column(String(300))
+    algorithm: Mapped[str] = mapped_column(String(40))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(20), default=ExperimentStatus.queued.value)
+    # progress: done/total in the strategy's own unit (trials, iterations, measured resource), with a phase label.
+    progress_done: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_total: Mapped[float | None] = mapped_column(Float, nullable=True)
+    phase: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    search_state: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    state_version: Mapped[int] = mapped_column(Integer, default=0)
+    problem: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    best_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    best_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    trials: Mapped[list[Trial]] = relationship(back_populates="experiment", lazy="raise")
+
+
+class Trial(Base):
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("experiment_id", "job_key"),
+        UniqueConstraint("experiment_id", "seq"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    job_key: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20), default=TrialStatus.pending.value)
+    distribution: Mapped[dict[str, float]] = mapped_column(JSONType)  # requested, per unit
+    requested: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer
+    achieved: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer
+    overall_sparsity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    flops: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    params_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    flops_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    context: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    artifact_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="trials", lazy="raise")
+
+
+class Event(Base):
+    """Append-only log of what happened to an experiment (status changes, trials, notes)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,26 @@
+"""Errors the services raise; the API maps them to HTTP status codes."""
+
+from __future__ import annotations
+
+__all__ = ["Conflict", "InvalidInput", "NotFound", "ServiceError"]
+
+
+class ServiceError(Exception):
+    """Base class. ``field`` names the offending input where there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class InvalidInput(ServiceError):
+    pass
+
+
+class Conflict(ServiceError):
+    pass

@@ -1,0 +1,241 @@
+"""Experiment use cases for the API: create, read, list, trials, best, cancel."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from pruning.search.configs import SearchCommon
+from pruning.task import TaskError, check_entrypoint
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.services.errors import Conflict, InvalidInput, NotFound
+from server.services.events import add_event
+
+__all__ = [
+    "best_trial",
+    "cancel_experiment",
+    "create_experiment",
+    "get_experiment",
+    "list_experiments",
+    "list_trials",
+    "pareto_trials",
+]
+
+
+def create_experiment(
+    session: Session,
+    *,
+    owner: str,
+    name: str,
+    entrypoint: str,
+    config: SearchCommon,
+    allowed_prefixes: Sequence[str],
+) -> Experiment:
+    """Store a new ``queued`` experiment (the caller commits, then enqueues its id)."""
+    try:
+        check_entrypoint(entrypoint, allowed_prefixes)
+    except TaskError as exc:
+        raise InvalidInput(str(exc), field="entrypoint") from exc
+    config_json = config.model_dump(mode="json")
+    experiment = Experiment(
+        owner=owner,
+        name=name,
+        entrypoint=entrypoint,
+        algorithm=config_json["algorithm"],
+        config=config_json,
+        status=ExperimentStatus.queued.value,
+        progress_total=float(config.max_trials) if config.max_trials else None,
+        phase="queued",
+    )
+    session.add(experiment)
+    session.flush()
+    add_event(session, experiment.id, "status", status="queued")
+    return experiment
+
+
+def get_experiment(
+    session: Session, experiment_id: int, owner: str | None = None, *, for_update: bool = False
+) -> Experiment:
+    """The experiment, or :class:`NotFound` (also when it belongs to another owner, so existence is not revealed).
+
+    ``for_update`` locks the row (PostgreSQL) so a cancel and a worker's claim cannot interleave.
+    """
+    experiment = session.get(Experiment, experiment_id, with_for_update=for_update)
+    if experiment is None or (owner is not None and experiment.owner != owner):
+        raise NotFound(f"experiment {experiment_id} not found", field="id")
+    return experiment
+
+
+def _encode_cursor(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> dict[str, Any]:
+    if not cursor:
+        return {}
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(data, dict):
+            raise ValueError
+        return data
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise InvalidInput("cursor is not a cursor this API returned", field="cursor") from exc
+
+
+def list_experiments(
+    session: Session,
+    *,
+    owner: str | None = None,
+    status: str | None = None,
+    algorithm: str | None = None,
+    entrypoint: str | None = None,
+    order_by: Literal["created", "best_score"] = "created",
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Experiment], str | None]:
+    """Experiments newest first (or by best score, best first), with an opaque cursor to the next page."""
+    query: Select[tuple[Experiment]] = select(Experiment)
+    if owner is not None:
+        query = query.where(Experiment.owner == owner)
+    if status:
+        query = query.where(Experiment.status == status)
+    if algorithm:
+        query = query.where(Experiment.algorithm == algorithm)
+    if entrypoint:
+        query = query.where(Experiment.entrypoint == entrypoint)
+    position = _decode_cursor(cursor)
+    if order_by == "created":
+        if "before_id" in position:
+            query = query.where(Experiment.id < int(position["before_id"]))
+        rows = list(session.scalars(query.order_by(Experiment.id.desc()).limit(limit + 1)))
+        next_cursor = _encode_cursor({"before_id": rows[limit - 1].id}) if len(rows) > limit else None
+        return rows[:limit], next_cursor
+    # Best score first; experiments without a score last. Score ordering respects each one's optimize_mode
+    # by ranking on the score as the user sees it (higher is better for maximize).
+    offset = int(position.get("offset", 0))
+    query = query.where(Experiment.best_score.is_not(None)).order_by(
+        Experiment.best_score.desc(), Experiment.id.desc()
+    )
+    rows = list(session.scalars(query.offset(offset).limit(limit + 1)))
+    next_cursor = _encode_cursor({"offset": offset + limit}) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def list_trials(
+    session: Session,
+    experiment: Experiment,
+    *,
+    status: str | None = None,
+    context: dict[str, Any] | None = None,
+    order_by: Literal["seq", "score"] = "seq",
+    limit: int = 100,
+    cursor: str | None = None,
+) -> tuple[list[Trial], str | None, int]:
+    """The experiment's trials in sequence order (or by score, best first), filtered by status and by
+    equality on context keys; returns (page, next cursor, total matching)."""
+    query = select(Trial).where(Trial.experiment_id == experiment.id)
+    if status:
+        query = query.where(Trial.status == status)
+    rows_all: list[Trial] | None = None
+    if context:
+        # Context is a JSON document whose keys vary by strategy: filter in Python, portable across databases.
+        rows_all = [
+            t
+            for t in session.scalars(query.order_by(Trial.seq))
+            if all(str(t.context.get(k)) == str(v) for k, v in context.items())
+        ]
+    position = _decode_cursor(cursor)
+    offset = int(position.get("offset", 0))
+    maximize = experiment.config.get("optimize_mode", "maximize") == "maximize"
+    if rows_all is not None:
+        if order_by == "score":
+            rows_all.sort(key=lambda t: (t.score is None, -(t.score or 0) if maximize else (t.score or 0)))
+        total = len(rows_all)
+        page = rows_all[offset : offset + limit]
+    else:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        if order_by == "score":
+            score_order = Trial.score.desc() if maximize else Trial.score.asc()
+            query = query.order_by(Trial.score.is_(None), score_order, Trial.seq)
+        else:
+            query = query.order_by(Trial.seq)
+        page = list(session.scalars(query.offset(offset).limit(limit)))
+    next_cursor = _encode_cursor({"offset": offset + limit}) if offset + limit < total else None
+    return page, next_cursor, total
+
+
+def _feasible_trials(session: Session, experiment: Experiment) -> list[Trial]:
+    return list(
+        session.scalars(
+            select(Trial)
+            .where(
+                Trial.experiment_id == experiment.id,
+                Trial.status == TrialStatus.succeeded.value,
+                Trial.score.is_not(None),
+            )
+            .order_by(Trial.seq)
+        )
+    )
+
+
+def best_trial(
+    session: Session,
+    experiment: Experiment,
+    *,
+    objective: Literal["score", "flops", "params"] = "score",
+    max_flops_ratio: float | None = None,
+    max_params_ratio: float | None = None,
+) -> Trial | None:
+    """The best trial: the strategy's choice by default, or the best by ``objective`` under physical budgets."""
+    if objective == "score" and max_flops_ratio is None and max_params_ratio is None:
+        if experiment.best_trial_id is not None:
+            return session.get(Trial, experiment.best_trial_id)
+    candidates = _feasible_trials(session, experiment)
+    if max_flops_ratio is not None:
+        candidates = [t for t in candidates if t.flops_ratio is not None and t.flops_ratio <= max_flops_ratio]
+    if max_params_ratio is not None:
+        candidates = [t for t in candidates if t.params_ratio is not None and t.params_ratio <= max_params_ratio]
+    if not candidates:
+        return None
+    maximize = experiment.config.get("optimize_mode", "maximize") == "maximize"
+    if objective == "score":
+        return max(candidates, key=lambda t: (t.score if maximize else -(t.score or 0.0), -t.seq))
+    key = "flops" if objective == "flops" else "params"
+    return min(candidates, key=lambda t: (getattr(t, key) or 0, -(t.score or 0) if maximize else t.score or 0))
+
+
+def pareto_trials(session: Session, experiment: Experiment, resource: Literal["flops", "params"]) -> list[Trial]:
+    """Non-dominated succeeded trials on (score, resource): better score and fewer FLOPs/params."""
+    maximize = experiment.config.get("optimize_mode", "maximize") == "maximize"
+    points = [t for t in _feasible_trials(session, experiment) if getattr(t, resource) is not None]
+    # Sort by resource ascending, then best score first; sweep keeping strictly improving scores.
+    points.sort(key=lambda t: (getattr(t, resource), -(t.score or 0) if maximize else t.score or 0))
+    front: list[Trial] = []
+    best: float | None = None
+    for trial in points:
+        score = trial.score if maximize else -(trial.score or 0.0)
+        if best is None or (score is not None and score > best):
+            front.append(trial)
+            best = score
+    return front
+
+
+def cancel_experiment(session: Session, experiment: Experiment) -> Experiment:
+    """Queued → ``cancelled`` at once; running → ``cancelling`` (the worker stops it between jobs)."""
+    status = ExperimentStatus(experiment.status)
+    if status.terminal:
+        raise Conflict(f"experiment {experiment.id} is already {status.value}", field="status")
+    if status is ExperimentStatus.queued:
+        experiment.status = ExperimentStatus.cancelled.value
+        experiment.finished_at = utcnow()
+        experiment.phase = "cancelled"
+        add_event(session, experiment.id, "status", status="cancelled")
+    elif status is ExperimentStatus.running:
+        experiment.status = ExperimentStatus.cancelling.value
+        add_event(session, experiment.id, "status", status="cancelling")
+    return experiment

@@ -1,0 +1,160 @@
+"""Use cases of the worker: claim an experiment, record trials, persist the search state, finish.
+
+Every function works inside the caller's transaction; the runner commits after each step so that the database,
+not the broker or a process's memory, is the source of truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.services.events import add_event
+
+__all__ = [
+    "cancel_requested",
+    "claim_experiment",
+    "finish_experiment",
+    "record_result",
+    "save_progress",
+    "start_trial",
+    "trial_by_key",
+]
+
+
+def claim_experiment(session: Session, experiment_id: int, worker_id: str) -> Experiment | None:
+    """Lock the row and mark it running for ``worker_id``; ``None`` when there is nothing to run.
+
+    A queued experiment that was cancelled, a finished one, or a missing id returns ``None``. A ``cancelling``
+    experiment that no worker holds becomes ``cancelled`` here.
+    """
+    experiment = session.get(Experiment, experiment_id, with_for_update=True)
+    if experiment is None:
+        return None
+    status = ExperimentStatus(experiment.status)
+    if status.terminal:
+        return None
+    if status is ExperimentStatus.cancelling:
+        finish_experiment(session, experiment, ExperimentStatus.cancelled)
+        return None
+    experiment.status = ExperimentStatus.running.value
+    experiment.lease_owner = worker_id
+    experiment.heartbeat_at = utcnow()
+    experiment.attempts += 1
+    if experiment.started_at is None:
+        experiment.started_at = utcnow()
+    experiment.phase = "starting"
+    add_event(session, experiment.id, "status", status="running", attempt=experiment.attempts)
+    return experiment
+
+
+def cancel_requested(session: Session, experiment_id: int) -> bool:
+    status = session.scalar(select(Experiment.status).where(Experiment.id == experiment_id))
+    return status in (ExperimentStatus.cancelling.value, ExperimentStatus.cancelled.value)
+
+
+def trial_by_key(session: Session, experiment_id: int, job_key: str) -> Trial | None:
+    return session.scalar(select(Trial).where(Trial.experiment_id == experiment_id, Trial.job_key == job_key))
+
+
+def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
+    """The trial row of ``job`` (created ``running`` if new; a replayed job key returns the existing row)."""
+    existing = trial_by_key(session, experiment.id, job.key)
+    if existing is not None:
+        return existing
+    seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment.id)) or 0) + 1
+    trial = Trial(
+        experiment_id=experiment.id,
+        seq=seq,
+        job_key=job.key,
+        kind=job.kind,
+        status=TrialStatus.running.value,
+        distribution=dict(job.distribution),
+        context=dict(job.context),
+    )
+    session.add(trial)
+    session.flush()
+    return trial
+
+
+def record_result(session: Session, trial: Trial, result: Any) -> Trial:
+    """Store a job's :class:`~pruning.search.base.Result` on its trial and log it."""
+    trial.status = TrialStatus.succeeded.value if result.status == "succeeded" else TrialStatus.failed.value
+    trial.score = result.score
+    trial.requested = result.requested or None
+    trial.achieved = result.achieved or None
+    trial.overall_sparsity = result.overall_sparsity
+    trial.params = result.params
+    trial.flops = result.flops
+    trial.params_ratio = result.params_ratio
+    trial.flops_ratio = result.flops_ratio
+    trial.latency_ms = result.latency_ms
+    trial.error = result.error
+    trial.artifact_id = result.artifact
+    trial.extra = {k: v for k, v in result.extra.items() if k != "traceback"}
+    if result.error and "traceback" in result.extra:
+        trial.extra["traceback"] = result.extra["traceback"]
+    trial.duration_s = result.duration_s
+    trial.finished_at = utcnow()
+    add_event(
+        session,
+        trial.experiment_id,
+        "trial",
+        trial_id=trial.id,
+        seq=trial.seq,
+        status=trial.status,
+        score=trial.score,
+        overall_sparsity=trial.overall_sparsity,
+        flops_ratio=trial.flops_ratio,
+        params_ratio=trial.params_ratio,
+        context=trial.context,
+        error=trial.error,
+    )
+    return trial
+
+
+def save_progress(
+    session: Session,
+    experiment: Experiment,
+    *,
+    state: dict[str, Any],
+    progress: float,
+    progress_total: float | None,
+    phase: str | None,
+    best_key: str | None,
+) -> None:
+    """Persist the search state after a tell, with progress and the strategy's best so far."""
+    experiment.search_state = state
+    experiment.state_version += 1
+    experiment.progress_done = progress
+    experiment.progress_total = progress_total
+    experiment.phase = phase
+    experiment.heartbeat_at = utcnow()
+    if best_key is not None:
+        best = trial_by_key(session, experiment.id, best_key)
+        if best is not None and best.id != experiment.best_trial_id:
+            experiment.best_trial_id = best.id
+            experiment.best_score = best.score
+            add_event(session, experiment.id, "best", trial_id=best.id, score=best.score)
+    add_event(session, experiment.id, "progress", done=progress, total=progress_total, phase=phase)
+
+
+def finish_experiment(
+    session: Session,
+    experiment: Experiment,
+    status: ExperimentStatus,
+    *,
+    error: str | None = None,
+    traceback: str | None = None,
+) -> None:
+    experiment.status = status.value
+    experiment.finished_at = utcnow()
+    experiment.lease_owner = None
+    experiment.phase = status.value
+    if error is not None:
+        experiment.error = error
+        experiment.traceback = traceback
+    add_event(session, experiment.id, "status", status=status.value, error=error)

@@ -1,0 +1,52 @@
+"""Settings read from the environment (prefix ``PRUNEHUB_``), shared by the API, the worker and the CLI.
+
+The embedded defaults need no server: a SQLite file and Celery's filesystem transport under ``./.prunehub/``.
+Production points ``PRUNEHUB_DATABASE_URL`` at PostgreSQL and ``PRUNEHUB_BROKER_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRUNEHUB_", extra="ignore")
+
+    home: Path = Field(default=Path(".prunehub"), description="folder of the embedded database, broker, artifacts")
+    database_url: str = "sqlite:///./.prunehub/prunehub.db"
+    broker_url: str = Field(default="filesystem://", description="Celery broker; filesystem:// = embedded")
+    artifacts_dir: Path = Path(".prunehub/artifacts")
+    allowed_entrypoints: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["examples."])
+    api_url: str = "http://127.0.0.1:8000"
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    device: str = "cpu"
+
+    @field_validator("allowed_entrypoints", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        # "examples.,mypkg." from the environment; a JSON list is accepted too.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once (tests call ``get_settings.cache_clear()`` after changing the env)."""
+    return Settings()

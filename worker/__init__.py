@@ -1,0 +1,1 @@
+"""Celery worker: the app factory, per-process setup, thin tasks, and the search runner."""

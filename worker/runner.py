@@ -1,0 +1,216 @@
+"""The in-process search runner: ask, execute the jobs one after another, tell, persist — until done.
+
+Resumable by construction: the search state is persisted after every tell, trials are unique per job key, and a
+job whose trial already finished is not executed again (its stored result is replayed into ``tell``). A re-run
+of the same experiment therefore continues where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus
+from server.services import runs
+from server.settings import Settings
+
+__all__ = ["run_experiment", "trial_to_result"]
+
+log = logging.getLogger(__name__)
+
+
+def trial_to_result(trial: Trial) -> Any:
+    """The :class:`~pruning.search.base.Result` a finished trial recorded (for replay on resume)."""
+    from pruning.search.base import Result
+
+    extra = dict(trial.extra or {})
+    return Result(
+        key=trial.job_key,
+        status="succeeded" if trial.status == TrialStatus.succeeded.value else "failed",
+        score=trial.score,
+        requested=trial.requested or {},
+        achieved=trial.achieved or {},
+        overall_sparsity=trial.overall_sparsity,
+        params=trial.params,
+        flops=trial.flops,
+        params_ratio=trial.params_ratio,
+        flops_ratio=trial.flops_ratio,
+        latency_ms=trial.latency_ms,
+        artifact=trial.artifact_id,
+        error=trial.error,
+        extra=extra,
+        duration_s=trial.duration_s or 0.0,
+    )
+
+
+class _Stop(Exception):
+    """Ends the run early with a final status."""
+
+    def __init__(self, status: ExperimentStatus, reason: str | None = None) -> None:
+        super().__init__(reason or status.value)
+        self.status = status
+        self.reason = reason
+
+
+def _elapsed_minutes(experiment: Experiment) -> float:
+    if experiment.started_at is None:
+        return 0.0
+    started = experiment.started_at
+    if started.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+        started = started.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - started).total_seconds() / 60.0
+
+
+def run_experiment(
+    experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
+) -> str:
+    """Run (or resume) experiment ``experiment_id`` to a terminal status; returns that status.
+
+    A user's failing code fails the experiment (error and traceback stored), never the worker.
+    """
+    with session_factory() as session:
+        experiment = runs.claim_experiment(session, experiment_id, worker_id)
+        session.commit()
+        if experiment is None:
+            return "skipped"
+    try:
+        status, reason = _run(experiment_id, session_factory, settings)
+        tb = None
+    except _Stop as stop:
+        status, reason, tb = stop.status, stop.reason, None
+    except Exception as exc:  # noqa: BLE001 - anything from the user's code ends the experiment, not the worker
+        log.exception("experiment %s failed", experiment_id)
+        status, reason, tb = ExperimentStatus.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    with session_factory() as session:
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        assert experiment is not None
+        if status is ExperimentStatus.succeeded and experiment.status == ExperimentStatus.cancelling.value:
+            status = ExperimentStatus.cancelled
+        runs.finish_experiment(session, experiment, status, error=reason if status.value == "failed" else None,
+                               traceback=tb)
+        if status is not ExperimentStatus.failed and reason:
+            experiment.phase = f"{status.value}: {reason}"
+        session.commit()
+    return status.value
+
+
+def _run(
+    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings
+) -> tuple[ExperimentStatus, str | None]:
+    from pruning.artifacts import ArtifactStore
+    from pruning.config import resolve_config_list
+    from pruning.jobs import execute_job
+    from pruning.search import make_strategy
+    from pruning.search.base import SearchProblem
+    from pruning.search.configs import parse_algorithm_config
+    from pruning.task import load_task
+
+    with session_factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        entrypoint, raw_config, stored_state = experiment.entrypoint, experiment.config, experiment.search_state
+        stored_problem = experiment.problem
+
+    # The allow-list is enforced here again: the API is not the only way a row gets into the database.
+    task = load_task(entrypoint, settings.allowed_entrypoints)
+    config = parse_algorithm_config(raw_config)
+    if stored_problem is not None:
+        problem = SearchProblem.model_validate(stored_problem)
+    else:
+        model = task.model()
+        pruning_problem = resolve_config_list(
+            model, [entry.model_dump(exclude_none=True) for entry in config.config_list], config.base_algo,
+            task.dummy_input(),
+        )
+        problem = SearchProblem(
+            pruning=pruning_problem,
+            optimize_mode=config.optimize_mode,
+            resource=config.resource,
+            seed=config.seed,
+            max_trials=config.max_trials,
+        )
+        with session_factory() as session:
+            row = session.get(Experiment, experiment_id)
+            assert row is not None
+            row.problem = problem.model_dump(mode="json")
+            row.phase = "problem resolved"
+            runs.add_event(session, experiment_id, "problem", units=len(pruning_problem.units),
+                           target_sparsity=pruning_problem.target_sparsity)
+            session.commit()
+
+    strategy = make_strategy(config)
+    initial = strategy.start(problem)
+    state = type(initial).model_validate(stored_state) if stored_state is not None else initial
+    store = ArtifactStore(settings.artifacts_dir)
+
+    while True:
+        with session_factory() as session:
+            experiment = session.get(Experiment, experiment_id)
+            assert experiment is not None
+            if runs.cancel_requested(session, experiment_id):
+                raise _Stop(ExperimentStatus.cancelled, "cancelled by request")
+            finished = session.query(Trial).filter(
+                Trial.experiment_id == experiment_id, Trial.status.in_(("succeeded", "failed"))
+            ).count()
+            if config.max_minutes is not None and _elapsed_minutes(experiment) >= config.max_minutes:
+                return _final_status(state, f"stopped after max_minutes={config.max_minutes}")
+        state, jobs = strategy.ask(state)
+        if not jobs:
+            if not state.done:
+                raise RuntimeError("the strategy asked for no job but is not done")
+            break
+        if config.max_trials is not None and finished >= config.max_trials:
+            return _final_status(state, f"stopped after max_trials={config.max_trials}")
+        results = []
+        for job in jobs:
+            with session_factory() as session:
+                if runs.cancel_requested(session, experiment_id):
+                    raise _Stop(ExperimentStatus.cancelled, "cancelled by request")
+                trial = runs.trial_by_key(session, experiment_id, job.key)
+                if trial is not None and trial.status in (TrialStatus.succeeded.value, TrialStatus.failed.value):
+                    results.append(trial_to_result(trial))  # recorded before a restart: replay, don't re-run
+                    continue
+                experiment = session.get(Experiment, experiment_id)
+                assert experiment is not None
+                trial = runs.start_trial(session, experiment, job)
+                experiment.phase = f"running {job.kind} {job.key}"
+                session.commit()
+                trial_id = trial.id
+            result = execute_job(task, problem, job, store, device=settings.device)
+            with session_factory() as session:
+                trial = session.get(Trial, trial_id)
+                assert trial is not None
+                runs.record_result(session, trial, result)
+                session.commit()
+            results.append(result)
+        state = strategy.tell(state, results)
+        with session_factory() as session:
+            experiment = session.get(Experiment, experiment_id)
+            assert experiment is not None
+            done_count = session.query(Trial).filter(
+                Trial.experiment_id == experiment_id, Trial.status.in_(("succeeded", "failed"))
+            ).count()
+            runs.save_progress(
+                session,
+                experiment,
+                state=state.model_dump(mode="json"),
+                progress=state.progress if state.progress is not None else float(done_count),
+                progress_total=state.progress_total
+                if state.progress_total is not None
+                else (float(config.max_trials) if config.max_trials else None),
+                phase=state.phase or f"{config.algorithm}: {done_count} trial(s)",
+                best_key=state.best_key,
+            )
+            session.commit()
+    return _final_status(state, state.stop_reason)
+
+
+def _final_status(state: Any, reason: str | None) -> tuple[ExperimentStatus, str | None]:
+    """Succeeded when the search produced a best result; failed (with the reason) otherwise."""
+    if state.best_key is None:
+        raise _Stop(ExperimentStatus.failed, reason or "the search produced no successful trial")
+    return ExperimentStatus.succeeded, reason

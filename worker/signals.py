@@ -1,0 +1,60 @@
+"""Per-process resources of a worker. The engine is created lazily in the process that uses it (never inherited
+across Celery's fork) and disposed in a forked child if the parent had one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.session import make_engine, make_session_factory
+from server.settings import Settings, get_settings
+
+__all__ = ["WorkerContext", "get_context", "reset_context"]
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    pid: int
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{self.pid}"
+
+
+_context: WorkerContext | None = None
+
+
+def get_context() -> WorkerContext:
+    """This process's context, built on first use (and rebuilt after a fork)."""
+    global _context
+    if _context is None or _context.pid != os.getpid():
+        if _context is not None:
+            # Inherited from the parent: drop its pooled connections without closing the parent's sockets.
+            _context.engine.dispose(close=False)
+        settings = get_settings()
+        engine = make_engine(settings.database_url)
+        _context = WorkerContext(settings, engine, make_session_factory(engine), os.getpid())
+    return _context
+
+
+def reset_context() -> None:
+    global _context
+    if _context is not None:
+        _context.engine.dispose()
+    _context = None
+
+
+def connect_signals() -> None:
+    """Hook Celery's process signals (called by ``prunehub worker``)."""
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def _init_process(**_kwargs: object) -> None:
+        get_context()
