@@ -16,7 +16,6 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
 MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
 ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -41,19 +40,18 @@ def run_model(model: nn.Module, dummy_input: Any) -> Any:
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy without mask parametrizations (zeros in place), safe to trace and to modify."""
-    work = copy.deepcopy(model)
-    for module in work.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):  # type: ignore[union-attr]
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    return work
+    from pruning.masks import strip
+
+    return strip(copy.deepcopy(model))
 
 
 def out_dim_size(module: nn.Module) -> int:
     """Number of output channels of a maskable module."""
     if isinstance(module, _BatchNorm):
         return int(module.num_features)
-    return int(module.weight.shape[0])
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[0])
 
 
 @dataclass
@@ -126,7 +124,10 @@ def root_group(graph: Graph, module: nn.Module, idxs: list[int]) -> tuple[RootGr
             continue
         name = graph.names.get(target, repr(type(target).__name__))
         if not isinstance(target, MASKABLE):
-            reason = reason or f"its channels are coupled with {name!r} ({type(target).__name__}), which is unsupported"
+            reason = (
+                reason
+                or f"its channels are coupled with {name!r} ({type(target).__name__}), which is unsupported"
+            )
             continue
         if 1 < getattr(target, "groups", 1) < out_dim_size(target):
             reason = reason or f"it is coupled with the grouped convolution {name!r}"
@@ -202,7 +203,9 @@ def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
         return i
 
     first_layer_of_label = layer_of[labels]  # the layer owning each channel's representative
-    pairs = torch.stack([layer_of, first_layer_of_label], 1).unique(dim=0).tolist()  # per layer pair, not channel
+    pairs = (
+        torch.stack([layer_of, first_layer_of_label], 1).unique(dim=0).tolist()
+    )  # per layer pair, not channel
     for i, j in pairs:
         ri, rj = find(i), find(j)
         if ri != rj:
@@ -223,6 +226,8 @@ def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
             if pos.numel() != channels or not torch.equal(pos, torch.arange(channels)):
                 index[m] = pos.tolist()
         reason = next((reasons[m] for m in members if m in reasons), None)
-        groups.append(ChannelGroup(members=members, channels=channels, channel_index=index, blocked_reason=reason))
+        groups.append(
+            ChannelGroup(members=members, channels=channels, channel_index=index, blocked_reason=reason)
+        )
     groups.sort(key=lambda g: order[g.members[0]])
     return groups

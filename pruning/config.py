@@ -97,11 +97,15 @@ class ConfigEntry(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ConfigEntry:
-        given = [f for f in ("sparsity", "sparsity_per_layer", "total_sparsity") if getattr(self, f) is not None]
+        given = [
+            f for f in ("sparsity", "sparsity_per_layer", "total_sparsity") if getattr(self, f) is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give at most one of sparsity/sparsity_per_layer/total_sparsity, got {given}")
         if not given and not self.exclude:
-            raise ValueError("an entry needs sparsity, sparsity_per_layer or total_sparsity (or exclude: true)")
+            raise ValueError(
+                "an entry needs sparsity, sparsity_per_layer or total_sparsity (or exclude: true)"
+            )
         if not self.op_types and not self.op_names:
             raise ValueError("an entry needs op_types or op_names")
         unknown = [t for t in self.op_types if t not in OP_TYPES]
@@ -306,7 +310,9 @@ def rescale(dist: dict[str, float], target: float, problem: PruningProblem) -> d
         factor = (want - fixed) / mass
         newly = [n for n in free if factor * base[n] > bounds[n]]
         if not newly:
-            out = {n: (bounds[n] if n in clipped else factor * base[n] if n in free else 0.0) for n in weights}
+            out = {
+                n: (bounds[n] if n in clipped else factor * base[n] if n in free else 0.0) for n in weights
+            }
             return out
         clipped.update(newly)
     # Phase 2: proportional scaling cannot reach the target; fill the remaining headroom evenly.
@@ -366,10 +372,11 @@ def resolve_config_list(
 
     is_structured(base_algo)  # validates the name
     structured = base_algo in STRUCTURED_ALGOS
-    entries = [e if isinstance(e, ConfigEntry) else None for e in config_list]
-    if any(e is None for e in entries):
-        entries = validate_config_list(list(config_list))  # type: ignore[arg-type]
-    cfg: list[ConfigEntry] = [e for e in entries if e is not None]
+    cfg: list[ConfigEntry]
+    if all(isinstance(e, ConfigEntry) for e in config_list) and config_list:
+        cfg = [e for e in config_list if isinstance(e, ConfigEntry)]
+    else:
+        cfg = validate_config_list([e.model_dump() if isinstance(e, ConfigEntry) else e for e in config_list])
 
     work = _graph.plain_copy(model)
     modules = dict(work.named_modules())
@@ -476,6 +483,16 @@ def resolve_config_list(
             picked = [m for m in members if m in selected]
             if not picked or any(m in excluded for m in members):
                 continue
+            if base_algo == "slim" and not any(
+                _type_name(modules[m]).startswith("BatchNorm") for m in members
+            ):
+                bad = sorted(set(members) & named & selected)
+                if bad:
+                    raise ValueError(
+                        f"base algorithm 'slim' cannot prune layer {bad[0]!r}: its channel group "
+                        f"{members} has no BatchNorm layer to rank by"
+                    )
+                continue
             first = chosen[picked[0]]
             cap = min((chosen[m].max_sparsity_per_layer or DEFAULT_MAX_SPARSITY) for m in picked)
             unit_name = members[0]
@@ -501,7 +518,8 @@ def resolve_config_list(
         if not units:
             raise ValueError(
                 "config list selects no layer whose output channels can be pruned "
-                "(the model's output layer is never pruned on its outputs)"
+                "(the model's output layer is never pruned on its outputs"
+                + ("; slim needs a BatchNorm in the channel group)" if base_algo == "slim" else ")")
             )
     problem = PruningProblem(
         base_algo=base_algo,

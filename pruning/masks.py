@@ -12,7 +12,7 @@ its weight and bias, so a pruned channel outputs exactly zero, the same as after
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ def _channel_vector(mask: Tensor) -> Tensor:
 def _mask_of(module: nn.Module, tensor_name: str) -> Mask | None:
     if not parametrize.is_parametrized(module, tensor_name):
         return None
-    for p in module.parametrizations[tensor_name]:  # type: ignore[union-attr,index]
+    for p in cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)[tensor_name]):
         if isinstance(p, Mask):
             return p
     return None
@@ -59,7 +59,9 @@ def _mask_of(module: nn.Module, tensor_name: str) -> Mask | None:
 def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     current = getattr(module, tensor_name)
     if mask.shape != current.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tensor_name} {tuple(current.shape)}")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match {tensor_name} {tuple(current.shape)}"
+        )
     mask = mask.to(device=current.device, dtype=current.dtype)
     existing = _mask_of(module, tensor_name)
     if existing is None:
@@ -68,7 +70,7 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
         # Update in place: the optimizer keeps pointing at the same `original` Parameter.
         existing.mask.copy_(mask)
     with torch.no_grad():
-        original = module.parametrizations[tensor_name].original  # type: ignore[union-attr,index]
+        original = cast(Tensor, cast(nn.ModuleDict, module.parametrizations)[tensor_name].original)
         original.mul_(mask)
 
 
@@ -106,19 +108,50 @@ def masks_of(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _unmask_module(module: nn.Module) -> None:
+    """Remove our masks from one module, leaving ``original * mask`` in the *same* Parameter objects.
+
+    torch's ``remove_parametrizations`` deletes the property from the module's dynamically created
+    class, and a deep copy of a masked model shares that class: removing masks from the copy would
+    break the original. When masks are the module's only parametrizations we therefore undo them by
+    hand on this instance; otherwise we defer to torch for the masked tensors.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    plists = cast(nn.ModuleDict, module.parametrizations)
+    ours = [t for t in plists.keys() if _mask_of(module, t) is not None]
+    only_ours = all(len(cast(nn.ModuleList, plists[t])) == 1 and t in ours for t in plists.keys())
+    if not only_ours:
+        for tensor_name in ours:
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+        return
+    originals: dict[str, nn.Parameter] = {}
+    with torch.no_grad():
+        for tensor_name in ours:
+            value = getattr(module, tensor_name).detach().clone()
+            original = cast(nn.Parameter, plists[tensor_name].original)
+            original.set_(value)
+            originals[tensor_name] = original
+    module.__class__ = module.__class__.__bases__[0]  # the class parametrize subclassed
+    del module._modules["parametrizations"]
+    for tensor_name, original in originals.items():
+        module.register_parameter(tensor_name, original)
+
+
 def strip(model: nn.Module) -> nn.Module:
     """Remove all masking machinery in place, leaving plain modules with zeros in place; returns `model`.
 
-    Parameters become new `nn.Parameter` objects: build optimizers after stripping.
+    The masked parameters keep their identity (an optimizer built on the masked model still points at
+    them), now holding ``original * mask``.
     """
     for module in model.modules():
-        for tensor_name in ("weight", "bias"):
-            if _mask_of(module, tensor_name) is not None:
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+        _unmask_module(module)
     return model
 
 
-def achieved_sparsity(model_or_masks: nn.Module | dict[str, Tensor], problem: PruningProblem) -> dict[str, float]:
+def achieved_sparsity(
+    model_or_masks: nn.Module | dict[str, Tensor], problem: PruningProblem
+) -> dict[str, float]:
     """Per prunable layer of `problem`: the fraction of zero weights (fine-grained) or of fully-zero
     output channels (structured), read from masks, a masked model, or a plain model's zeros."""
     if isinstance(model_or_masks, nn.Module):

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from pruning.config import PruningProblem, PruningUnit, _check_keys, pruned_count
 from pruning.importance import Importance, block_scores, expand_block_mask, get_importance
+from pruning.importance.base import weight_of
 from pruning.masks import apply_masks
 
-__all__ = ["compute_masks", "global_distribution", "keep_mask", "prune", "unit_scores"]
+__all__ = ["compute_masks", "global_distribution", "keep_mask", "prune", "select_channels", "unit_scores"]
 
 
 def keep_mask(scores: Tensor, k: int) -> Tensor:
@@ -40,6 +41,32 @@ def keep_mask(scores: Tensor, k: int) -> Tensor:
     if missing > 0:
         ties = torch.nonzero(flat == threshold).flatten()[:missing]
         keep[ties] = False
+    return keep
+
+
+def select_channels(unit: PruningUnit, scores: Tensor, k: int) -> Tensor:
+    """Channels of a structured unit to keep when `k` go: the `k` lowest scores, except that every
+    member keeps at least one channel (a concatenated branch cannot shrink to nothing).
+
+    The swap that saves a member replaces its best channel by the next-lowest channel that no other
+    member needs, so the count stays exact whenever that is physically possible.
+    """
+    keep = keep_mask(scores, k)
+    if not unit.channel_index:
+        return keep
+    members = [torch.tensor(idx, dtype=torch.long) for idx in unit.channel_index.values()]
+    order = torch.sort(scores.double(), stable=True).indices.tolist()
+    for idx in members:
+        if bool(keep[idx].any()):
+            continue
+        keep[idx[torch.argmax(scores[idx])]] = True
+        for candidate in order:  # loops over members' rescues, not over every channel
+            if not keep[candidate]:
+                continue
+            keep[candidate] = False
+            if all(bool(keep[other].any()) for other in members):
+                break
+            keep[candidate] = True
     return keep
 
 
@@ -89,7 +116,9 @@ def unit_scores(
 def _collect(model: nn.Module, problem: PruningProblem, importance: Importance, task: Any) -> None:
     if importance.requires_task:
         if task is None:
-            raise ValueError(f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics")
+            raise ValueError(
+                f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics"
+            )
         importance.collect(model, [m for u in problem.units for m in u.members], task)
 
 
@@ -118,21 +147,25 @@ def compute_masks(
             raise ValueError(f"sparsity of unit {unit.name!r} must lie in [0, 1], got {sparsity}")
         if unit.channels is None:
             module = modules[unit.name]
-            weight = module.weight
+            weight = weight_of(module)
             scores = importance(unit.name, module)
             if scores is None:
                 raise ValueError(f"{type(importance).__name__} cannot score layer {unit.name!r}")
             if unit.block is not None:
                 blocks = block_scores(scores, unit.block, unit.block_pooling)
-                keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(blocks.shape)
+                keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(
+                    blocks.shape
+                )
                 keep = expand_block_mask(keep, unit.block, tuple(weight.shape))
             else:
-                keep = keep_mask(scores.reshape(-1), pruned_count(sparsity, scores.numel())).view(weight.shape)
+                keep = keep_mask(scores.reshape(-1), pruned_count(sparsity, scores.numel())).view(
+                    weight.shape
+                )
             masks[unit.name] = keep.to(dtype=weight.dtype, device=weight.device)
         else:
-            channel_keep = keep_mask(unit_scores(model, unit, importance), unit.count(sparsity))
+            channel_keep = select_channels(unit, unit_scores(model, unit, importance), unit.count(sparsity))
             for member in unit.members:
-                weight = modules[member].weight
+                weight = weight_of(modules[member])
                 idx = _member_index(unit, member, weight.shape[0], channel_keep.device)
                 per_channel = channel_keep[idx].to(dtype=weight.dtype, device=weight.device)
                 shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)

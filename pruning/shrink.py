@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from pruning import _graph
 from pruning.config import PruningProblem, _check_keys
+from pruning.importance.base import weight_of
 from pruning.masks import strip
 from pruning.metrics import count_params_flops
+from pruning.pruner import select_channels
 
 __all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "shrink", "shrunk_copy"]
 
@@ -98,7 +100,9 @@ def shrink(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> Shri
         for item in rg.items:
             if item.name not in zero:
                 continue
-            member_zero = zero[item.name][shrinker.origin[item.name][torch.tensor(item.idxs, dtype=torch.long)]]
+            member_zero = zero[item.name][
+                shrinker.origin[item.name][torch.tensor(item.idxs, dtype=torch.long)]
+            ]
             agree = torch.ones(origin.numel(), dtype=torch.bool)
             agree[torch.tensor(item.root_idxs, dtype=torch.long)] = member_zero
             removable &= agree
@@ -144,10 +148,9 @@ def predict_params_flops(
     for unit in problem.units:
         assert unit.channels is not None
         k = unit.count(distribution[unit.name])
-        keep = torch.ones(unit.channels, dtype=torch.bool)
-        keep[:k] = False
+        keep = select_channels(unit, torch.zeros(unit.channels), k)  # ties → lowest-numbered channels go
         for member in unit.members:
-            weight = modules[member].weight
+            weight = weight_of(modules[member])
             idx = unit.channel_index.get(member)
             per = keep[torch.tensor(idx)] if idx is not None else keep
             masks[member] = per.view((-1,) + (1,) * (weight.dim() - 1)).expand_as(weight).to(weight.dtype)
@@ -155,7 +158,9 @@ def predict_params_flops(
     return count_params_flops(work, dummy_input)
 
 
-def shrunk_copy(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> tuple[nn.Module, ShrinkRecipe]:
+def shrunk_copy(
+    model: nn.Module, masks: dict[str, Tensor], dummy_input: Any
+) -> tuple[nn.Module, ShrinkRecipe]:
     """`shrink` applied to a deep copy; returns the copy and the recipe."""
     work = copy.deepcopy(model)
     return work, shrink(work, masks, dummy_input)

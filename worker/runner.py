@@ -146,6 +146,7 @@ def _run(
     initial = strategy.start(problem)
     state = type(initial).model_validate(stored_state) if stored_state is not None else initial
     store = ArtifactStore(settings.artifacts_dir)
+    last_error: str | None = None  # the latest failed trial's reason, reported if nothing succeeds
 
     while True:
         with session_factory() as session:
@@ -157,14 +158,14 @@ def _run(
                 Trial.experiment_id == experiment_id, Trial.status.in_(("succeeded", "failed"))
             ).count()
             if config.max_minutes is not None and _elapsed_minutes(experiment) >= config.max_minutes:
-                return _final_status(state, f"stopped after max_minutes={config.max_minutes}")
+                return _final_status(state, f"stopped after max_minutes={config.max_minutes}", last_error)
         state, jobs = strategy.ask(state)
         if not jobs:
             if not state.done:
                 raise RuntimeError("the strategy asked for no job but is not done")
             break
         if config.max_trials is not None and finished >= config.max_trials:
-            return _final_status(state, f"stopped after max_trials={config.max_trials}")
+            return _final_status(state, f"stopped after max_trials={config.max_trials}", last_error)
         results = []
         for job in jobs:
             with session_factory() as session:
@@ -173,6 +174,7 @@ def _run(
                 trial = runs.trial_by_key(session, experiment_id, job.key)
                 if trial is not None and trial.status in (TrialStatus.succeeded.value, TrialStatus.failed.value):
                     results.append(trial_to_result(trial))  # recorded before a restart: replay, don't re-run
+                    last_error = trial.error or last_error
                     continue
                 experiment = session.get(Experiment, experiment_id)
                 assert experiment is not None
@@ -187,6 +189,8 @@ def _run(
                 runs.record_result(session, trial, result)
                 session.commit()
             results.append(result)
+            if result.status == "failed":
+                last_error = f"trial {job.key} failed: {result.error}"
         state = strategy.tell(state, results)
         with session_factory() as session:
             experiment = session.get(Experiment, experiment_id)
@@ -206,11 +210,12 @@ def _run(
                 best_key=state.best_key,
             )
             session.commit()
-    return _final_status(state, state.stop_reason)
+    return _final_status(state, state.stop_reason, last_error)
 
 
-def _final_status(state: Any, reason: str | None) -> tuple[ExperimentStatus, str | None]:
-    """Succeeded when the search produced a best result; failed (with the reason) otherwise."""
+def _final_status(state: Any, reason: str | None, last_error: str | None) -> tuple[ExperimentStatus, str | None]:
+    """Succeeded when the search produced a best result; failed (with the reasons) otherwise."""
     if state.best_key is None:
-        raise _Stop(ExperimentStatus.failed, reason or "the search produced no successful trial")
+        reasons = [r for r in (reason, last_error) if r] or ["the search produced no successful trial"]
+        raise _Stop(ExperimentStatus.failed, "; ".join(reasons))
     return ExperimentStatus.succeeded, reason

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pruning.importance.base import Importance, is_batchnorm
+from pruning.importance.base import Importance
 
 __all__ = ["ActivationImportance"]
 
@@ -74,4 +74,3 @@ class ActivationImportance(Importance):
 
     def __call__(self, name: str, module: nn.Module) -> Tensor | None:
         raise NotImplementedError
-

@@ -8,12 +8,20 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Importance", "effective_weight", "is_batchnorm"]
+__all__ = ["Importance", "effective_weight", "is_batchnorm", "weight_of"]
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """``module.weight`` typed as a Tensor (masked if a mask is applied)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
 
 
 def effective_weight(module: nn.Module) -> Tensor:
     """The weight the module computes with (masked if a mask is applied), detached, as float."""
-    return module.weight.detach().float()
+    return weight_of(module).detach().float()
 
 
 def is_batchnorm(module: nn.Module) -> bool:

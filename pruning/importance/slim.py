@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pruning.importance.base import Importance, is_batchnorm
+from pruning.importance.base import Importance, effective_weight, is_batchnorm
 
 __all__ = ["SlimImportance"]
 
@@ -19,4 +19,4 @@ class SlimImportance(Importance):
     def __call__(self, name: str, module: nn.Module) -> Tensor | None:
         if not is_batchnorm(module) or module.weight is None:
             return None
-        return module.weight.detach().float().abs()
+        return effective_weight(module).abs()

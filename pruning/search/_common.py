@@ -22,6 +22,7 @@ __all__ = [
     "feasible_sparsity",
     "lift",
     "rescale_above",
+    "rounding_slack",
     "resource_value",
     "trial_budget",
 ]
@@ -86,6 +87,17 @@ def feasible_sparsity(distribution: dict[str, float], problem: SearchProblem) ->
     """Whether a requested distribution meets the target overall sparsity (weighted by weight count)."""
     target = problem.pruning.target_sparsity
     return overall_sparsity(distribution, problem.pruning) >= target - SPARSITY_TOLERANCE
+
+
+def rounding_slack(problem: PruningProblem) -> float:
+    """The most overall sparsity rounding to whole channels can lose (half a channel per structured unit,
+    weighted); 0 for fine-grained problems, whose elements are too many to matter."""
+    if not problem.structured:
+        return 0.0
+    total = sum(unit.weight_count for unit in problem.units)
+    if total == 0:
+        return 0.0
+    return sum(unit.weight_count * 0.5 / unit.channels for unit in problem.units if unit.channels) / total
 
 
 def lift(fractions: dict[str, float], floor: dict[str, float]) -> dict[str, float]:

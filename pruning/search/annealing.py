@@ -58,7 +58,9 @@ class AnnealingRun(BaseModel):
     best_distribution: dict[str, float] | None = None
     history: list[TrialRecord] = Field(default_factory=list)
     finished: bool = False
-    context: dict[str, object] = Field(default_factory=dict)  # extra context on every job (autocompress round)
+    context: dict[str, object] = Field(
+        default_factory=dict
+    )  # extra context on every job (autocompress round)
 
 
 def _size_prior(problem: PruningProblem) -> dict[str, float]:
@@ -284,9 +286,14 @@ class AnnealingSearch:
         assert state.rng is not None
         rng = state.rng.restore()
         run = anneal_tell(state.run, results, self.config, state.problem, rng)
+        config = self.config
+        steps = 1 + math.ceil(math.log(config.stop_temperature / config.start_temperature) / math.log(config.cool_down_rate))
+        total = steps if state.max_trials is None else min(steps, state.max_trials)
         return state.model_copy(
             update={
                 "run": run,
+                "progress": float(len(run.history)),
+                "progress_total": float(total),
                 "rng": RandomState.capture(rng),
                 "best_key": run.best_key,
                 "best_score": run.best_score,

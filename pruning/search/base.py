@@ -37,7 +37,7 @@ __all__ = [
     "better",
 ]
 
-JobKind = Literal["evaluate", "finetune_and_evaluate", "admm_train", "shrink", "train"]
+JobKind = Literal["evaluate", "finetune_and_evaluate", "admm_train", "shrink", "train", "netadapt_candidate"]
 
 
 class Job(BaseModel):

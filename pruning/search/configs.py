@@ -72,9 +72,13 @@ class _ADMMSchedule(BaseModel):
 
     rho: float = Field(default=1e-3, gt=0, le=1e3, description="penalty weight of rho/2 ||W - Z + U||^2")
     layer_rho: dict[str, float] = Field(
-        default_factory=dict, max_length=4096, description="per-layer rho overriding `rho` (layer name -> rho)"
+        default_factory=dict,
+        max_length=4096,
+        description="per-layer rho overriding `rho` (layer name -> rho)",
     )
-    rho_multiplier: float = Field(default=1.0, ge=1, le=10, description="rho grows by this factor per iteration")
+    rho_multiplier: float = Field(
+        default=1.0, ge=1, le=10, description="rho grows by this factor per iteration"
+    )
     training_epochs: int = Field(default=1, ge=1, le=1000, description="trainer epochs per ADMM iteration")
 
     @model_validator(mode="after")

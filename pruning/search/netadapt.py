@@ -42,7 +42,6 @@ class NetAdaptState(SearchState):
     current_distribution: dict[str, float] = Field(default_factory=dict)
     current_artifact: str | None = None  # checkpoint of the current model (None = the task's model())
     current_key: str | None = None
-    progress: float = 0.0  # (R0 - R) / (R0 - budget), from measured resources
     pending: list[Job] = Field(default_factory=list)
     history: list[TrialRecord] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
@@ -98,7 +97,9 @@ class NetAdaptSearch:
         if state.phase == "finished":
             return state.model_copy(update={"done": True}), []
         if state.iteration >= self.config.max_iterations:
-            return self._stop(state, f"max_iterations ({self.config.max_iterations}) reached above the budget")
+            return self._stop(
+                state, f"max_iterations ({self.config.max_iterations}) reached above the budget"
+            )
         assert state.initial_resource is not None and state.current_resource is not None
         reduction = (
             self.config.initial_reduction
@@ -130,7 +131,9 @@ class NetAdaptSearch:
                 )
             )
         if not jobs:
-            return self._stop(state, "every unit is at its max_sparsity before the resource budget was reached")
+            return self._stop(
+                state, "every unit is at its max_sparsity before the resource budget was reached"
+            )
         if state.max_trials is not None and state.trials_asked + len(jobs) > state.max_trials:
             return self._stop(
                 state,
@@ -159,9 +162,15 @@ class NetAdaptSearch:
     def _tell_baseline(self, state: NetAdaptState, result: Result | None) -> NetAdaptState:
         resource = None if result is None else resource_value(result, state.problem.resource)
         if result is None or result.status != "succeeded" or not resource:
-            error = "no result" if result is None else (result.error or f"no {state.problem.resource} measured")
+            error = (
+                "no result" if result is None else (result.error or f"no {state.problem.resource} measured")
+            )
             return state.model_copy(
-                update={"done": True, "phase": "finished", "stop_reason": f"baseline measurement failed: {error}"}
+                update={
+                    "done": True,
+                    "phase": "finished",
+                    "stop_reason": f"baseline measurement failed: {error}",
+                }
             )
         budget = self.config.target_resource_ratio * resource
         history = [*state.history, _record(result, resource, "baseline", {"iteration": -1})]
@@ -170,6 +179,8 @@ class NetAdaptSearch:
                 "phase": "search",
                 "initial_resource": resource,
                 "budget": budget,
+                "progress": 0.0,
+                "progress_total": resource - budget,
                 "current_resource": resource,
                 "current_score": result.score,
                 "history": history,
@@ -217,7 +228,6 @@ class NetAdaptSearch:
                 history[i] = history[i].model_copy(update={"decision": "chosen"})
                 break
         assert state.initial_resource is not None and state.budget is not None
-        progress = (state.initial_resource - resource) / max(state.initial_resource - state.budget, 1e-12)
         update: dict[str, Any] = {
             "iteration": state.iteration + 1,
             "halvings": 0,
@@ -226,7 +236,9 @@ class NetAdaptSearch:
             "current_distribution": dict(result.extra["distribution"]),
             "current_artifact": result.artifact,
             "current_key": result.key,
-            "progress": min(max(progress, 0.0), 1.0),
+            # Progress is the measured resource: R0 - R of R0 - budget.
+            "progress": state.initial_resource - resource,
+            "progress_total": state.initial_resource - state.budget,
             "history": history,
         }
         if resource <= state.budget:
@@ -306,7 +318,9 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
         masks = compute_masks(model, pruning, distribution, task=task)
         if previous:
             # Monotonic: what the parent removed stays removed.
-            masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
+            masks = {
+                name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()
+            }
         return distribution, masks
 
     def measured(count: int) -> tuple[float, dict[str, float], dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,225 @@
+"""``optuna``: Optuna's ask/tell over per-unit sparsities, every proposal rescaled to the target.
+
+One objective (``objectives: ["score"]``): TPE. Two (``["score", "flops"]``, ``params`` or ``latency``):
+``NSGAIISampler``, whose completed trials form a Pareto front of score against the resource
+(``state.pareto_keys``). Each trial also carries a constraint (Optuna 5's per-trial constraints, not the
+deprecated ``constraints_func``): the target sparsity minus the achieved one, so a trial that fell short of
+the target is infeasible to the sampler as well as to us.
+
+Our own trial history in the state is the only source of truth: every ask rebuilds an in-memory study from
+it (``study.add_trial(optuna.trial.create_trial(...))``) with a sampler seeded from the state's generator, so a
+fresh strategy continuing from a reloaded state asks exactly the same next proposal. ``parallelism`` trials
+are asked at once (TPE's constant liar keeps them apart).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from pruning.config import overall_sparsity, rescale
+from pruning.search._common import (
+    SPARSITY_TOLERANCE,
+    direction,
+    resource_value,
+    rounding_slack,
+    trial_budget,
+)
+from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
+from pruning.search.configs import OptunaConfig
+
+__all__ = ["OptunaSearch", "OptunaState", "OptunaTrial"]
+
+
+class OptunaTrial(BaseModel):
+    """One trial as Optuna saw it: the raw suggestion (``params``) and what came back."""
+
+    number: int
+    key: str
+    params: dict[str, float]
+    distribution: dict[str, float]
+    state: Literal["running", "complete", "fail"] = "running"
+    values: list[float] | None = None
+    constraint: float | None = None  # <= 0 is feasible
+
+
+class OptunaState(SearchState):
+    version: int = 1
+    problem: SearchProblem
+    total_trials: int
+    trials: list[OptunaTrial] = Field(default_factory=list)
+    pending: list[Job] = Field(default_factory=list)
+    pareto_keys: list[str] = Field(default_factory=list)
+    best_distribution: dict[str, float] | None = None
+
+
+class OptunaSearch:
+    """Optuna TPE (one objective) or NSGA-II (two) over per-unit sparsities; see the module docstring.
+
+    Example::
+
+        search = OptunaSearch(OptunaConfig(algorithm="optuna", config_list=[...], objectives=["score", "flops"]))
+        state = search.start(problem)
+        state, jobs = search.ask(state)   # `parallelism` evaluate jobs at a time
+    """
+
+    def __init__(self, config: OptunaConfig) -> None:
+        self.config = config
+
+    def start(self, problem: SearchProblem) -> OptunaState:
+        limit = trial_budget(self.config.max_trials, problem.max_trials)
+        total = self.config.num_trials if limit is None else min(self.config.num_trials, limit)
+        return OptunaState(
+            problem=problem,
+            total_trials=total,
+            rng=RandomState.seeded(problem.seed),
+            progress=0.0,
+            progress_total=float(total),
+        )
+
+    def _study(self, state: OptunaState, seed: int) -> tuple[Any, dict[str, Any]]:
+        import optuna
+        from optuna.distributions import FloatDistribution
+        from optuna.trial import TrialState, create_trial
+
+        # Optuna logs every trial at INFO; the runner records trials itself.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler: Any
+        if len(self.config.objectives) == 1:
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.config.n_startup_trials)
+        else:
+            sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=self.config.population_size)
+        score_direction = "maximize" if state.problem.optimize_mode == "maximize" else "minimize"
+        directions = [score_direction] + ["minimize"] * (len(self.config.objectives) - 1)
+        study = optuna.create_study(directions=directions, sampler=sampler)
+        spaces = {
+            unit.name: FloatDistribution(0.0, unit.max_sparsity) for unit in state.problem.pruning.units
+        }
+        for trial in state.trials:
+            if trial.state == "running":
+                continue
+            study.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE if trial.state == "complete" else TrialState.FAIL,
+                    params=trial.params,
+                    distributions=spaces,
+                    values=trial.values if trial.state == "complete" else None,
+                    constraints=None if trial.constraint is None else {"sparsity": trial.constraint},
+                )
+            )
+        return study, spaces
+
+    def ask(self, state: OptunaState) -> tuple[OptunaState, list[Job]]:
+        if state.done:
+            return state, []
+        if state.pending:
+            return state, list(state.pending)
+        count = min(self.config.parallelism, state.total_trials - state.trials_asked)
+        if count <= 0:
+            return state.model_copy(
+                update={"done": True, "stop_reason": f"{state.total_trials} trials done"}
+            ), []
+        assert state.rng is not None
+        rng = state.rng.restore()
+        study, spaces = self._study(state, rng.randrange(2**31))
+        pruning = state.problem.pruning
+        target = pruning.target_sparsity
+        trials, jobs = [], []
+        for _ in range(count):
+            asked = study.ask(spaces)
+            number = len(state.trials) + len(trials)
+            params = {name: float(asked.params[name]) for name in pruning.unit_names()}
+            distribution = rescale(params, target, pruning)
+            key = f"optuna-{number}"
+            trials.append(OptunaTrial(number=number, key=key, params=params, distribution=distribution))
+            jobs.append(
+                Job(
+                    key=key,
+                    kind="finetune_and_evaluate" if self.config.finetune_epochs else "evaluate",
+                    distribution=distribution,
+                    finetune_epochs=self.config.finetune_epochs,
+                    context={"iteration": number, "trial": number},
+                )
+            )
+        update = {
+            "trials": [*state.trials, *trials],
+            "pending": jobs,
+            "trials_asked": state.trials_asked + len(jobs),
+            "rng": RandomState.capture(rng),
+        }
+        return state.model_copy(update=update), jobs
+
+    def tell(self, state: OptunaState, results: list[Result]) -> OptunaState:
+        by_key = {r.key: r for r in results}
+        pruning = state.problem.pruning
+        trials = list(state.trials)
+        best_key, best_score, best_distribution = state.best_key, state.best_score, state.best_distribution
+        for index, trial in enumerate(trials):
+            if trial.state != "running":
+                continue
+            result = by_key.get(trial.key)
+            values = self._values(state, result)
+            if result is None or values is None:
+                trials[index] = trial.model_copy(update={"state": "fail"})
+                continue
+            achieved = _achieved_overall(result, trial.distribution, pruning)
+            # Feasible unless the achieved sparsity fell short by more than per-unit rounding can explain.
+            constraint = (pruning.target_sparsity - SPARSITY_TOLERANCE - rounding_slack(pruning)) - achieved
+            trials[index] = trial.model_copy(
+                update={"state": "complete", "values": values, "constraint": constraint}
+            )
+            if constraint <= 0 and better(values[0], best_score, state.problem.optimize_mode):
+                best_key, best_score, best_distribution = trial.key, values[0], dict(trial.distribution)
+        return state.model_copy(
+            update={
+                "trials": trials,
+                "pending": [],
+                "best_key": best_key,
+                "best_score": best_score,
+                "best_distribution": best_distribution,
+                "progress": float(sum(1 for t in trials if t.state != "running")),
+                "pareto_keys": _pareto(trials, state.problem.optimize_mode, len(self.config.objectives)),
+            }
+        )
+
+    def _values(self, state: OptunaState, result: Result | None) -> list[float] | None:
+        if result is None or result.status != "succeeded" or result.score is None:
+            return None
+        values = [float(result.score)]
+        for objective in self.config.objectives[1:]:
+            measured = resource_value(result, objective)
+            if measured is None:
+                return None
+            values.append(measured)
+        return values
+
+
+def _achieved_overall(result: Result, distribution: dict[str, float], pruning: Any) -> float:
+    """Overall sparsity the job achieved (from per-layer achieved values), else what it requested."""
+    if result.achieved:
+        units = {}
+        for unit in pruning.units:
+            values = [result.achieved[m] for m in unit.members if m in result.achieved]
+            units[unit.name] = sum(values) / len(values) if values else distribution[unit.name]
+        return overall_sparsity(units, pruning)
+    return overall_sparsity(distribution, pruning)
+
+
+def _pareto(trials: list[OptunaTrial], mode: str, objectives: int) -> list[str]:
+    """Keys of the feasible completed trials no other feasible trial dominates (score up/down, resources down)."""
+    sign = direction(mode)
+    points = [
+        (t.key, [sign * t.values[0]] + [-v for v in t.values[1:objectives]])
+        for t in trials
+        if t.state == "complete" and t.values is not None and (t.constraint is None or t.constraint <= 0)
+    ]
+    front = []
+    for key, p in points:
+        dominated = any(
+            all(a >= b for a, b in zip(q, p, strict=True)) and any(a > b for a, b in zip(q, p, strict=True))
+            for _, q in points
+        )
+        if not dominated:
+            front.append(key)
+    return front

@@ -1,0 +1,1 @@
+"""Task modules used by the tests (entrypoints under the ``tests.`` prefix)."""
