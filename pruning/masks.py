@@ -34,7 +34,8 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.detach().clone())
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.mask
+        # where() rather than a product: pruned entries become +0.0, never -0.0, so they compress as zeros.
+        return torch.where(self.mask != 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 
 
 def is_channel_mask(mask: Tensor) -> bool:
@@ -71,7 +72,7 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
         existing.mask.copy_(mask)
     with torch.no_grad():
         original = cast(Tensor, cast(nn.ModuleDict, module.parametrizations)[tensor_name].original)
-        original.mul_(mask)
+        original.masked_fill_(mask == 0, 0.0)
 
 
 def apply_masks(model: nn.Module, masks: dict[str, Tensor], structured: bool | None = None) -> nn.Module:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 __all__ = ["Settings", "get_settings"]
 
@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path(".prunehub/artifacts")
     allowed_entrypoints: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["examples."])
     api_url: str = "http://127.0.0.1:8000"
-    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
+    lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
     device: str = "cpu"
 
     @field_validator("allowed_entrypoints", mode="before")

@@ -43,7 +43,7 @@ def test_environment_names_what_the_settings_read() -> None:
 def test_commands_are_cli_commands() -> None:
     parser = build_parser()
     images = set()
-    for name, service in _compose()["services"].items():
+    for service in _compose()["services"].values():
         images.add(service.get("image"))
         command = service.get("command")
         if isinstance(command, list) and command and command[0] == "prunehub":

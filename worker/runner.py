@@ -8,6 +8,7 @@ of the same experiment therefore continues where the last run stopped.
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,36 @@ def trial_to_result(trial: Trial) -> Any:
     )
 
 
+class _Heartbeat:
+    """Renews the experiment's lease every ``interval`` seconds from a daemon thread while the search runs, so a
+    duplicate delivery sees a live lease and a dead worker's lease goes stale."""
+
+    def __init__(
+        self, experiment_id: int, worker_id: str, session_factory: sessionmaker[Session], interval: float
+    ) -> None:
+        self._args = (experiment_id, worker_id)
+        self._session_factory = session_factory
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{experiment_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                with self._session_factory() as session:
+                    runs.heartbeat(session, *self._args)
+                    session.commit()
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                log.warning("heartbeat of experiment %s failed", self._args[0], exc_info=True)
+
+
 class _Stop(Exception):
     """Ends the run early with a final status."""
 
@@ -73,10 +104,12 @@ def run_experiment(
     A user's failing code fails the experiment (error and traceback stored), never the worker.
     """
     with session_factory() as session:
-        experiment = runs.claim_experiment(session, experiment_id, worker_id)
+        experiment = runs.claim_experiment(session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s)
         session.commit()
         if experiment is None:
             return "skipped"
+    beat = _Heartbeat(experiment_id, worker_id, session_factory, settings.worker_heartbeat_s)
+    beat.start()
     try:
         status, reason = _run(experiment_id, session_factory, settings)
         tb = None
@@ -85,6 +118,8 @@ def run_experiment(
     except Exception as exc:  # noqa: BLE001 - anything from the user's code ends the experiment, not the worker
         log.exception("experiment %s failed", experiment_id)
         status, reason, tb = ExperimentStatus.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    finally:
+        beat.stop()
     with session_factory() as session:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)
         assert experiment is not None
@@ -206,7 +241,7 @@ def _run(
                 progress_total=state.progress_total
                 if state.progress_total is not None
                 else (float(config.max_trials) if config.max_trials else None),
-                phase=state.phase or f"{config.algorithm}: {done_count} trial(s)",
+                phase=state.phase or f"{raw_config['algorithm']}: {done_count} trial(s)",
                 best_key=state.best_key,
             )
             session.commit()

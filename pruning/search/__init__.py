@@ -1,6 +1,7 @@
 """Pruning searches as ask/tell state machines (see :mod:`pruning.search.base` for the protocol).
 
-``make_strategy(config)`` builds the strategy for a validated algorithm config (:mod:`pruning.search.configs`).
+``make_strategy(config)`` builds the strategy for a validated algorithm config
+(:mod:`pruning.search.configs`).
 Job kinds that belong to one strategy are executed by that strategy's module (:data:`EXECUTORS`).
 """
 
@@ -58,7 +59,8 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
 
     Example::
 
-        strategy = make_strategy({"algorithm": "annealing", "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}]})
+        config_list = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]
+        strategy = make_strategy({"algorithm": "annealing", "config_list": config_list})
         state = strategy.start(problem)
     """
     if isinstance(config, dict):
@@ -92,7 +94,8 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
 
 
 def state_type(algorithm: str) -> type[SearchState]:
-    """The state class of ``algorithm``, to reload a persisted state: ``state_type(a).model_validate_json(text)``."""
+    """The state class of ``algorithm``, to reload a persisted state:
+    ``state_type(algorithm).model_validate_json(text)``."""
     from importlib import import_module
 
     module, name = {

@@ -1,15 +1,16 @@
 """``admm``: ADMM pruning (Zhang et al., ECCV 2018) of one per-unit distribution, then masked retraining.
 
 Each outer iteration (one ``admm_train`` job) trains ``training_epochs`` with the user's trainer and optimizer
-factory, adding the gradient ``rho * (W - Z + U)`` of the proximal term ``rho / 2 * ||W - Z + U||^2`` through the
-trainer's ``callback`` (between ``loss.backward()`` and ``optimizer.step()``); then ``Z = proj(W + U)`` onto the
-sparsity constraint with the base algorithm (fine-grained or filter-wise, monotonic over the parent's masks)
-and ``U = U + W - Z``. ``Z`` starts as a *copy* of ``proj(W)`` and ``U`` at zero, so the first iteration is
-already penalised (NNI aliased Z with W, so its first iteration had no penalty; its square-root penalty made
-NaN weights). ``rho`` is per layer (``layer_rho`` overrides ``rho``) and grows by ``rho_multiplier`` each
-iteration. ``W`` (a checkpoint), ``Z`` and ``U`` go to the artifact store; the state keeps their ids and the
-primal residual ``||W - Z||`` of every iteration. Finally one ``finetune_and_evaluate`` job hard-prunes ``W`` to
-the distribution and retrains ``retrain_epochs`` with the masks in place.
+factory, adding the gradient ``rho * (W - Z + U)`` of the proximal term ``rho / 2 * ||W - Z + U||^2`` through
+the trainer's ``callback`` (between ``loss.backward()`` and ``optimizer.step()``); then ``Z = proj(W + U)``
+onto the sparsity constraint with the base algorithm (fine-grained or filter-wise, monotonic over the parent's
+masks) and ``U = U + W - Z``. ``Z`` starts as a *copy* of ``proj(W)`` and ``U`` at zero, so the first
+iteration is already penalised (NNI aliased Z with W, so its first iteration had no penalty; its square-root
+penalty made NaN weights). ``rho`` is per layer (``layer_rho`` overrides ``rho``) and grows by
+``rho_multiplier`` each iteration. ``W`` (a checkpoint), ``Z`` and ``U`` go to the artifact store; the state
+keeps their ids and the primal residual ``||W - Z||`` of every iteration. Finally one
+``finetune_and_evaluate`` job hard-prunes ``W`` to the distribution and retrains ``retrain_epochs`` with the
+masks in place.
 
 Job kind ``admm_train`` is executed by :func:`execute` in this module.
 """
@@ -58,7 +59,7 @@ def admm_job(
     u: str | None,
     context: dict[str, Any] | None = None,
 ) -> Job:
-    """The ``admm_train`` job of outer iteration ``iteration`` (rho grows by ``rho_multiplier`` per iteration)."""
+    """The ``admm_train`` job of outer iteration ``iteration`` (rho grows by ``rho_multiplier`` each one)."""
     factor = float(config.rho_multiplier) ** iteration
     return Job(
         key=key,
@@ -93,9 +94,7 @@ class ADMMSearch:
     def start(self, problem: SearchProblem) -> ADMMState:
         limit = trial_budget(self.config.max_trials, problem.max_trials)
         # The retraining job always runs: ADMM iterations get what the trial budget leaves.
-        iterations = (
-            self.config.num_iterations if limit is None else min(self.config.num_iterations, limit - 1)
-        )
+        iterations = self.config.num_iterations if limit is None else min(self.config.num_iterations, limit - 1)
         return ADMMState(
             problem=problem,
             distribution=initial_distribution(problem.pruning),
@@ -147,9 +146,7 @@ class ADMMSearch:
                 return state.model_copy(update={"done": True, "phase": "finished", "stop_reason": reason})
             residual = float(result.extra.get("primal_residual", math.nan))
             iteration = state.iteration + 1
-            record = TrialRecord(
-                key=job.key, decision="admm", context={**job.context, "primal_residual": residual}
-            )
+            record = TrialRecord(key=job.key, decision="admm", context={**job.context, "primal_residual": residual})
             return state.model_copy(
                 update={
                     "iteration": iteration,
@@ -189,7 +186,7 @@ class ADMMSearch:
         return state.model_copy(update=update)
 
 
-# ---------------------------------------------------------------------------------------------------- execute
+# ------------------------------------------------------------------------------------------------ execute
 def _weight_params(model: Any, names: list[str]) -> dict[str, Any]:
     """The trainable tensor behind each layer's weight (the parametrization's ``original`` when masked)."""
     from torch.nn.utils import parametrize
@@ -224,12 +221,8 @@ def _project(
             modules[name].weight.copy_(value)
     masks = compute_masks(work, problem.pruning, job.distribution, task=task)
     if previous:
-        masks = {
-            name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()
-        }
-    projected = {
-        name: (values[name] * masks[name].to(values[name].device)).detach().clone() for name in values
-    }
+        masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
+    projected = {name: (values[name] * masks[name].to(values[name].device)).detach().clone() for name in values}
     return projected, masks
 
 

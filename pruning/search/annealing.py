@@ -1,4 +1,4 @@
-"""``annealing``: simulated annealing over per-unit sparsities at the target (the AutoCompress paper's search).
+"""``annealing``: simulated annealing over per-unit sparsities at the target (AutoCompress's search).
 
 Each step perturbs every unit's sparsity by uniform noise of magnitude
 ``perturbation_magnitude * T / start_temperature``, rescales the proposal to the target with the library's
@@ -58,9 +58,7 @@ class AnnealingRun(BaseModel):
     best_distribution: dict[str, float] | None = None
     history: list[TrialRecord] = Field(default_factory=list)
     finished: bool = False
-    context: dict[str, object] = Field(
-        default_factory=dict
-    )  # extra context on every job (autocompress round)
+    context: dict[str, object] = Field(default_factory=dict)  # extra context on every job (autocompress round)
 
 
 def _size_prior(problem: PruningProblem) -> dict[str, float]:
@@ -97,7 +95,7 @@ def anneal_start(
         floor=floor,
         parent_artifact=parent_artifact,
         finetune_epochs=finetune_epochs,
-        temperature=float(config.start_temperature),  # type: ignore[attr-defined]
+        temperature=float(config.start_temperature),  # type: ignore[attr-defined,union-attr]
         current=fractions,
         context=dict(context or {}),
     )
@@ -287,7 +285,9 @@ class AnnealingSearch:
         rng = state.rng.restore()
         run = anneal_tell(state.run, results, self.config, state.problem, rng)
         config = self.config
-        steps = 1 + math.ceil(math.log(config.stop_temperature / config.start_temperature) / math.log(config.cool_down_rate))
+        steps = 1 + math.ceil(
+            math.log(config.stop_temperature / config.start_temperature) / math.log(config.cool_down_rate)
+        )
         total = steps if state.max_trials is None else min(steps, state.max_trials)
         return state.model_copy(
             update={

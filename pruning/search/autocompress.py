@@ -1,7 +1,7 @@
 """``autocompress``: AutoCompress (Liu et al., AAAI 2020) — rounds of annealing search, ADMM, prune, evaluate.
 
-With overall target ``S`` and ``N = num_rounds``, each round removes ``r = 1 - (1 - S) ** (1 / N)`` of what the
-previous round *measurably* left: round k's cumulative target is ``1 - (1 - P) * (1 - r)`` where ``P`` is the
+With overall target ``S`` and ``N = num_rounds``, each round removes ``r = 1 - (1 - S) ** (1 / N)`` of what
+the previous round *measurably* left: round k's cumulative target is ``1 - (1 - P) * (1 - r)`` where ``P`` is the
 overall sparsity achieved by round k-1 (read from its result's per-layer achieved sparsity), so the rounds
 compound to ``S``; the last round aims at ``S`` itself, closing any gap rounding left. A round:
 
@@ -85,8 +85,9 @@ class AutoCompressSearch:
 
     Example::
 
-        search = AutoCompressSearch(AutoCompressConfig(algorithm="autocompress", config_list=[...], num_rounds=3))
-        state = search.start(problem)   # then ask/tell: annealing evaluations, admm_train jobs, the round's prune
+        config = AutoCompressConfig(algorithm="autocompress", config_list=[...], num_rounds=3)
+        state = AutoCompressSearch(config).start(problem)
+        # then ask/tell: annealing evaluations, admm_train jobs, the round's prune; a final fine-tune
     """
 
     def __init__(self, config: AutoCompressConfig) -> None:
@@ -119,8 +120,9 @@ class AutoCompressSearch:
         needed = self.config.num_rounds * (self._round_tail() + 1) + self._final_jobs()
         if state.max_trials is not None and state.max_trials < needed:
             reason = (
-                f"max_trials ({state.max_trials}) is below the {needed} jobs {self.config.num_rounds} rounds need "
-                f"(one search evaluation, {self.config.admm_iterations} ADMM iterations and one prune per round)"
+                f"max_trials ({state.max_trials}) is below the {needed} jobs {self.config.num_rounds} rounds "
+                f"need (one search evaluation, {self.config.admm_iterations} ADMM iterations and one prune "
+                "per round)"
             )
             return state.model_copy(update={"done": True, "phase": "finished", "stop_reason": reason})
         return self._begin_round(state, 0)
@@ -155,7 +157,7 @@ class AutoCompressSearch:
         reserve = self._round_tail() + later_rounds * (self._round_tail() + 1) + self._final_jobs()
         return state.max_trials - state.trials_asked - reserve
 
-    # ----------------------------------------------------------------------------------------------------- ask
+    # ------------------------------------------------------------------------------------------------- ask
     def ask(self, state: AutoCompressState) -> tuple[AutoCompressState, list[Job]]:
         if state.done:
             return state, []
@@ -164,9 +166,7 @@ class AutoCompressSearch:
         if state.phase == "search":
             assert state.run is not None and state.rng is not None
             rng = state.rng.restore()
-            run, jobs = anneal_ask(
-                state.run, self.config, state.problem.pruning, rng, self._search_budget(state)
-            )
+            run, jobs = anneal_ask(state.run, self.config, state.problem.pruning, rng, self._search_budget(state))
             state = state.model_copy(update={"run": run, "rng": RandomState.capture(rng)})
             if jobs:
                 return self._asked(state, jobs)
@@ -211,12 +211,10 @@ class AutoCompressSearch:
         return state.model_copy(update={"done": True}), []
 
     def _asked(self, state: AutoCompressState, jobs: list[Job]) -> tuple[AutoCompressState, list[Job]]:
-        return state.model_copy(
-            update={"pending": jobs, "trials_asked": state.trials_asked + len(jobs)}
-        ), jobs
+        return state.model_copy(update={"pending": jobs, "trials_asked": state.trials_asked + len(jobs)}), jobs
 
     def _finish_search(self, state: AutoCompressState) -> AutoCompressState:
-        """The round's search is over: ADMM enforces its best distribution (or its start if nothing evaluated)."""
+        """The round's search is over: ADMM enforces its best distribution (its start if nothing evaluated)."""
         from pruning.search._common import rescale_above
 
         run = state.run
@@ -235,7 +233,7 @@ class AutoCompressSearch:
             }
         )
 
-    # ---------------------------------------------------------------------------------------------------- tell
+    # ------------------------------------------------------------------------------------------------ tell
     def tell(self, state: AutoCompressState, results: list[Result]) -> AutoCompressState:
         pending = state.pending
         state = state.model_copy(update={"pending": []})
@@ -250,9 +248,7 @@ class AutoCompressSearch:
         error = "no result" if result is None else result.error
         if state.phase == "admm":
             if not ok or result is None or result.artifact is None:
-                return self._fail(
-                    state, f"round {state.round}: ADMM iteration {state.admm_iteration} failed: {error}"
-                )
+                return self._fail(state, f"round {state.round}: ADMM iteration {state.admm_iteration} failed: {error}")
             iteration = state.admm_iteration + 1
             return state.model_copy(
                 update={
@@ -276,9 +272,7 @@ class AutoCompressSearch:
         assert state.run is not None
         if result is None or result.status != "succeeded" or result.score is None or result.artifact is None:
             error = "no result" if result is None else result.error
-            return self._fail(
-                state, f"round {state.round}: pruning to the searched distribution failed: {error}"
-            )
+            return self._fail(state, f"round {state.round}: pruning to the searched distribution failed: {error}")
         achieved = achieved_units(result, pruning) if result.achieved else dict(job.distribution)
         measured = overall_sparsity(achieved, pruning)
         record = RoundRecord(
@@ -314,15 +308,8 @@ class AutoCompressSearch:
         mode = state.problem.optimize_mode
         chosen: RoundRecord | None = None
         for record in state.rounds:
-            meets = (
-                record.achieved_sparsity is not None
-                and record.achieved_sparsity >= target - SPARSITY_TOLERANCE
-            )
-            if (
-                meets
-                and record.score is not None
-                and (chosen is None or better(record.score, chosen.score, mode))
-            ):
+            meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - SPARSITY_TOLERANCE
+            if meets and record.score is not None and (chosen is None or better(record.score, chosen.score, mode)):
                 chosen = record
         if chosen is None:
             return self._fail(state, f"no round reached the overall target sparsity {target:.4f}")

@@ -1,7 +1,8 @@
 """One pydantic config per search algorithm, discriminated by ``algorithm``.
 
 The API validates request bodies with these (this module imports pydantic only, never torch), and the worker
-builds its strategy from the stored, validated config. Unknown or out-of-range fields are errors naming the field.
+builds its strategy from the stored, validated config. Unknown or out-of-range fields are errors naming the
+field.
 """
 
 from __future__ import annotations
@@ -76,9 +77,7 @@ class _ADMMSchedule(BaseModel):
         max_length=4096,
         description="per-layer rho overriding `rho` (layer name -> rho)",
     )
-    rho_multiplier: float = Field(
-        default=1.0, ge=1, le=10, description="rho grows by this factor per iteration"
-    )
+    rho_multiplier: float = Field(default=1.0, ge=1, le=10, description="rho grows by this factor per iteration")
     training_epochs: int = Field(default=1, ge=1, le=1000, description="trainer epochs per ADMM iteration")
 
     @model_validator(mode="after")
@@ -157,7 +156,9 @@ class OptunaConfig(SearchCommon):
 
     algorithm: Literal["optuna"]
     objectives: list[Literal["score", "params", "flops", "latency"]] = Field(
-        default_factory=lambda: ["score"], min_length=1, max_length=2
+        default_factory=lambda: ["score"],  # type: ignore[arg-type]
+        min_length=1,
+        max_length=2,
     )
     num_trials: int = Field(default=30, ge=1, le=100_000)
     parallelism: int = Field(default=1, ge=1, le=256, description="trials asked at once")

@@ -52,7 +52,8 @@ class NetAdaptSearch:
 
     Example::
 
-        search = NetAdaptSearch(NetAdaptConfig(algorithm="netadapt", config_list=[...], target_resource_ratio=0.5))
+        config = NetAdaptConfig(algorithm="netadapt", config_list=[...], target_resource_ratio=0.5)
+        search = NetAdaptSearch(config)
         state = search.start(problem)
         state, jobs = search.ask(state)   # the baseline measurement, then one candidate job per unit
     """
@@ -69,7 +70,7 @@ class NetAdaptSearch:
             current_distribution={name: 0.0 for name in problem.pruning.unit_names()},
         )
 
-    # ----------------------------------------------------------------------------------------------------- ask
+    # ------------------------------------------------------------------------------------------------- ask
     def ask(self, state: NetAdaptState) -> tuple[NetAdaptState, list[Job]]:
         if state.done:
             return state, []
@@ -97,9 +98,7 @@ class NetAdaptSearch:
         if state.phase == "finished":
             return state.model_copy(update={"done": True}), []
         if state.iteration >= self.config.max_iterations:
-            return self._stop(
-                state, f"max_iterations ({self.config.max_iterations}) reached above the budget"
-            )
+            return self._stop(state, f"max_iterations ({self.config.max_iterations}) reached above the budget")
         assert state.initial_resource is not None and state.current_resource is not None
         reduction = (
             self.config.initial_reduction
@@ -131,14 +130,13 @@ class NetAdaptSearch:
                 )
             )
         if not jobs:
-            return self._stop(
-                state, "every unit is at its max_sparsity before the resource budget was reached"
-            )
+            return self._stop(state, "every unit is at its max_sparsity before the resource budget was reached")
         if state.max_trials is not None and state.trials_asked + len(jobs) > state.max_trials:
             return self._stop(
                 state,
                 f"max_trials ({state.max_trials}) cannot pay for iteration {state.iteration}'s {len(jobs)} "
-                f"candidates; stopped at resource {state.current_resource:g} above the budget {state.budget:g}",
+                f"candidates; stopped at resource {state.current_resource:g} above the budget "
+                f"{state.budget:g}",
             )
         return self._asked(state, jobs)
 
@@ -149,7 +147,7 @@ class NetAdaptSearch:
     def _stop(self, state: NetAdaptState, reason: str) -> tuple[NetAdaptState, list[Job]]:
         return state.model_copy(update={"done": True, "phase": "finished", "stop_reason": reason}), []
 
-    # ---------------------------------------------------------------------------------------------------- tell
+    # ------------------------------------------------------------------------------------------------ tell
     def tell(self, state: NetAdaptState, results: list[Result]) -> NetAdaptState:
         by_key = {result.key: result for result in results}
         pending, state = state.pending, state.model_copy(update={"pending": []})
@@ -162,9 +160,7 @@ class NetAdaptSearch:
     def _tell_baseline(self, state: NetAdaptState, result: Result | None) -> NetAdaptState:
         resource = None if result is None else resource_value(result, state.problem.resource)
         if result is None or result.status != "succeeded" or not resource:
-            error = (
-                "no result" if result is None else (result.error or f"no {state.problem.resource} measured")
-            )
+            error = "no result" if result is None else (result.error or f"no {state.problem.resource} measured")
             return state.model_copy(
                 update={
                     "done": True,
@@ -187,9 +183,7 @@ class NetAdaptSearch:
             }
         )
 
-    def _tell_candidates(
-        self, state: NetAdaptState, pending: list[Job], by_key: dict[str, Result]
-    ) -> NetAdaptState:
+    def _tell_candidates(self, state: NetAdaptState, pending: list[Job], by_key: dict[str, Result]) -> NetAdaptState:
         mode = state.problem.optimize_mode
         chosen: tuple[Job, Result, float] | None = None
         history = list(state.history)
@@ -279,7 +273,7 @@ def _record(
     key: str | None = None,
 ) -> TrialRecord:
     return TrialRecord(
-        key=key if result is None else result.key,
+        key=(key or "") if result is None else result.key,
         score=None if result is None else result.score,
         overall_sparsity=None if result is None else result.overall_sparsity,
         resource=resource,
@@ -288,7 +282,7 @@ def _record(
     )
 
 
-# ---------------------------------------------------------------------------------------------------- execute
+# ------------------------------------------------------------------------------------------------ execute
 def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str = "cpu") -> Result:
     """Run one ``netadapt_candidate`` job: the smallest pruning of ``job.params["unit"]`` (whole filters, the
     base algorithm's ranking, monotonic over the parent's masks) whose measured resource on the shrunk model
@@ -318,9 +312,7 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
         masks = compute_masks(model, pruning, distribution, task=task)
         if previous:
             # Monotonic: what the parent removed stays removed.
-            masks = {
-                name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()
-            }
+            masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
         return distribution, masks
 
     def measured(count: int) -> tuple[float, dict[str, float], dict[str, Any], dict[str, Any]]:

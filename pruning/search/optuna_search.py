@@ -6,10 +6,10 @@ One objective (``objectives: ["score"]``): TPE. Two (``["score", "flops"]``, ``p
 deprecated ``constraints_func``): the target sparsity minus the achieved one, so a trial that fell short of
 the target is infeasible to the sampler as well as to us.
 
-Our own trial history in the state is the only source of truth: every ask rebuilds an in-memory study from
-it (``study.add_trial(optuna.trial.create_trial(...))``) with a sampler seeded from the state's generator, so a
-fresh strategy continuing from a reloaded state asks exactly the same next proposal. ``parallelism`` trials
-are asked at once (TPE's constant liar keeps them apart).
+Our own trial history in the state is the only source of truth: every ask rebuilds an in-memory study
+from it (``study.add_trial(optuna.trial.create_trial(...))``) with a sampler seeded from the state's
+generator, so a fresh strategy continuing from a reloaded state asks exactly the same next proposal.
+``parallelism`` trials are asked at once (TPE's constant liar keeps them apart).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class OptunaSearch:
 
     Example::
 
-        search = OptunaSearch(OptunaConfig(algorithm="optuna", config_list=[...], objectives=["score", "flops"]))
+        config = OptunaConfig(algorithm="optuna", config_list=[...], objectives=["score", "flops"])
+        search = OptunaSearch(config)
         state = search.start(problem)
         state, jobs = search.ask(state)   # `parallelism` evaluate jobs at a time
     """
@@ -91,9 +92,9 @@ class OptunaSearch:
         else:
             sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=self.config.population_size)
         score_direction = "maximize" if state.problem.optimize_mode == "maximize" else "minimize"
-        directions = [score_direction] + ["minimize"] * (len(self.config.objectives) - 1)
+        directions: list[Any] = [score_direction] + ["minimize"] * (len(self.config.objectives) - 1)
         study = optuna.create_study(directions=directions, sampler=sampler)
-        spaces = {
+        spaces: dict[str, Any] = {
             unit.name: FloatDistribution(0.0, unit.max_sparsity) for unit in state.problem.pruning.units
         }
         for trial in state.trials:
@@ -117,15 +118,14 @@ class OptunaSearch:
             return state, list(state.pending)
         count = min(self.config.parallelism, state.total_trials - state.trials_asked)
         if count <= 0:
-            return state.model_copy(
-                update={"done": True, "stop_reason": f"{state.total_trials} trials done"}
-            ), []
+            return state.model_copy(update={"done": True, "stop_reason": f"{state.total_trials} trials done"}), []
         assert state.rng is not None
         rng = state.rng.restore()
         study, spaces = self._study(state, rng.randrange(2**31))
         pruning = state.problem.pruning
         target = pruning.target_sparsity
-        trials, jobs = [], []
+        trials: list[OptunaTrial] = []
+        jobs: list[Job] = []
         for _ in range(count):
             asked = study.ask(spaces)
             number = len(state.trials) + len(trials)
@@ -166,9 +166,7 @@ class OptunaSearch:
             achieved = _achieved_overall(result, trial.distribution, pruning)
             # Feasible unless the achieved sparsity fell short by more than per-unit rounding can explain.
             constraint = (pruning.target_sparsity - SPARSITY_TOLERANCE - rounding_slack(pruning)) - achieved
-            trials[index] = trial.model_copy(
-                update={"state": "complete", "values": values, "constraint": constraint}
-            )
+            trials[index] = trial.model_copy(update={"state": "complete", "values": values, "constraint": constraint})
             if constraint <= 0 and better(values[0], best_score, state.problem.optimize_mode):
                 best_key, best_score, best_distribution = trial.key, values[0], dict(trial.distribution)
         return state.model_copy(
@@ -207,7 +205,8 @@ def _achieved_overall(result: Result, distribution: dict[str, float], pruning: A
 
 
 def _pareto(trials: list[OptunaTrial], mode: str, objectives: int) -> list[str]:
-    """Keys of the feasible completed trials no other feasible trial dominates (score up/down, resources down)."""
+    """Keys of the feasible completed trials that no other feasible trial dominates (better score, lower
+    resources)."""
     sign = direction(mode)
     points = [
         (t.key, [sign * t.values[0]] + [-v for v in t.values[1:objectives]])

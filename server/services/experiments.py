@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pruning.search.configs import SearchCommon
@@ -99,7 +99,7 @@ def list_experiments(
     cursor: str | None = None,
 ) -> tuple[list[Experiment], str | None]:
     """Experiments newest first (or by best score, best first), with an opaque cursor to the next page."""
-    query: Select[tuple[Experiment]] = select(Experiment)
+    query = select(Experiment)
     if owner is not None:
         query = query.where(Experiment.owner == owner)
     if status:

@@ -6,6 +6,7 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import func, select
@@ -17,6 +18,8 @@ from server.services.events import add_event
 __all__ = [
     "cancel_requested",
     "claim_experiment",
+    "heartbeat",
+    "lease_is_live",
     "finish_experiment",
     "record_result",
     "save_progress",
@@ -25,10 +28,24 @@ __all__ = [
 ]
 
 
-def claim_experiment(session: Session, experiment_id: int, worker_id: str) -> Experiment | None:
-    """Lock the row and mark it running for ``worker_id``; ``None`` when there is nothing to run.
+def lease_is_live(experiment: Experiment, grace_s: float) -> bool:
+    """Whether another worker holds the experiment: a lease whose heartbeat is younger than ``grace_s``."""
+    if experiment.lease_owner is None or experiment.heartbeat_at is None:
+        return False
+    beat = experiment.heartbeat_at
+    if beat.tzinfo is None:  # SQLite gives naive datetimes back (stored as UTC)
+        beat = beat.replace(tzinfo=UTC)
+    return (utcnow() - beat).total_seconds() < grace_s
 
-    A queued experiment that was cancelled, a finished one, or a missing id returns ``None``. A ``cancelling``
+
+def claim_experiment(
+    session: Session, experiment_id: int, worker_id: str, *, lease_grace_s: float = 30.0
+) -> Experiment | None:
+    """Lock the row and take the lease for ``worker_id``; ``None`` when there is nothing to run.
+
+    A cancelled or finished experiment, a missing id, or one whose lease another worker holds (a duplicate
+    delivery: Redis redelivers long tasks after its visibility timeout) returns ``None`` without touching it. A
+    running experiment with a stale lease is taken over and resumes from its persisted state. A ``cancelling``
     experiment that no worker holds becomes ``cancelled`` here.
     """
     experiment = session.get(Experiment, experiment_id, with_for_update=True)
@@ -36,6 +53,8 @@ def claim_experiment(session: Session, experiment_id: int, worker_id: str) -> Ex
         return None
     status = ExperimentStatus(experiment.status)
     if status.terminal:
+        return None
+    if experiment.lease_owner != worker_id and lease_is_live(experiment, lease_grace_s):
         return None
     if status is ExperimentStatus.cancelling:
         finish_experiment(session, experiment, ExperimentStatus.cancelled)
@@ -49,6 +68,15 @@ def claim_experiment(session: Session, experiment_id: int, worker_id: str) -> Ex
     experiment.phase = "starting"
     add_event(session, experiment.id, "status", status="running", attempt=experiment.attempts)
     return experiment
+
+
+def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
+    """Refresh the lease; ``False`` when this worker no longer holds it."""
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None or experiment.lease_owner != worker_id:
+        return False
+    experiment.heartbeat_at = utcnow()
+    return True
 
 
 def cancel_requested(session: Session, experiment_id: int) -> bool:

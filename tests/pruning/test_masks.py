@@ -120,7 +120,7 @@ def test_stripping_a_copy_does_not_break_the_original() -> None:
 
 def test_mask_shape_and_name_errors() -> None:
     model = seeded(PlainCNN())
-    with pytest.raises(ValueError, match="do not have"):
+    with pytest.raises(ValueError, match="does not have"):
         apply_masks(model, {"missing": torch.ones(1)})
     with pytest.raises(ValueError, match="shape"):
         apply_masks(model, {"conv1": torch.ones(3)})

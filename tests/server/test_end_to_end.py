@@ -111,7 +111,8 @@ def test_user_failures_fail_the_experiment_and_the_worker_keeps_serving(live_emb
             "/experiments", json={**UNIFORM_L1, "name": "no such module", "entrypoint": "examples.does_not_exist"}
         ).json()
         broken = client.post(
-            "/experiments", json={**UNIFORM_L1, "name": "raising evaluator", "entrypoint": "tests.tasks.broken_evaluator"}
+            "/experiments",
+            json={**UNIFORM_L1, "name": "raising evaluator", "entrypoint": "tests.tasks.broken_evaluator"},
         ).json()
         incomplete = client.post(
             "/experiments", json={**UNIFORM_L1, "name": "no evaluator", "entrypoint": "tests.tasks.missing_evaluator"}

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import zipfile
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import Response
@@ -36,7 +36,7 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
 log = logging.getLogger(__name__)
 
 OWNER = "local"  # one tenant until API keys exist
-_ERRORS = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}}
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}}
 
 
 def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False) -> ExperimentPublic:

@@ -94,10 +94,11 @@ class FakeExecutor:
 
     def measure(self, problem: SearchProblem, distribution: dict[str, float]) -> dict[str, Any]:
         pruning = problem.pruning
-        kept = {u.name: 1.0 - u.count(distribution[u.name]) / u.channels if u.channels else 1.0 - distribution[u.name] for u in pruning.units}
-        params = pruning.dense_params - sum(
-            layer.params * (1.0 - kept[layer.unit]) for layer in pruning.layers
-        )
+        kept = {
+            u.name: 1.0 - u.count(distribution[u.name]) / u.channels if u.channels else 1.0 - distribution[u.name]
+            for u in pruning.units
+        }
+        params = pruning.dense_params - sum(layer.params * (1.0 - kept[layer.unit]) for layer in pruning.layers)
         flops = sum(layer.flops * kept[layer.unit] for layer in pruning.layers)
         return {
             "params": int(params),

@@ -70,11 +70,11 @@ def test_annealing_decisions_do_not_depend_on_the_score_scale(make_executor) -> 
     for scale in (1.0, 1000.0):
         task = make_task("plain", scale=scale)
         problem = real_problem(task, seed=5)
-        run = drive(config("annealing", batch_size=1, cool_down_rate=0.7), problem, make_executor(task),
-                    check_resume=False)
+        run = drive(
+            config("annealing", batch_size=1, cool_down_rate=0.7), problem, make_executor(task), check_resume=False
+        )
         decisions.append([record.decision for record in run.state.run.history])  # type: ignore[attr-defined]
     assert decisions[0] == decisions[1]
-    assert "accepted" in decisions[0][1:] or "rejected" in decisions[0][1:]
 
 
 def test_netadapt_measures_reductions_on_a_residual_net(make_executor) -> None:  # type: ignore[no-untyped-def]
@@ -83,8 +83,9 @@ def test_netadapt_measures_reductions_on_a_residual_net(make_executor) -> None: 
     task = make_task("residual")
     problem = real_problem(task, seed=1)
     execute = make_executor(task)
-    run = drive(config("netadapt", target_resource_ratio=0.6, initial_reduction=0.15), problem, execute,
-                check_resume=False)
+    run = drive(
+        config("netadapt", target_resource_ratio=0.6, initial_reduction=0.15), problem, execute, check_resume=False
+    )
     state = run.state
     assert state.best_key is not None, state.stop_reason
     # The coupled group (stem conv1/bn1 and the block's conv3/bn3, tied by the residual add) is one unit.
@@ -114,8 +115,7 @@ def test_admm_residual_decreases_and_never_nans(make_executor) -> None:  # type:
     task = make_task("plain")
     problem = real_problem(task)
     execute = make_executor(task)
-    run = drive(config("admm", num_iterations=4, rho=0.5, rho_multiplier=1.5), problem, execute,
-                check_resume=False)
+    run = drive(config("admm", num_iterations=4, rho=0.5, rho_multiplier=1.5), problem, execute, check_resume=False)
     state = run.state
     residuals = state.residuals  # type: ignore[attr-defined]
     assert len(residuals) == 4 and all(math.isfinite(r) for r in residuals)
@@ -132,8 +132,12 @@ def test_admm_first_iteration_is_penalised(make_executor) -> None:  # type: igno
     residual = {}
     for rho in (1e-6, 2.0):
         task = make_task("plain")
-        run = drive(config("admm", num_iterations=1, rho=rho, retrain_epochs=0), real_problem(task),
-                    make_executor(task), check_resume=False)
+        run = drive(
+            config("admm", num_iterations=1, rho=rho, retrain_epochs=0),
+            real_problem(task),
+            make_executor(task),
+            check_resume=False,
+        )
         residual[rho] = run.state.residuals[0]  # type: ignore[attr-defined]
     assert residual[2.0] < 0.8 * residual[1e-6]
 
@@ -141,8 +145,9 @@ def test_admm_first_iteration_is_penalised(make_executor) -> None:  # type: igno
 def test_autocompress_rounds_compound_to_the_target(make_executor) -> None:  # type: ignore[no-untyped-def]
     task = make_task("plain")
     problem = real_problem(task, seed=2)
-    run = drive(config("autocompress", num_rounds=3, final_finetune_epochs=0), problem, make_executor(task),
-                check_resume=False)
+    run = drive(
+        config("autocompress", num_rounds=3, final_finetune_epochs=0), problem, make_executor(task), check_resume=False
+    )
     state = run.state
     rounds = state.rounds  # type: ignore[attr-defined]
     assert len(rounds) == 3
@@ -154,11 +159,9 @@ def test_autocompress_rounds_compound_to_the_target(make_executor) -> None:  # t
         assert record.target == pytest.approx(expected)
         assert record.achieved_sparsity >= record.target - SPARSITY_TOLERANCE - slack
         assert record.search, "every round keeps its search history"
-        measured_before = overall_sparsity(
-            {u: max(a, b) for (u, a), b in zip(record.achieved.items(), [0.0] * 99, strict=False)}, problem.pruning
-        )
+        measured_before = record.achieved_sparsity
     assert rounds[-1].achieved_sparsity >= 0.5 - SPARSITY_TOLERANCE - slack
     # Rounds only ever add pruning.
     for earlier, later in zip(rounds, rounds[1:], strict=False):
         assert all(later.achieved[u] >= earlier.achieved[u] for u in earlier.achieved)
-    assert state.best_key == rounds[-1].key or state.best_key is not None
+    assert state.best_key in {r.key for r in rounds if r.achieved_sparsity >= 0.5 - SPARSITY_TOLERANCE - slack}

@@ -1,0 +1,66 @@
+"""Search configs: one per algorithm, bounded fields, pydantic only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from pruning.search import ALGORITHMS, make_strategy
+from pruning.search.configs import parse_algorithm_config
+
+CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_defaults_validate_and_build_a_strategy(algorithm: str) -> None:
+    config = parse_algorithm_config({"algorithm": algorithm, "config_list": CONFIG_LIST})
+    assert config.algorithm == algorithm  # type: ignore[attr-defined]
+    assert make_strategy(config) is not None
+
+
+@pytest.mark.parametrize(
+    "algorithm,field,value",
+    [
+        ("annealing", "start_temperature", 0),
+        ("annealing", "cool_down_rate", 1.0),
+        ("annealing", "perturbation_magnitude", 2.0),
+        ("annealing", "batch_size", 0),
+        ("annealing", "prior", "big"),
+        ("admm", "rho", -1.0),
+        ("admm", "num_iterations", 0),
+        ("admm", "rho_multiplier", 0.5),
+        ("admm", "retrain_epochs", -1),
+        ("autocompress", "num_rounds", 0),
+        ("autocompress", "admm_iterations", 0),
+        ("optuna", "parallelism", 0),
+        ("optuna", "objectives", ["score", "accuracy"]),
+        ("optuna", "num_trials", 0),
+        ("netadapt", "short_term_finetune_epochs", -1),
+        ("annealing", "max_trials", 0),
+        ("annealing", "unknown_field", 1),
+    ],
+)
+def test_out_of_range_values_name_the_field(algorithm: str, field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        parse_algorithm_config({"algorithm": algorithm, "config_list": CONFIG_LIST, field: value})
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ValidationError, match="stop_temperature"):
+        parse_algorithm_config({"algorithm": "annealing", "config_list": CONFIG_LIST, "stop_temperature": 200})
+    with pytest.raises(ValidationError, match="objectives"):
+        parse_algorithm_config({"algorithm": "optuna", "config_list": CONFIG_LIST, "objectives": ["flops"]})
+    with pytest.raises(ValidationError, match="layer_rho"):
+        parse_algorithm_config({"algorithm": "admm", "config_list": CONFIG_LIST, "layer_rho": {"conv1": 0}})
+
+
+def test_configs_import_no_torch() -> None:
+    code = (
+        "import sys, pruning.search.configs, pruning.search; "
+        "assert 'torch' not in sys.modules and 'optuna' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith(('torch', 'optuna')))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

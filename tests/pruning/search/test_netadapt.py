@@ -1,0 +1,62 @@
+"""NetAdapt's control flow: ΔR schedule, halving, a clear failure instead of an endless loop."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pruning.search.configs import parse_algorithm_config
+from tests.pruning.search.driver import drive
+from tests.pruning.search.fakes import FakeExecutor, fake_problem
+
+CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}]
+
+
+def netadapt(**extra: object) -> dict[str, object]:
+    return {"algorithm": "netadapt", "config_list": CONFIG_LIST, **extra}
+
+
+def test_reduction_schedule_decays() -> None:
+    run = drive(netadapt(), fake_problem(), FakeExecutor())
+    state = run.state
+    deltas = {}
+    for job in run.jobs:
+        if job.kind == "netadapt_candidate":
+            deltas[job.context["iteration"]] = job.context["delta_resource"]
+    r0 = state.initial_resource  # type: ignore[attr-defined]
+    for iteration, delta in deltas.items():
+        assert delta == pytest.approx(0.05 * r0 * 0.96**iteration)
+    # One job per unit per iteration, all independent (same parent).
+    first = [j for j in run.jobs if j.context.get("iteration") == 0 and j.kind == "netadapt_candidate"]
+    assert len(first) == len(fake_problem().pruning.units) and len({j.parent_artifact for j in first}) == 1
+    assert state.progress == pytest.approx(r0 - state.current_resource)  # type: ignore[attr-defined]
+
+
+def test_halves_the_reduction_then_fails_with_a_reason() -> None:
+    executor = FakeExecutor()
+
+    def stubborn(problem, job):  # type: ignore[no-untyped-def]
+        if job.kind == "netadapt_candidate" and job.context["iteration"] >= 2:
+            return executor(problem, job).model_copy(update={"status": "failed", "error": "cannot reach"})
+        return executor(problem, job)
+
+    run = drive(netadapt(max_halvings=3), fake_problem(), stubborn)
+    state = run.state
+    assert state.done and state.best_key is None
+    assert "halvings" in (state.stop_reason or "")
+    halvings = sorted({j.context["halving"] for j in run.jobs if j.context.get("iteration") == 2})
+    assert halvings == [0, 1, 2, 3]
+
+
+def test_rejects_fine_grained_base_algorithms() -> None:
+    with pytest.raises(ValidationError, match="base_algo"):
+        parse_algorithm_config(netadapt(base_algo="level"))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("target_resource_ratio", 1.0), ("initial_reduction", 0.0), ("reduction_decay", 1.5), ("max_halvings", -1)],
+)
+def test_bounds(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=field):
+        parse_algorithm_config(netadapt(**{field: value}))

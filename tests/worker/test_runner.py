@@ -1,0 +1,136 @@
+"""The runner called directly (no broker) on a real SQLite database: leases, replay, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pruning.search.configs import parse_algorithm_config
+from server.db.migrate import upgrade
+from server.db.models import Event, Experiment, Trial, utcnow
+from server.db.session import make_engine, make_session_factory
+from server.services.experiments import cancel_experiment, create_experiment
+from server.settings import Settings
+from tests.conftest import seed_digits
+from worker.runner import run_experiment
+
+SPEC = {
+    "algorithm": "uniform",
+    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+    "base_algo": "l1",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path, digits_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
+    seed_digits(tmp_path, digits_weights)
+    monkeypatch.setenv("PRUNEHUB_HOME", str(tmp_path))
+    url = f"sqlite:///{tmp_path}/runner.db"
+    upgrade(url)
+    settings = Settings(
+        home=tmp_path, database_url=url, artifacts_dir=tmp_path / "artifacts", allowed_entrypoints=["examples."],
+        worker_heartbeat_s=0.2,
+    )
+    engine = make_engine(url)
+    yield settings, make_session_factory(engine)
+    engine.dispose()
+
+
+def _create(factory: sessionmaker[Session], **overrides: object) -> int:
+    with factory() as session:
+        experiment = create_experiment(
+            session,
+            owner="local",
+            name="runner test",
+            entrypoint="examples.digits",
+            config=parse_algorithm_config({**SPEC, **overrides}),
+            allowed_prefixes=["examples."],
+        )
+        session.commit()
+        return experiment.id
+
+
+def _run(settings: Settings, factory: sessionmaker[Session], experiment_id: int, worker: str = "w1") -> str:
+    return run_experiment(experiment_id, session_factory=factory, settings=settings, worker_id=worker)
+
+
+def test_runs_to_success_and_logs_events(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    assert _run(settings, factory, experiment_id) == "succeeded"
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and experiment.lease_owner is None and experiment.attempts == 1
+        assert experiment.problem is not None and experiment.search_state is not None
+        kinds = [e.kind for e in session.scalars(select(Event).where(Event.experiment_id == experiment_id))]
+        assert kinds[0] == "status" and "trial" in kinds and "best" in kinds and kinds[-1] == "status"
+
+
+def test_a_duplicate_delivery_exits_while_the_lease_is_live(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.status, experiment.lease_owner, experiment.heartbeat_at = "running", "other-worker", utcnow()
+        session.commit()
+    assert _run(settings, factory, experiment_id) == "skipped"
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and experiment.lease_owner == "other-worker" and experiment.attempts == 0
+        assert session.scalars(select(Trial)).all() == []
+    # The other worker died: its lease goes stale and the next delivery takes over.
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.heartbeat_at = utcnow() - timedelta(seconds=settings.lease_grace_s + 1)
+        session.commit()
+    assert _run(settings, factory, experiment_id) == "succeeded"
+
+
+def test_recorded_trials_are_replayed_not_re_evaluated(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    # A previous run recorded the job's trial, then died before telling the strategy.
+    with factory() as session:
+        session.add(
+            Trial(
+                experiment_id=experiment_id, seq=1, job_key="uniform-0", kind="evaluate", status="succeeded",
+                distribution={}, score=0.123456, context={},
+            )
+        )
+        session.commit()
+    assert _run(settings, factory, experiment_id) == "succeeded"
+    with factory() as session:
+        trials = session.scalars(select(Trial).where(Trial.experiment_id == experiment_id)).all()
+        assert len(trials) == 1
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and experiment.best_score == 0.123456
+
+
+def test_cancelled_before_start_is_not_run(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        cancel_experiment(session, experiment)
+        session.commit()
+    assert _run(settings, factory, experiment_id) == "skipped"
+    with factory() as session:
+        assert session.get(Experiment, experiment_id).status == "cancelled"  # type: ignore[union-attr]
+
+
+def test_allow_list_is_enforced_again_in_the_worker(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    strict = settings.model_copy(update={"allowed_entrypoints": ["mycompany."]})
+    assert _run(strict, factory, experiment_id) == "failed"
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and "not allowed" in (experiment.error or "")
