@@ -4,7 +4,8 @@ The package itself imports nothing heavy: names are loaded lazily on first acces
 process can ``import pruning.config`` (pydantic only) without importing torch.
 
 >>> import pruning
->>> problem = pruning.resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["default"]}], "l1", x)  # doctest: +SKIP
+>>> config = [{"sparsity": 0.5, "op_types": ["default"]}]
+>>> problem = pruning.resolve_config_list(model, config, "l1", x)  # doctest: +SKIP
 >>> masks = pruning.prune(model, problem, pruning.initial_distribution(problem))  # doctest: +SKIP
 >>> recipe = pruning.shrink(model, masks, x)  # doctest: +SKIP
 """
@@ -83,9 +84,7 @@ _HOME = {
     **dict.fromkeys(["compute_masks", "global_distribution", "prune"], "pruning.pruner"),
     **dict.fromkeys(["achieved_sparsity", "apply_masks", "masks_of", "strip"], "pruning.masks"),
     **dict.fromkeys(["ShrinkRecipe", "apply_recipe", "predict_params_flops", "shrink"], "pruning.shrink"),
-    **dict.fromkeys(
-        ["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"], "pruning.metrics"
-    ),
+    **dict.fromkeys(["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"], "pruning.metrics"),
     **dict.fromkeys(["load_compact", "save_compact", "state_dict_for_export"], "pruning.export"),
     **dict.fromkeys(["GradualPruner", "agp_sparsity"], "pruning.schedule"),
 }

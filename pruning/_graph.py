@@ -124,10 +124,7 @@ def root_group(graph: Graph, module: nn.Module, idxs: list[int]) -> tuple[RootGr
             continue
         name = graph.names.get(target, repr(type(target).__name__))
         if not isinstance(target, MASKABLE):
-            reason = (
-                reason
-                or f"its channels are coupled with {name!r} ({type(target).__name__}), which is unsupported"
-            )
+            reason = reason or f"its channels are coupled with {name!r} ({type(target).__name__}), which is unsupported"
             continue
         if 1 < getattr(target, "groups", 1) < out_dim_size(target):
             reason = reason or f"it is coupled with the grouped convolution {name!r}"
@@ -203,9 +200,7 @@ def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
         return i
 
     first_layer_of_label = layer_of[labels]  # the layer owning each channel's representative
-    pairs = (
-        torch.stack([layer_of, first_layer_of_label], 1).unique(dim=0).tolist()
-    )  # per layer pair, not channel
+    pairs = torch.stack([layer_of, first_layer_of_label], 1).unique(dim=0).tolist()  # per layer pair, not channel
     for i, j in pairs:
         ri, rj = find(i), find(j)
         if ri != rj:
@@ -226,8 +221,6 @@ def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
             if pos.numel() != channels or not torch.equal(pos, torch.arange(channels)):
                 index[m] = pos.tolist()
         reason = next((reasons[m] for m in members if m in reasons), None)
-        groups.append(
-            ChannelGroup(members=members, channels=channels, channel_index=index, blocked_reason=reason)
-        )
+        groups.append(ChannelGroup(members=members, channels=channels, channel_index=index, blocked_reason=reason))
     groups.sort(key=lambda g: order[g.members[0]])
     return groups

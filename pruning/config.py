@@ -97,15 +97,11 @@ class ConfigEntry(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ConfigEntry:
-        given = [
-            f for f in ("sparsity", "sparsity_per_layer", "total_sparsity") if getattr(self, f) is not None
-        ]
+        given = [f for f in ("sparsity", "sparsity_per_layer", "total_sparsity") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of sparsity/sparsity_per_layer/total_sparsity, got {given}")
         if not given and not self.exclude:
-            raise ValueError(
-                "an entry needs sparsity, sparsity_per_layer or total_sparsity (or exclude: true)"
-            )
+            raise ValueError("an entry needs sparsity, sparsity_per_layer or total_sparsity (or exclude: true)")
         if not self.op_types and not self.op_names:
             raise ValueError("an entry needs op_types or op_names")
         unknown = [t for t in self.op_types if t not in OP_TYPES]
@@ -310,9 +306,7 @@ def rescale(dist: dict[str, float], target: float, problem: PruningProblem) -> d
         factor = (want - fixed) / mass
         newly = [n for n in free if factor * base[n] > bounds[n]]
         if not newly:
-            out = {
-                n: (bounds[n] if n in clipped else factor * base[n] if n in free else 0.0) for n in weights
-            }
+            out = {n: (bounds[n] if n in clipped else factor * base[n] if n in free else 0.0) for n in weights}
             return out
         clipped.update(newly)
     # Phase 2: proportional scaling cannot reach the target; fill the remaining headroom evenly.
@@ -483,9 +477,7 @@ def resolve_config_list(
             picked = [m for m in members if m in selected]
             if not picked or any(m in excluded for m in members):
                 continue
-            if base_algo == "slim" and not any(
-                _type_name(modules[m]).startswith("BatchNorm") for m in members
-            ):
+            if base_algo == "slim" and not any(_type_name(modules[m]).startswith("BatchNorm") for m in members):
                 bad = sorted(set(members) & named & selected)
                 if bad:
                     raise ValueError(

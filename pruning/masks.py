@@ -60,9 +60,7 @@ def _mask_of(module: nn.Module, tensor_name: str) -> Mask | None:
 def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     current = getattr(module, tensor_name)
     if mask.shape != current.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not match {tensor_name} {tuple(current.shape)}"
-        )
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tensor_name} {tuple(current.shape)}")
     mask = mask.to(device=current.device, dtype=current.dtype)
     existing = _mask_of(module, tensor_name)
     if existing is None:
@@ -150,9 +148,7 @@ def strip(model: nn.Module) -> nn.Module:
     return model
 
 
-def achieved_sparsity(
-    model_or_masks: nn.Module | dict[str, Tensor], problem: PruningProblem
-) -> dict[str, float]:
+def achieved_sparsity(model_or_masks: nn.Module | dict[str, Tensor], problem: PruningProblem) -> dict[str, float]:
     """Per prunable layer of `problem`: the fraction of zero weights (fine-grained) or of fully-zero
     output channels (structured), read from masks, a masked model, or a plain model's zeros."""
     if isinstance(model_or_masks, nn.Module):

@@ -80,9 +80,7 @@ def _member_index(unit: PruningUnit, member: str, size: int, device: torch.devic
     return torch.arange(size, device=device)
 
 
-def unit_scores(
-    model: nn.Module, unit: PruningUnit, importance: Importance, normalize: bool = True
-) -> Tensor:
+def unit_scores(model: nn.Module, unit: PruningUnit, importance: Importance, normalize: bool = True) -> Tensor:
     """Channel scores of a structured unit: the mean over members that the criterion scores.
 
     With `normalize`, each member's scores are divided by their mean first, so a member with large
@@ -116,9 +114,7 @@ def unit_scores(
 def _collect(model: nn.Module, problem: PruningProblem, importance: Importance, task: Any) -> None:
     if importance.requires_task:
         if task is None:
-            raise ValueError(
-                f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics"
-            )
+            raise ValueError(f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics")
         importance.collect(model, [m for u in problem.units for m in u.members], task)
 
 
@@ -153,14 +149,10 @@ def compute_masks(
                 raise ValueError(f"{type(importance).__name__} cannot score layer {unit.name!r}")
             if unit.block is not None:
                 blocks = block_scores(scores, unit.block, unit.block_pooling)
-                keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(
-                    blocks.shape
-                )
+                keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(blocks.shape)
                 keep = expand_block_mask(keep, unit.block, tuple(weight.shape))
             else:
-                keep = keep_mask(scores.reshape(-1), pruned_count(sparsity, scores.numel())).view(
-                    weight.shape
-                )
+                keep = keep_mask(scores.reshape(-1), pruned_count(sparsity, scores.numel())).view(weight.shape)
             masks[unit.name] = keep.to(dtype=weight.dtype, device=weight.device)
         else:
             channel_keep = select_channels(unit, unit_scores(model, unit, importance), unit.count(sparsity))

@@ -73,9 +73,7 @@ class GradualPruner:
         task: Any = None,
     ) -> None:
         _check_keys(final_distribution, problem)
-        agp_sparsity(
-            begin_step, initial_sparsity, 0.0, begin_step, end_step, frequency, exponent
-        )  # validates
+        agp_sparsity(begin_step, initial_sparsity, 0.0, begin_step, end_step, frequency, exponent)  # validates
         self.model = model
         self.problem = problem
         self.final = dict(final_distribution)

@@ -100,9 +100,7 @@ def shrink(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> Shri
         for item in rg.items:
             if item.name not in zero:
                 continue
-            member_zero = zero[item.name][
-                shrinker.origin[item.name][torch.tensor(item.idxs, dtype=torch.long)]
-            ]
+            member_zero = zero[item.name][shrinker.origin[item.name][torch.tensor(item.idxs, dtype=torch.long)]]
             agree = torch.ones(origin.numel(), dtype=torch.bool)
             agree[torch.tensor(item.root_idxs, dtype=torch.long)] = member_zero
             removable &= agree
@@ -158,9 +156,7 @@ def predict_params_flops(
     return count_params_flops(work, dummy_input)
 
 
-def shrunk_copy(
-    model: nn.Module, masks: dict[str, Tensor], dummy_input: Any
-) -> tuple[nn.Module, ShrinkRecipe]:
+def shrunk_copy(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> tuple[nn.Module, ShrinkRecipe]:
     """`shrink` applied to a deep copy; returns the copy and the recipe."""
     work = copy.deepcopy(model)
     return work, shrink(work, masks, dummy_input)

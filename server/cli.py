@@ -121,8 +121,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn_worker() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"])
+def _spawn_worker(loglevel: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--loglevel", loglevel])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     upgrade(settings.database_url)  # before a worker starts: one migrator at a time
-    worker = _spawn_worker() if args.with_worker else None
+    worker = _spawn_worker(args.worker_loglevel) if args.with_worker else None
     try:
         uvicorn.run(create_app(settings, migrate=False), host=args.host, port=args.port, log_level="warning")
     finally:
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--with-worker", action="store_true", help="also run one worker process")
+    p.add_argument("--worker-loglevel", default="WARNING")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker")

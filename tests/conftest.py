@@ -208,6 +208,9 @@ def live_services(services_env: dict[str, str], tmp_path: Path) -> Iterator[Live
 
 
 def _run_live(service: LiveService) -> Iterator[LiveService]:
+    # This test process reads the same cached example weights as the service's processes.
+    previous_home = os.environ.get("PRUNEHUB_HOME")
+    os.environ["PRUNEHUB_HOME"] = str(service.home)
     try:
         service.migrate()
         service.start_api()
@@ -218,3 +221,7 @@ def _run_live(service: LiveService) -> Iterator[LiveService]:
         raise
     finally:
         service.stop()
+        if previous_home is None:
+            os.environ.pop("PRUNEHUB_HOME", None)
+        else:
+            os.environ["PRUNEHUB_HOME"] = previous_home

@@ -8,7 +8,7 @@ the source of truth, so no result backend is configured: tasks carry ids, never 
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from server.settings import Settings
 
@@ -55,7 +55,11 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=EXPERIMENTS_QUEUE,
-        task_queues=(Queue(EXPERIMENTS_QUEUE), Queue(EVALUATIONS_QUEUE)),
+        task_queues=tuple(
+            Queue(name, Exchange(name), routing_key=name) for name in (EXPERIMENTS_QUEUE, EVALUATIONS_QUEUE)
+        ),
+        task_default_exchange=EXPERIMENTS_QUEUE,
+        task_default_routing_key=EXPERIMENTS_QUEUE,
         task_routes={"experiments.*": {"queue": EXPERIMENTS_QUEUE}, "evaluations.*": {"queue": EVALUATIONS_QUEUE}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,

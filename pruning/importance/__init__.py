@@ -56,7 +56,5 @@ def get_importance(base_algo: str, **options: Any) -> Importance:
     try:
         cls = _CRITERIA[base_algo]
     except KeyError:
-        raise ValueError(
-            f"unknown base algorithm {base_algo!r}; expected one of {sorted(_CRITERIA)}"
-        ) from None
+        raise ValueError(f"unknown base algorithm {base_algo!r}; expected one of {sorted(_CRITERIA)}") from None
     return cls(**options)

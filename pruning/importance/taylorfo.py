@@ -102,9 +102,7 @@ class TaylorFOImportance(Importance):
 
         steps = run_trainer_measuring(model, task, on_step, self.batches)
         if steps == 0:
-            raise RuntimeError(
-                "taylorfo: the trainer never called optimizer.step(), so no gradients were seen"
-            )
+            raise RuntimeError("taylorfo: the trainer never called optimizer.step(), so no gradients were seen")
         self._scores = {n: (s / steps).float() for n, s in sums.items()}
 
     def __call__(self, name: str, module: nn.Module) -> Tensor | None:

@@ -150,7 +150,9 @@ def test_resolution_errors_name_the_layer() -> None:
     with pytest.raises(ValueError, match="'stem' is a Conv2d"):
         resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["Linear"], "op_names": ["stem"]}], "l1", X3)
     with pytest.raises(ValueError, match="slim.*'conv1'.*no BatchNorm"):
-        resolve_config_list(seeded(FlattenCNN()), [{"sparsity": 0.5, "op_names": ["conv1"]}], "slim", torch.randn(1, 1, 8, 8))
+        resolve_config_list(
+            seeded(FlattenCNN()), [{"sparsity": 0.5, "op_names": ["conv1"]}], "slim", torch.randn(1, 1, 8, 8)
+        )
     with pytest.raises(ValueError, match="block sparsity"):
         resolve_config_list(
             model, [{"sparsity": 0.5, "op_types": ["Conv2d"], "block_height": 2, "block_width": 2}], "level", X3

@@ -221,7 +221,12 @@ def test_slim_global_distribution_follows_the_global_ranking() -> None:
     dist = global_distribution(model, problem, 0.05)
     assert dist["layer1.conv1"] > 0 and max(v for k, v in dist.items() if k != "layer1.conv1") == 0.0
     dist = global_distribution(model, problem, 0.5)
-    assert abs(sum(dist[u.name] * u.weight_count for u in problem.units) / sum(u.weight_count for u in problem.units) - 0.5) < 0.05
+    assert (
+        abs(
+            sum(dist[u.name] * u.weight_count for u in problem.units) / sum(u.weight_count for u in problem.units) - 0.5
+        )
+        < 0.05
+    )
 
 
 def test_get_importance() -> None:

@@ -43,7 +43,9 @@ def test_shrunk_equals_masked_and_removes_what_was_asked(case: str, algo: str, b
     model = seeded(make())
     problem = resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["default"]}], algo, x)
     dist = _distribution(problem, base)
-    dense_out_channels = {n: _out_channels(m) for n, m in model.named_modules() if n in {la.name for la in problem.layers}}
+    dense_out_channels = {
+        n: _out_channels(m) for n, m in model.named_modules() if n in {la.name for la in problem.layers}
+    }
     masks = prune(model, problem, dist)
     with torch.no_grad():
         masked_out = model(x)

@@ -130,3 +130,45 @@ def test_user_failures_fail_the_experiment_and_the_worker_keeps_serving(live_emb
         assert "evaluator" in final["error"]
         assert wait_terminal(client, good["id"])["status"] == "succeeded"
         assert all(w.poll() is None for w in live_embedded.workers)
+
+
+def test_cli_client_commands_against_a_live_server(live_embedded: LiveService, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(UNIFORM_L1))
+    env = {**live_embedded.env, "PRUNEHUB_API_URL": live_embedded.url}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    submitted = cli("submit", str(spec_file), "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "succeeded" in submitted.stdout and "best trial" in submitted.stdout and "conv1" in submitted.stdout
+    experiment_id = submitted.stdout.split()[1]
+    status = cli("status", experiment_id)
+    assert "succeeded" in status.stdout
+    best = json.loads(cli("best", experiment_id, "--json").stdout)
+    assert best["overall_sparsity"] == pytest.approx(0.5)
+    assert experiment_id in cli("list").stdout
+    assert "uniform-0" not in cli("trials", experiment_id).stdout  # table of seq/status/score, not keys
+    downloaded = cli("download", experiment_id, str(tmp_path / "model"))
+    assert downloaded.returncode == 0, downloaded.stderr
+    missing = cli("status", "424242")
+    assert missing.returncode == 2 and "404" in missing.stderr
+
+    # The downloaded files rebuild a working, smaller module from the task's model().
+    import examples.digits as digits
+    from pruning.jobs import load_pruned
+    from pruning.metrics import count_params_flops
+    from pruning.task import load_task
+
+    files = (tmp_path / "model/model.safetensors", tmp_path / "model/recipe.json")
+    model = load_pruned(load_task("examples.digits"), files)
+    params, _ = count_params_flops(model, digits.dummy_input())
+    assert params == best["params_after"]
+    assert digits.evaluator(model) == pytest.approx(best["score"], abs=1e-6)

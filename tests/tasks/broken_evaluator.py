@@ -3,5 +3,5 @@
 from examples.digits import dummy_input, fine_tuner, model, trainer  # noqa: F401
 
 
-def evaluator(model):  # type: ignore[no-untyped-def]
+def evaluator(net):  # type: ignore[no-untyped-def]
     raise RuntimeError("evaluator exploded on purpose")

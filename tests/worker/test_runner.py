@@ -27,7 +27,9 @@ SPEC = {
 
 
 @pytest.fixture
-def env(tmp_path: Path, digits_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
+def env(
+    tmp_path: Path, digits_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
     seed_digits(tmp_path, digits_weights)
     monkeypatch.setenv("PRUNEHUB_HOME", str(tmp_path))
     url = f"sqlite:///{tmp_path}/runner.db"
