@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -99,6 +100,17 @@ def _file_size(state: dict[str, Tensor], compact: bool) -> int:
         return os.path.getsize(path)
 
 
+def _interleaved(models: list[nn.Module], x: Tensor, repeat: int, rounds: int = 5) -> list[float]:
+    """Latency of each model relative to models[0], measured in alternating rounds (median of the
+    per-round ratios), so load from other processes drifting during the run hits all models alike."""
+    ratios: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        times = [measure_latency(m, x, warmup=2, repeat=repeat) for m in models]
+        for i, t in enumerate(times):
+            ratios[i].append(t / times[0])
+    return [statistics.median(r) for r in ratios]
+
+
 def bench(name: str, make: type[nn.Module], x: Tensor, repeat: int) -> None:
     dense = _randomise(make())
     dense_latency = measure_latency(dense, x, warmup=3, repeat=repeat)
@@ -116,10 +128,11 @@ def bench(name: str, make: type[nn.Module], x: Tensor, repeat: int) -> None:
         model = copy.deepcopy(dense)
         problem = resolve_config_list(model, [{"sparsity": sparsity, "op_types": ["Conv2d"]}], "l1", x)
         masks = prune(model, problem, initial_distribution(problem))
-        masked_latency = measure_latency(model, x, warmup=3, repeat=repeat)
         compact = _file_size(state_dict_for_export(model), compact=True)
-        shrink(model, masks, x)
-        shrunk_latency = measure_latency(model, x, warmup=3, repeat=repeat)
+        shrunk = copy.deepcopy(model)
+        shrink(shrunk, masks, x)
+        _, masked_ratio, shrunk_ratio = _interleaved([dense, model, shrunk], x, repeat)
+        model = shrunk
         params, flops = count_params_flops(model, x)
         shrunk_file = _file_size(state_dict_for_export(model), compact=False)
         # fine-grained (level) export at the same sparsity over conv + linear weights
@@ -128,7 +141,7 @@ def bench(name: str, make: type[nn.Module], x: Tensor, repeat: int) -> None:
         prune(fine, fine_problem, initial_distribution(fine_problem))
         fine_file = _file_size(state_dict_for_export(fine), compact=True)
         print(
-            f"{sparsity:>8.0%} {masked_latency / dense_latency:>10.2f} {shrunk_latency / dense_latency:>10.2f} "
+            f"{sparsity:>8.0%} {masked_ratio:>10.2f} {shrunk_ratio:>10.2f} "
             f"{params / dense_params:>7.2f} {flops / dense_flops:>7.2f} {compact / dense_file:>12.2f} "
             f"{shrunk_file / dense_file:>11.2f} {fine_file / dense_file:>10.2f}"
         )
@@ -136,13 +149,13 @@ def bench(name: str, make: type[nn.Module], x: Tensor, repeat: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeat}; ratios vs dense")
-    bench("digits CNN (1x1x8x8)", DigitsCNN, torch.randn(1, 1, 8, 8), args.repeat * 10)
+    bench("digits CNN (1x1x8x8)", DigitsCNN, torch.randn(1, 1, 8, 8), args.repeat * 5)
     bench("ResNet-18 shaped (1x3x224x224)", ResNet18, torch.randn(1, 3, 224, 224), args.repeat)
     print(f"\n(ran in {time.perf_counter() - start:.0f} s)")
 

@@ -1,8 +1,8 @@
 """The ``prunehub`` command line.
 
 Service roles: ``serve`` (the API; ``--with-worker`` also starts a worker process), ``worker``, ``db upgrade``.
-Client commands (``submit``, ``status``, ``best``, ``trials``, ``list``, ``cancel``, ``download``) talk HTTP to the
-API at ``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
+Client commands (``submit``, ``watch``, ``status``, ``best``, ``trials``, ``list``, ``cancel``, ``download``) talk
+HTTP to the API at ``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
 """
 
 from __future__ import annotations
@@ -43,30 +43,99 @@ def _progress_line(experiment: dict[str, Any]) -> str:
 
 
 def _print_best(best: dict[str, Any]) -> None:
-    print(f"best trial {best['trial_id']}: score={best['score']:.4f}  overall sparsity={best['overall_sparsity']:.4f}")
-    if best.get("params_before"):
-        print(
-            f"params {best['params_before']:,} -> {best['params_after']:,}   "
-            f"FLOPs {best['flops_before']:,} -> {best['flops_after']:,}"
-        )
-    requested = best.get("requested") or {}
+    """The best distribution as a table (rich): per layer, requested vs achieved sparsity."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    score = f"{best['score']:.4f}" if best.get("score") is not None else "-"
+    sparsity = f"{best['overall_sparsity']:.4f}" if best.get("overall_sparsity") is not None else "-"
+    console.print(f"best trial {best['trial_id']}: score={score}  overall sparsity={sparsity}")
+    if best.get("params_before") and best.get("params_after") is not None:
+        console.print(f"params {best['params_before']:,} -> {best['params_after']:,}", end="")
+        if best.get("flops_before") and best.get("flops_after") is not None:
+            console.print(f"   FLOPs {best['flops_before']:,} -> {best['flops_after']:,}", end="")
+        console.print()
+    requested = best.get("requested") or best.get("distribution") or {}
     achieved = best.get("achieved") or {}
-    print(f"{'layer':<32} {'requested':>10} {'achieved':>10}")
-    for layer, value in requested.items():
-        print(f"{layer:<32} {value:>10.4f} {achieved.get(layer, float('nan')):>10.4f}")
+    table = Table(title=f"best distribution (trial {best['trial_id']})", title_justify="left")
+    table.add_column("layer")
+    table.add_column("requested", justify="right")
+    table.add_column("achieved", justify="right")
+    for layer in requested or achieved:
+        wanted = requested.get(layer)
+        got = achieved.get(layer)
+        table.add_row(
+            layer, f"{wanted:.4f}" if wanted is not None else "-", f"{got:.4f}" if got is not None else "-"
+        )
+    console.print(table)
 
 
-def _watch(client: Any, experiment_id: int, interval: float = 1.0) -> dict[str, Any]:
-    last = ""
+def _watch(client: Any, experiment_id: int) -> dict[str, Any]:
+    """Follow an experiment's event stream with a live progress bar (status, done/total, best score, phase) until
+    it is terminal; prints each finished trial above the bar. Returns the final experiment."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    def show(experiment: dict[str, Any]) -> None:
-        nonlocal last
-        line = _progress_line(experiment)
-        if line != last:
-            print(line, flush=True)
-            last = line
+    experiment = client.get(experiment_id)
+    console = Console(highlight=False)
+    columns = (
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[status]:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best [bold]{task.fields[best]}"),
+        TextColumn("[dim]{task.fields[phase]}"),
+        TimeElapsedColumn(),
+    )
 
-    return client.wait(experiment_id, interval=interval, on_update=show)  # type: ignore[no-any-return]
+    def best_text(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(
+            f"experiment {experiment_id}",
+            total=experiment["progress"].get("total"),
+            completed=experiment["progress"]["done"],
+            status=experiment["status"],
+            best=best_text(experiment.get("best_score")),
+            phase=experiment["progress"].get("phase") or "",
+        )
+        for event in client.events(experiment_id):
+            kind = event["kind"]
+            if kind == "status":
+                progress.update(bar, status=event["status"])
+                if event.get("error"):
+                    progress.console.print(f"[red]error:[/red] {event['error']}", markup=True)
+            elif kind == "progress":
+                progress.update(bar, completed=event["done"], total=event.get("total"), phase=event.get("phase") or "")
+            elif kind == "best":
+                progress.update(bar, best=best_text(event.get("score")))
+            elif kind == "trial":
+                score = best_text(event.get("score"))
+                sparsity = event.get("overall_sparsity")
+                sparsity_text = f"{sparsity:.3f}" if sparsity is not None else "-"
+                progress.console.print(
+                    f"trial {event['seq']:>4} {event['status']:>9}  score={score}  sparsity={sparsity_text}"
+                    + (f"  error={event['error']}" if event.get("error") else "")
+                )
+        final: dict[str, Any] = client.get(experiment_id)
+        progress.update(bar, status=final["status"], best=best_text(final.get("best_score")))
+        if final["status"] == "succeeded":
+            total = final["progress"].get("total") or final["progress"]["done"]
+            progress.update(bar, total=total, completed=total)
+    return final
+
+
+def _finish_watch(client: Any, experiment_id: int) -> int:
+    final = _watch(client, experiment_id)
+    if final["status"] == "succeeded":
+        _print_best(client.best(experiment_id))
+    elif final.get("error"):
+        print(f"experiment {experiment_id} {final['status']}: {final['error']}")
+    else:
+        print(f"experiment {experiment_id} {final['status']}")
+    return 0 if final["status"] == "succeeded" else 1
 
 
 # --- service roles -------------------------------------------------------------------------------------------
@@ -178,12 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             spec = json.loads(Path(args.spec).read_text())
             experiment = client.submit(spec)
             print(f"submitted experiment {experiment['id']} ({spec['algorithm']} on {spec['entrypoint']})")
-            final = _watch(client, experiment["id"])
-            if final["status"] == "succeeded":
-                _print_best(client.best(experiment["id"]))
-            else:
-                print(f"experiment ended {final['status']}: {final.get('error')}")
-        print(f"\nprunehub is running at {url}  (API docs: {url}/docs). Press Ctrl-C to stop.")
+            _finish_watch(client, experiment["id"])
+        print(f"\nprunehub is running at {url}  (dashboard: {url}/, API docs: {url}/docs). Press Ctrl-C to stop.")
         server.wait()
     except KeyboardInterrupt:
         print("\nstopping API and worker ...")
@@ -201,11 +266,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         experiment = client.submit(spec)
         print(f"experiment {experiment['id']} {experiment['status']}")
         if args.wait:
-            final = _watch(client, experiment["id"])
-            if final["status"] == "succeeded":
-                _print_best(client.best(experiment["id"]))
-            return 0 if final["status"] == "succeeded" else 1
+            return _finish_watch(client, experiment["id"])
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _finish_watch(client, args.id)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -310,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", type=int)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("watch", help="follow an experiment live (progress, best score, phase), then its best")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("trials", help="an experiment's trials")
     p.add_argument("id", type=int)

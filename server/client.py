@@ -9,14 +9,16 @@ Example::
             "name": "digits-uniform", "entrypoint": "examples.digits", "algorithm": "uniform",
             "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "base_algo": "l1",
         })
-        final = client.wait(experiment["id"])
-        print(final["status"], client.best(experiment["id"])["distribution"])
+        for event in client.events(experiment["id"]):  # live, until the experiment is terminal
+            print(event["kind"], event)
+        print(client.get(experiment["id"])["status"], client.best(experiment["id"])["distribution"])
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -91,6 +93,60 @@ class PrunehubClient:
         """The best pruned model as zip bytes (``model.safetensors`` + ``recipe.json``)."""
         return self._request("GET", f"/experiments/{experiment_id}/model").content
 
+    def events(
+        self,
+        experiment_id: int,
+        last_event_id: int | None = None,
+        *,
+        reconnect: bool = True,
+        read_timeout: float = 60.0,
+    ) -> Iterator[dict[str, Any]]:
+        """The experiment's live events, oldest first, until it is terminal and every event was seen.
+
+        Each event is a dict: ``id`` (its place in the append-only log), ``kind`` (``status``, ``progress``,
+        ``trial``, ``best``, ``problem``), ``created_at`` and the kind's fields, e.g. ``{"kind": "trial",
+        "seq": 3, "score": 0.97, "overall_sparsity": 0.5, "context": {...}}``. Pass ``last_event_id`` to start
+        after an event you already have. A dropped connection is resumed from the last event received
+        (``Last-Event-ID``), so nothing is missed or repeated; ``reconnect=False`` raises instead.
+
+        Example::
+
+            for event in client.events(7):
+                if event["kind"] == "trial":
+                    print(event["seq"], event["score"])
+        """
+        last = last_event_id
+        retry_s = 2.0
+        timeout = httpx.Timeout(self._http.timeout.connect or 30.0, read=read_timeout)
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            try:
+                with self._http.stream(
+                    "GET", f"/experiments/{experiment_id}/events", headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        try:
+                            detail = response.json()
+                        except ValueError:
+                            detail = response.text
+                        raise ApiError(response.status_code, detail)
+                    for message in _parse_sse(response.iter_lines()):
+                        if "retry" in message:
+                            retry_s = message["retry"] / 1000.0
+                            continue
+                        if message.get("id") is not None:
+                            last = max(last or 0, int(message["id"]))
+                        if message.get("data"):
+                            event = json.loads(message["data"])
+                            event.setdefault("kind", message.get("event", "message"))
+                            yield event
+                return  # the server ended the stream: the experiment is terminal
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if not reconnect:
+                    raise
+                time.sleep(retry_s)
+
     def wait(
         self,
         experiment_id: int,
@@ -110,3 +166,31 @@ class PrunehubClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"experiment {experiment_id} still {experiment['status']} after {timeout}s")
             time.sleep(interval)
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent-event messages from a stream's lines: dicts with ``data``, ``event``, ``id`` and/or ``retry``."""
+    message: dict[str, Any] = {}
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                message["data"] = "\n".join(data)
+            if message:
+                yield message
+            message, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue  # a comment: the keepalive
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field in ("id", "event"):
+            message[field] = value
+        elif field == "retry" and value.isdigit():
+            message["retry"] = int(value)
+    if data:
+        message["data"] = "\n".join(data)
+    if message:
+        yield message

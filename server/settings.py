@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
     device: str = "cpu"
+    job_timeout_s: float | None = Field(default=None, gt=0, description="kill a job's process after this long")
+    job_memory_limit_mb: int | None = Field(default=None, gt=0, description="address-space limit of user code")
 
     @field_validator("allowed_entrypoints", mode="before")
     @classmethod

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus
 from server.services import runs
+from server.services.events import add_event
 from server.settings import Settings
 
 __all__ = ["run_experiment", "trial_to_result"]
@@ -87,15 +90,6 @@ class _Stop(Exception):
         self.reason = reason
 
 
-def _elapsed_minutes(experiment: Experiment) -> float:
-    if experiment.started_at is None:
-        return 0.0
-    started = experiment.started_at
-    if started.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-        started = started.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - started).total_seconds() / 60.0
-
-
 def run_experiment(
     experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
 ) -> str:
@@ -136,116 +130,173 @@ def run_experiment(
 def _run(
     experiment_id: int, session_factory: sessionmaker[Session], settings: Settings
 ) -> tuple[ExperimentStatus, str | None]:
-    from pruning.artifacts import ArtifactStore
-    from pruning.config import resolve_config_list
-    from pruning.jobs import execute_job
     from pruning.search import make_strategy
-    from pruning.search.base import SearchProblem
+    from pruning.search.base import Job, Result, SearchProblem
     from pruning.search.configs import parse_algorithm_config
-    from pruning.task import load_task
+    from worker.isolation import ChildDied, ChildError, JobCancelled, JobProcess, JobTimedOut
 
     with session_factory() as session:
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None
         entrypoint, raw_config, stored_state = experiment.entrypoint, experiment.config, experiment.search_state
         stored_problem = experiment.problem
+        started_at = experiment.started_at
 
-    # The allow-list is enforced here again: the API is not the only way a row gets into the database.
-    task = load_task(entrypoint, settings.allowed_entrypoints)
     config = parse_algorithm_config(raw_config)
-    if stored_problem is not None:
-        problem = SearchProblem.model_validate(stored_problem)
-    else:
-        model = task.model()
-        pruning_problem = resolve_config_list(
-            model, [entry.model_dump(exclude_none=True) for entry in config.config_list], config.base_algo,
-            task.dummy_input(),
-        )
-        problem = SearchProblem(
-            pruning=pruning_problem,
-            optimize_mode=config.optimize_mode,
-            resource=config.resource,
-            seed=config.seed,
-            max_trials=config.max_trials,
-        )
-        with session_factory() as session:
-            row = session.get(Experiment, experiment_id)
-            assert row is not None
-            row.problem = problem.model_dump(mode="json")
-            row.phase = "problem resolved"
-            runs.add_event(session, experiment_id, "problem", units=len(pruning_problem.units),
-                           target_sparsity=pruning_problem.target_sparsity)
-            session.commit()
+    experiment_deadline = None
+    if config.max_minutes is not None:
+        elapsed_s = _elapsed_minutes_since(started_at) * 60.0
+        experiment_deadline = time.monotonic() + config.max_minutes * 60.0 - elapsed_s
 
-    strategy = make_strategy(config)
-    initial = strategy.start(problem)
-    state = type(initial).model_validate(stored_state) if stored_state is not None else initial
-    store = ArtifactStore(settings.artifacts_dir)
-    last_error: str | None = None  # the latest failed trial's reason, reported if nothing succeeds
-
-    while True:
+    def cancelled() -> bool:
         with session_factory() as session:
-            experiment = session.get(Experiment, experiment_id)
-            assert experiment is not None
-            if runs.cancel_requested(session, experiment_id):
-                raise _Stop(ExperimentStatus.cancelled, "cancelled by request")
-            finished = session.query(Trial).filter(
-                Trial.experiment_id == experiment_id, Trial.status.in_(("succeeded", "failed"))
-            ).count()
-            if config.max_minutes is not None and _elapsed_minutes(experiment) >= config.max_minutes:
-                return _final_status(state, f"stopped after max_minutes={config.max_minutes}", last_error)
-        state, jobs = strategy.ask(state)
-        if not jobs:
-            if not state.done:
-                raise RuntimeError("the strategy asked for no job but is not done")
-            break
-        if config.max_trials is not None and finished >= config.max_trials:
-            return _final_status(state, f"stopped after max_trials={config.max_trials}", last_error)
-        results = []
-        for job in jobs:
+            return runs.cancel_requested(session, experiment_id)
+
+    child = JobProcess(
+        entrypoint,
+        list(settings.allowed_entrypoints),
+        artifacts_dir=str(settings.artifacts_dir),
+        device=settings.device,
+        memory_limit_mb=settings.job_memory_limit_mb,
+    )
+    with child:
+        if stored_problem is not None:
+            problem = SearchProblem.model_validate(stored_problem)
+        else:
+            try:
+                answer = child.request("resolve", {"config": raw_config}, should_stop=cancelled,
+                                       deadline=experiment_deadline)
+            except ChildError as exc:
+                raise _Stop(ExperimentStatus.failed, str(exc)) from exc
+            except ChildDied as exc:
+                raise _Stop(ExperimentStatus.failed, f"{exc} while loading the task") from exc
+            except JobCancelled as exc:
+                raise _Stop(ExperimentStatus.cancelled, "cancelled by request") from exc
+            except JobTimedOut as exc:
+                raise _Stop(ExperimentStatus.failed, f"max_minutes={config.max_minutes} reached while loading") from exc
+            problem = SearchProblem.model_validate(answer["problem"])
             with session_factory() as session:
-                if runs.cancel_requested(session, experiment_id):
+                row = session.get(Experiment, experiment_id)
+                assert row is not None
+                row.problem = problem.model_dump(mode="json")
+                row.phase = "problem resolved"
+                add_event(session, experiment_id, "problem", units=len(problem.pruning.units),
+                          target_sparsity=problem.pruning.target_sparsity)
+                session.commit()
+
+        strategy = make_strategy(config)
+        initial = strategy.start(problem)
+        state = type(initial).model_validate(stored_state) if stored_state is not None else initial
+        problem_json = problem.model_dump(mode="json")
+        last_error: str | None = None  # the latest failed trial's reason, reported if nothing succeeds
+
+        def execute(job: Job) -> Result:
+            deadline = experiment_deadline
+            if settings.job_timeout_s is not None:
+                job_deadline = time.monotonic() + settings.job_timeout_s
+                deadline = job_deadline if deadline is None else min(deadline, job_deadline)
+            try:
+                answer = child.request("job", {"problem": problem_json, "job": job.model_dump(mode="json")},
+                                       should_stop=cancelled, deadline=deadline)
+            except ChildError as exc:
+                if exc.fatal:
+                    raise _Stop(ExperimentStatus.failed, str(exc)) from exc
+                return Result(key=job.key, status="failed", error=str(exc), extra={"traceback": exc.traceback})
+            except ChildDied as exc:
+                return Result(key=job.key, status="failed", error=str(exc))
+            except JobCancelled as exc:
+                raise _Stop(ExperimentStatus.cancelled, "cancelled by request") from exc
+            except JobTimedOut as exc:
+                if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
+                    raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}") from exc
+                return Result(key=job.key, status="failed", error=f"job exceeded job_timeout={settings.job_timeout_s}s")
+            return Result.model_validate(answer["result"])
+
+        try:
+            while True:
+                if cancelled():
                     raise _Stop(ExperimentStatus.cancelled, "cancelled by request")
-                trial = runs.trial_by_key(session, experiment_id, job.key)
-                if trial is not None and trial.status in (TrialStatus.succeeded.value, TrialStatus.failed.value):
-                    results.append(trial_to_result(trial))  # recorded before a restart: replay, don't re-run
-                    last_error = trial.error or last_error
-                    continue
-                experiment = session.get(Experiment, experiment_id)
-                assert experiment is not None
-                trial = runs.start_trial(session, experiment, job)
-                experiment.phase = f"running {job.kind} {job.key}"
-                session.commit()
-                trial_id = trial.id
-            result = execute_job(task, problem, job, store, device=settings.device)
-            with session_factory() as session:
-                trial = session.get(Trial, trial_id)
-                assert trial is not None
-                runs.record_result(session, trial, result)
-                session.commit()
-            results.append(result)
-            if result.status == "failed":
-                last_error = f"trial {job.key} failed: {result.error}"
-        state = strategy.tell(state, results)
-        with session_factory() as session:
-            experiment = session.get(Experiment, experiment_id)
-            assert experiment is not None
-            done_count = session.query(Trial).filter(
-                Trial.experiment_id == experiment_id, Trial.status.in_(("succeeded", "failed"))
-            ).count()
-            runs.save_progress(
-                session,
-                experiment,
-                state=state.model_dump(mode="json"),
-                progress=state.progress if state.progress is not None else float(done_count),
-                progress_total=state.progress_total
-                if state.progress_total is not None
-                else (float(config.max_trials) if config.max_trials else None),
-                phase=state.phase or f"{raw_config['algorithm']}: {done_count} trial(s)",
-                best_key=state.best_key,
-            )
-            session.commit()
+                if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
+                    raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}")
+                with session_factory() as session:
+                    finished = _finished_trials(session, experiment_id)
+                state, jobs = strategy.ask(state)
+                if not jobs:
+                    if not state.done:
+                        raise RuntimeError("the strategy asked for no job but is not done")
+                    break
+                if config.max_trials is not None and finished >= config.max_trials:
+                    raise _BudgetSpent(f"stopped after max_trials={config.max_trials}")
+                results = []
+                for job in jobs:
+                    with session_factory() as session:
+                        trial = runs.trial_by_key(session, experiment_id, job.key)
+                        if trial is not None and trial.status in _FINISHED:
+                            results.append(trial_to_result(trial))  # recorded before a restart: replay
+                            last_error = trial.error or last_error
+                            continue
+                        experiment = session.get(Experiment, experiment_id)
+                        assert experiment is not None
+                        trial = runs.start_trial(session, experiment, job)
+                        experiment.phase = f"running {job.kind} {job.key}"
+                        session.commit()
+                        trial_id = trial.id
+                    result = execute(job)
+                    with session_factory() as session:
+                        trial = session.get(Trial, trial_id)
+                        assert trial is not None
+                        runs.record_result(session, trial, result)
+                        session.commit()
+                    results.append(result)
+                    if result.status == "failed":
+                        last_error = f"trial {job.key} failed: {result.error}"
+                state = strategy.tell(state, results)
+                with session_factory() as session:
+                    experiment = session.get(Experiment, experiment_id)
+                    assert experiment is not None
+                    done_count = _finished_trials(session, experiment_id)
+                    runs.save_progress(
+                        session,
+                        experiment,
+                        state=state.model_dump(mode="json"),
+                        progress=state.progress if state.progress is not None else float(done_count),
+                        progress_total=state.progress_total
+                        if state.progress_total is not None
+                        else (float(config.max_trials) if config.max_trials else None),
+                        phase=state.phase or f"{raw_config['algorithm']}: {done_count} trial(s)",
+                        best_key=state.best_key,
+                    )
+                    session.commit()
+        except _BudgetSpent as spent:
+            return _final_status(state, str(spent), last_error)
     return _final_status(state, state.stop_reason, last_error)
+
+
+_FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
+
+
+class _BudgetSpent(Exception):
+    """max_trials or max_minutes reached: the search ends with what it found."""
+
+
+def _finished_trials(session: Session, experiment_id: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                Trial.experiment_id == experiment_id,
+                Trial.status.in_((TrialStatus.succeeded.value, TrialStatus.failed.value)),
+            )
+        )
+        or 0
+    )
+
+
+def _elapsed_minutes_since(started: datetime | None) -> float:
+    if started is None:
+        return 0.0
+    if started.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+        started = started.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - started).total_seconds() / 60.0
 
 
 def _final_status(state: Any, reason: str | None, last_error: str | None) -> tuple[ExperimentStatus, str | None]:

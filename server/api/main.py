@@ -22,7 +22,7 @@ def create_app(
     settings: Settings | None = None, *, dispatcher: Dispatcher | None = None, migrate: bool = True
 ) -> FastAPI:
     """Build the API. Migrations are applied at start (``migrate=False`` when the caller already did)."""
-    from server.api.routes import experiments, health
+    from server.api.routes import dashboard, events, experiments, health
     from server.db.migrate import upgrade
     from server.db.session import make_engine, make_session_factory
 
@@ -66,4 +66,6 @@ def create_app(
 
     app.include_router(health.router)
     app.include_router(experiments.router)
+    app.include_router(events.router)
+    dashboard.mount(app)
     return app

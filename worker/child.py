@@ -1,0 +1,107 @@
+"""The child process that runs the user's code (see :mod:`worker.isolation`).
+
+``python -m worker.child REQUEST_FD ANSWER_FD CONFIG_JSON``: loads the task once, then answers one JSON request per
+line until ``{"op": "exit"}`` or the end of its input. Requests:
+
+* ``resolve`` {config}: the experiment's :class:`~pruning.search.base.SearchProblem` (builds the model, traces it).
+* ``job`` {problem, job}: runs :func:`pruning.jobs.execute_job` and returns the :class:`Result`.
+
+Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error", "traceback", "fatal"}``; ``fatal`` marks errors of the
+task module itself (a missing function), which fail the whole experiment instead of one trial.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if megabytes:
+        import resource
+
+        limit = megabytes * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _resolve(task: Any, config_data: dict[str, Any]) -> dict[str, Any]:
+    from pruning.config import resolve_config_list
+    from pruning.search.base import SearchProblem
+    from pruning.search.configs import parse_algorithm_config
+
+    config = parse_algorithm_config(config_data)
+    pruning_problem = resolve_config_list(
+        task.model(),
+        [entry.model_dump(exclude_none=True) for entry in config.config_list],
+        config.base_algo,
+        task.dummy_input(),
+    )
+    problem = SearchProblem(
+        pruning=pruning_problem,
+        optimize_mode=config.optimize_mode,
+        resource=config.resource,
+        seed=config.seed,
+        max_trials=config.max_trials,
+    )
+    return {"problem": problem.model_dump(mode="json")}
+
+
+def _job(task: Any, store: Any, device: str, request: dict[str, Any]) -> dict[str, Any]:
+    from pruning.jobs import execute_job
+    from pruning.search.base import Job, SearchProblem
+
+    problem = SearchProblem.model_validate(request["problem"])
+    job = Job.model_validate(request["job"])
+    result = execute_job(task, problem, job, store, device=device)
+    return {"result": result.model_dump(mode="json")}
+
+
+def main(argv: list[str]) -> int:
+    request_fd, answer_fd, config_json = int(argv[1]), int(argv[2]), argv[3]
+    config = json.loads(config_json)
+    _limit_memory(config.get("memory_limit_mb"))
+    requests = os.fdopen(request_fd, "rb")
+    answers = os.fdopen(answer_fd, "wb", buffering=0)
+
+    def answer(data: dict[str, Any]) -> None:
+        answers.write(json.dumps(data).encode() + b"\n")
+
+    from pruning.artifacts import ArtifactStore
+    from pruning.task import TaskError, load_task
+
+    task: Any = None
+    store = ArtifactStore(config["artifacts_dir"])
+    for line in requests:
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "exit":
+            break
+        try:
+            if task is None:
+                # The allow-list is enforced here again: the API is not the only way a row reaches a worker.
+                task = load_task(config["entrypoint"], config["allowed_prefixes"])
+            if op == "resolve":
+                answer({"ok": True, **_resolve(task, request["config"])})
+            elif op == "job":
+                answer({"ok": True, **_job(task, store, config.get("device", "cpu"), request)})
+            else:
+                answer({"ok": False, "error": f"unknown request {op!r}", "fatal": True})
+        except TaskError as exc:
+            answer({"ok": False, "error": str(exc), "traceback": traceback.format_exc(), "fatal": True})
+        except Exception as exc:  # noqa: BLE001 - the user's code may raise anything; report it
+            answer(
+                {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                    "fatal": op == "resolve",
+                }
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

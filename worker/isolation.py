@@ -1,0 +1,230 @@
+"""Run the user's code in a supervised child process.
+
+The Celery task (the supervisor) never runs the user's model, trainer or evaluator itself: a fresh interpreter
+(``python -m worker.child``, started with ``subprocess`` — not ``fork``, so no CUDA state or database connection
+is inherited, and not ``multiprocessing``, whose children a Celery pool process may not have) loads the task once
+and executes jobs sent to it over a private pipe, one JSON document per line. The user's prints go to the worker's
+log, never into the protocol.
+
+The supervisor waits for each answer in short slices, and between slices checks whether the experiment was
+cancelled or ran out of time; either way it kills the child, which frees its memory (and its GPU memory). A child
+that segfaults, is killed for memory, or calls ``sys.exit`` is noticed by its exit status, reported as the job's
+failure reason, and replaced by a fresh child for the next job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ChildDied", "ChildError", "JobCancelled", "JobProcess", "JobTimedOut", "describe_exit"]
+
+
+class ChildDied(RuntimeError):
+    """The child process ended while working; the message says how (signal or exit status)."""
+
+
+class ChildError(RuntimeError):
+    """The user's code raised in the child. ``fatal`` errors (a bad task module) concern the whole experiment."""
+
+    def __init__(self, message: str, traceback: str | None, fatal: bool) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.fatal = fatal
+
+
+class JobCancelled(RuntimeError):
+    """``should_stop`` asked to stop; the child was killed."""
+
+
+class JobTimedOut(RuntimeError):
+    """The job ran past its deadline; the child was killed."""
+
+
+_SIGNALS = {
+    signal.SIGSEGV: "crashed with a segmentation fault (SIGSEGV)",
+    signal.SIGABRT: "aborted (SIGABRT)",
+    signal.SIGKILL: "was killed (SIGKILL; often the out-of-memory killer)",
+    signal.SIGBUS: "crashed with a bus error (SIGBUS)",
+    signal.SIGFPE: "crashed with a floating-point exception (SIGFPE)",
+    signal.SIGILL: "crashed with an illegal instruction (SIGILL)",
+    signal.SIGTERM: "was terminated (SIGTERM)",
+}
+
+
+def describe_exit(returncode: int) -> str:
+    """A readable reason for a child's exit status."""
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode)
+        except ValueError:
+            return f"the task process was killed by signal {-returncode}"
+        return f"the task process {_SIGNALS.get(sig, f'was killed by {sig.name}')}"
+    return f"the task process exited with status {returncode} (sys.exit or os._exit in user code)"
+
+
+class JobProcess:
+    """A supervised child that loads the task ``entrypoint`` and answers requests.
+
+    ``request(op, payload, should_stop, deadline)`` returns the child's answer or raises one of
+    :class:`ChildError`, :class:`ChildDied`, :class:`JobCancelled`, :class:`JobTimedOut`. After a death, a
+    cancel or a timeout the next request starts a new child.
+    """
+
+    def __init__(
+        self,
+        entrypoint: str,
+        allowed_prefixes: list[str],
+        *,
+        artifacts_dir: str,
+        device: str = "cpu",
+        memory_limit_mb: int | None = None,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.entrypoint = entrypoint
+        self.allowed_prefixes = allowed_prefixes
+        self.artifacts_dir = artifacts_dir
+        self.device = device
+        self.memory_limit_mb = memory_limit_mb
+        self.poll_interval = poll_interval
+        self._process: subprocess.Popen[bytes] | None = None
+        self._to_child: Any = None
+        self._from_child: Any = None
+        self._buffer = b""
+
+    def __enter__(self) -> JobProcess:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
+
+    def _start(self) -> None:
+        request_read, request_write = os.pipe()
+        answer_read, answer_write = os.pipe()
+        config = {
+            "entrypoint": self.entrypoint,
+            "allowed_prefixes": self.allowed_prefixes,
+            "artifacts_dir": self.artifacts_dir,
+            "device": self.device,
+            "memory_limit_mb": self.memory_limit_mb,
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "worker.child", str(request_read), str(answer_write), json.dumps(config)],
+            pass_fds=(request_read, answer_write),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a signal to the worker's process group does not hit the user's code twice
+        )
+        os.close(request_read)
+        os.close(answer_write)
+        self._to_child = os.fdopen(request_write, "wb", buffering=0)
+        self._from_child = answer_read
+        os.set_blocking(answer_read, False)
+        self._buffer = b""
+
+    def kill(self) -> None:
+        """Kill the child now (and its process group), freeing its memory."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+        self._cleanup()
+
+    def close(self) -> None:
+        """Ask the child to exit; kill it if it does not within a few seconds."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            try:
+                self._to_child.write(b'{"op": "exit"}\n')
+                process.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def _cleanup(self) -> None:
+        if self._to_child is not None:
+            try:
+                self._to_child.close()
+            except OSError:
+                pass
+        if self._from_child is not None:
+            try:
+                os.close(self._from_child)
+            except OSError:
+                pass
+        self._process, self._to_child, self._from_child, self._buffer = None, None, None, b""
+
+    def request(
+        self,
+        op: str,
+        payload: dict[str, Any],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Send one request and wait for its answer, checking ``should_stop`` and ``deadline`` (monotonic)."""
+        if self._process is None or self._process.poll() is not None:
+            self._cleanup()
+            self._start()
+        assert self._process is not None
+        try:
+            self._to_child.write(json.dumps({"op": op, **payload}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # it died already: reported below with its exit status
+        last_check = 0.0
+        while True:
+            line = self._read_line(self.poll_interval)
+            if line is not None:
+                answer = json.loads(line)
+                if answer.get("ok"):
+                    return answer  # type: ignore[no-any-return]
+                error = answer.get("error", "unknown error")
+                raise ChildError(error, answer.get("traceback"), bool(answer.get("fatal", False)))
+            returncode = self._process.poll()
+            if returncode is not None:
+                line = self._read_line(0)  # an answer written just before exiting still counts
+                self._cleanup()
+                if line is not None:
+                    answer = json.loads(line)
+                    if answer.get("ok"):
+                        return answer  # type: ignore[no-any-return]
+                raise ChildDied(describe_exit(returncode))
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.kill()
+                raise JobTimedOut("the job ran past its time limit and was killed")
+            if should_stop is not None and now - last_check >= 1.0:
+                last_check = now
+                if should_stop():
+                    self.kill()
+                    raise JobCancelled("cancelled while running; the task process was killed")
+
+    def _read_line(self, timeout: float) -> bytes | None:
+        import select
+
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._from_child], [], [], timeout)
+            if not ready:
+                return None
+            try:
+                chunk = os.read(self._from_child, 1 << 20)
+            except BlockingIOError:
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+            timeout = max(timeout, 0.05)  # the rest of a long line follows right away
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
