@@ -167,7 +167,7 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     if previous:
         # Pruning is monotonic: what the parent removed stays removed.
         masks = {name: mask * previous[name] if name in previous else mask for name, mask in masks.items()}
-    apply_masks(model, masks)
+    apply_masks(model, masks, structured=pruning.structured)
     if job.finetune_epochs:
         task.fine_tune(model, job.finetune_epochs)
     score = task.evaluate(model)

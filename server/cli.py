@@ -169,6 +169,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = make_celery(settings)
     register_tasks(app)
     connect_signals()
+    if "experiments" in args.queues.split(","):
+        from celery.signals import worker_ready
+
+        from worker.reaper import start_reaper
+
+        @worker_ready.connect(weak=False)
+        def _reap(**_kwargs: object) -> None:
+            start_reaper(app, settings.reaper_interval_s)
+
     argv = [
         "worker",
         "--queues",

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
+    max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
+    reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
     device: str = "cpu"
     job_timeout_s: float | None = Field(default=None, gt=0, description="kill a job's process after this long")
     job_memory_limit_mb: int | None = Field(default=None, gt=0, description="address-space limit of user code")

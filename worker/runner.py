@@ -98,7 +98,9 @@ def run_experiment(
     A user's failing code fails the experiment (error and traceback stored), never the worker.
     """
     with session_factory() as session:
-        experiment = runs.claim_experiment(session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s)
+        experiment = runs.claim_experiment(
+            session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts
+        )
         session.commit()
         if experiment is None:
             return "skipped"

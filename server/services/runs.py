@@ -6,7 +6,7 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,6 +18,7 @@ from server.services.events import add_event
 __all__ = [
     "cancel_requested",
     "claim_experiment",
+    "experiments_to_requeue",
     "heartbeat",
     "lease_is_live",
     "finish_experiment",
@@ -39,7 +40,7 @@ def lease_is_live(experiment: Experiment, grace_s: float) -> bool:
 
 
 def claim_experiment(
-    session: Session, experiment_id: int, worker_id: str, *, lease_grace_s: float = 30.0
+    session: Session, experiment_id: int, worker_id: str, *, lease_grace_s: float = 30.0, max_attempts: int = 3
 ) -> Experiment | None:
     """Lock the row and take the lease for ``worker_id``; ``None`` when there is nothing to run.
 
@@ -56,6 +57,16 @@ def claim_experiment(
         return None
     if experiment.lease_owner != worker_id and lease_is_live(experiment, lease_grace_s):
         return None
+    if experiment.attempts >= max_attempts:
+        # Every delivery so far died mid-run (a worker killed, a machine lost): stop instead of looping.
+        finish_experiment(
+            session,
+            experiment,
+            ExperimentStatus.failed,
+            error=f"the experiment was started {experiment.attempts} times without finishing (max_attempts="
+            f"{max_attempts}); its workers died or were killed",
+        )
+        return None
     if status is ExperimentStatus.cancelling:
         finish_experiment(session, experiment, ExperimentStatus.cancelled)
         return None
@@ -68,6 +79,24 @@ def claim_experiment(
     experiment.phase = "starting"
     add_event(session, experiment.id, "status", status="running", attempt=experiment.attempts)
     return experiment
+
+
+def experiments_to_requeue(session: Session, grace_s: float) -> list[int]:
+    """Ids a reaper should hand to the broker again: running or cancelling experiments whose lease went stale
+    (their worker died) and queued ones older than ``grace_s`` (an enqueue that failed after the commit).
+
+    Re-enqueuing is harmless when the original message is still in the broker: the lease makes a duplicate
+    delivery exit at once, and a finished experiment is skipped.
+    """
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    stale = select(Experiment.id).where(
+        Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value)),
+        (Experiment.heartbeat_at.is_(None)) | (Experiment.heartbeat_at < cutoff),
+    )
+    waiting = select(Experiment.id).where(
+        Experiment.status == ExperimentStatus.queued.value, Experiment.created_at < cutoff
+    )
+    return sorted(set(session.scalars(stale)) | set(session.scalars(waiting)))
 
 
 def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:

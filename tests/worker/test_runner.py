@@ -136,3 +136,45 @@ def test_allow_list_is_enforced_again_in_the_worker(env: tuple[Settings, session
     with factory() as session:
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None and "not allowed" in (experiment.error or "")
+
+
+def test_reaper_finds_stale_and_lost_experiments(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    from server.services.runs import experiments_to_requeue
+
+    settings, factory = env
+    fresh_queued = _create(factory)
+    old_queued = _create(factory)
+    live = _create(factory)
+    stale = _create(factory)
+    old = utcnow() - timedelta(seconds=120)
+    with factory() as session:
+        for experiment_id, status, beat, created in (
+            (old_queued, "queued", None, old),
+            (live, "running", utcnow(), old),
+            (stale, "running", old, old),
+        ):
+            experiment = session.get(Experiment, experiment_id)
+            assert experiment is not None
+            experiment.status, experiment.heartbeat_at, experiment.created_at = status, beat, created
+            experiment.lease_owner = "w-dead" if status == "running" else None
+        session.commit()
+        assert experiments_to_requeue(session, grace_s=30) == [old_queued, stale]
+    assert fresh_queued not in (old_queued, stale)
+
+
+def test_an_experiment_redelivered_too_often_fails_instead_of_looping(
+    env: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    settings, factory = env
+    experiment_id = _create(factory)
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.status, experiment.attempts, experiment.lease_owner = "running", settings.max_attempts, "w-dead"
+        experiment.heartbeat_at = utcnow() - timedelta(seconds=settings.lease_grace_s + 5)
+        session.commit()
+    assert _run(settings, factory, experiment_id) == "skipped"
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and experiment.status == "failed"
+        assert "max_attempts=3" in (experiment.error or "")

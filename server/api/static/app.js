@@ -272,7 +272,7 @@
           { label: "trials", data: ok.map((t) => ({ x: t.overall_sparsity, y: t.score, seq: t.seq })),
             backgroundColor: "rgba(37,99,235,0.55)", pointRadius: 4 },
           { label: "best", data: best.map((t) => ({ x: t.overall_sparsity, y: t.score, seq: t.seq })),
-            backgroundColor: "#f59e0b", borderColor: "#92400e", pointRadius: 7, pointStyle: "star", borderWidth: 1.5 },
+            backgroundColor: "#f59e0b", borderColor: "#92400e", pointRadius: 8, pointStyle: "rectRot", borderWidth: 1.5 },
         ],
       },
       options: {
@@ -570,7 +570,7 @@
       head, errorBox, summary,
       el("div", { class: "grid" },
         chartCard("chart-distribution", "Best distribution", "requested vs achieved sparsity per layer", true),
-        chartCard("chart-sparsity", "Score vs overall sparsity", "every finished trial; ★ is the best"),
+        chartCard("chart-sparsity", "Score vs overall sparsity", "every finished trial; ◆ is the best"),
         chartCard("chart-pareto", "Pareto front: score vs FLOPs", "non-dominated trials (fewer FLOPs, better score)"),
         chartCard("chart-search", "Search curve", "", true),
       ),
