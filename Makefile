@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch first, pinned: this machine's local CPU build. An unpinned torch would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install dev demo test lint typecheck bench clean
+.PHONY: install dev demo test lint typecheck browser bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ lint: dev
 typecheck: dev
 	$(VENV)/bin/mypy server worker pruning
 
-test: lint typecheck
+# Headless Chromium for the dashboard tests (Debian's package; Playwright drives it, never downloads one).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: lint typecheck browser
 	$(PY) -m pytest
 
 bench: dev

@@ -45,6 +45,7 @@ MODEL_FORMAT = "prunehub.pruned/1"
 # Job kinds that one strategy owns: kind -> module exposing ``execute(task, problem, job, store, device)``.
 STRATEGY_KINDS = {
     "admm_train": "pruning.search.admm",
+    "netadapt_candidate": "pruning.search.netadapt",
 }
 
 

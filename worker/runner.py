@@ -253,14 +253,19 @@ def _run(
                     if result.status == "failed":
                         last_error = f"trial {job.key} failed: {result.error}"
                 state = strategy.tell(state, results)
+                state_json = state.model_dump(mode="json")
                 with session_factory() as session:
                     experiment = session.get(Experiment, experiment_id)
                     assert experiment is not None
+                    # Accepted/rejected/chosen is known only after tell: copy it onto the batch's trials.
+                    decisions = _decisions(state_json, {job.key for job in jobs})
+                    if decisions:
+                        runs.record_decisions(session, experiment_id, decisions)
                     done_count = _finished_trials(session, experiment_id)
                     runs.save_progress(
                         session,
                         experiment,
-                        state=state.model_dump(mode="json"),
+                        state=state_json,
                         progress=state.progress if state.progress is not None else float(done_count),
                         progress_total=state.progress_total
                         if state.progress_total is not None
@@ -272,6 +277,22 @@ def _run(
         except _BudgetSpent as spent:
             return _final_status(state, str(spent), last_error)
     return _final_status(state, state.stop_reason, last_error)
+
+
+def _decisions(node: Any, keys: set[str]) -> dict[str, str]:
+    """``{job key: decision}`` for the given keys, from a strategy's state JSON (its history records carry
+    ``key`` and ``decision``, possibly nested, as in AutoCompress's per-round searches)."""
+    found: dict[str, str] = {}
+    if isinstance(node, dict):
+        key, decision = node.get("key"), node.get("decision")
+        if isinstance(key, str) and key in keys and isinstance(decision, str):
+            found[key] = decision
+        for value in node.values():
+            found.update(_decisions(value, keys))
+    elif isinstance(node, list):
+        for value in node:
+            found.update(_decisions(value, keys))
+    return found
 
 
 _FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)

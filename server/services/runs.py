@@ -22,6 +22,7 @@ __all__ = [
     "heartbeat",
     "lease_is_live",
     "finish_experiment",
+    "record_decisions",
     "record_result",
     "save_progress",
     "start_trial",
@@ -171,6 +172,19 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
         error=trial.error,
     )
     return trial
+
+
+def record_decisions(session: Session, experiment_id: int, decisions: dict[str, str]) -> None:
+    """Store the strategy's decision (accepted, rejected, chosen, ...) in the context of each trial."""
+    for job_key, decision in decisions.items():
+        trial = trial_by_key(session, experiment_id, job_key)
+        if trial is not None and trial.context.get("decision") != decision:
+            context = dict(trial.context)
+            context["decision"] = decision
+            if decision in ("accepted", "rejected"):
+                context["accepted"] = decision == "accepted"
+            trial.context = context  # a new dict: JSON columns track assignment, not mutation
+            add_event(session, experiment_id, "decision", trial_id=trial.id, seq=trial.seq, decision=decision)
 
 
 def save_progress(

@@ -619,8 +619,12 @@
     function renderHead() {
       const e = state.experiment;
       const canCancel = !TERMINAL.has(e.status) && e.status !== "cancelling";
-      const download = el("a", { class: `btn${e.best ? "" : " disabled"}`, id: "download", href: `experiments/${e.id}/model`,
-        download: `experiment-${e.id}-model.zip`, onclick: downloadModel }, "Download pruned model");
+      const hasModel = Boolean(state.best && state.best.model_available);
+      const download = el("a", {
+        class: `btn${hasModel ? "" : " disabled"}`, id: "download", href: `experiments/${e.id}/model`,
+        download: `experiment-${e.id}-model.zip`, onclick: downloadModel, "aria-disabled": hasModel ? null : "true",
+        title: hasModel ? "the best pruned model (safetensors + recipe.json)" : "no pruned model stored for this experiment",
+      }, "Download pruned model");
       head.replaceChildren(
         el("div", {}, el("div", { class: "crumbs muted" }, el("a", { href: "#/" }, "Experiments"), ` / #${e.id}`),
           el("h1", { id: "exp-title" }, e.name, " ", badge(e.status))),
@@ -645,7 +649,7 @@
     }
 
     async function downloadModel(event) {
-      if (!state.experiment.best) { event.preventDefault(); return; }
+      if (!(state.best && state.best.model_available)) { event.preventDefault(); return; }
       if (!sessionStorage.getItem(KEY_STORAGE)) return; // plain link; the browser downloads it
       event.preventDefault();
       const blob = await (await request(`experiments/${id}/model`)).blob();

@@ -1,0 +1,68 @@
+"""One end-to-end HTTP run per search strategy through a real worker (embedded defaults, small budgets)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import httpx
+import pytest
+
+from tests.conftest import LiveService, wait_terminal
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+COMMON = {
+    "entrypoint": "examples.digits",
+    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+    "base_algo": "l1",
+    "seed": 1,
+}
+SHORT_ANNEALING = {"start_temperature": 100, "stop_temperature": 60, "cool_down_rate": 0.7}
+SPECS = {
+    "annealing": {**SHORT_ANNEALING, "batch_size": 2},
+    "netadapt": {"target_resource_ratio": 0.8, "initial_reduction": 0.1, "short_term_finetune_epochs": 0,
+                 "resource": "flops"},
+    "admm": {"num_iterations": 2, "training_epochs": 1, "retrain_epochs": 1},
+    "autocompress": {**SHORT_ANNEALING, "num_rounds": 2, "admm_iterations": 1, "final_finetune_epochs": 0},
+    "optuna": {"num_trials": 4, "objectives": ["score", "flops"], "n_startup_trials": 2, "population_size": 2},
+}
+
+
+def test_every_strategy_runs_over_http(live_embedded: LiveService) -> None:
+    with httpx.Client(base_url=live_embedded.url, timeout=30) as client:
+        ids = {}
+        for algorithm, params in SPECS.items():
+            body = {**COMMON, **params, "algorithm": algorithm, "name": f"e2e {algorithm}"}
+            response = client.post("/experiments", json=body)
+            assert response.status_code == 201, response.text
+            ids[algorithm] = response.json()["id"]
+        for algorithm, experiment_id in ids.items():
+            final = wait_terminal(client, experiment_id, timeout=400)
+            assert final["status"] == "succeeded", (algorithm, final.get("error"), live_embedded.logs())
+            trials = client.get(f"/experiments/{experiment_id}/trials", params={"limit": 1000}).json()
+            assert trials["total"] >= 1
+            assert all(t["status"] in ("succeeded", "failed") for t in trials["items"])
+            best = client.get(f"/experiments/{experiment_id}/best").json()
+            assert best["score"] is not None
+            if algorithm == "netadapt":
+                assert best["flops_ratio"] <= 0.8 + 1e-9
+            else:
+                assert best["overall_sparsity"] == pytest.approx(0.5, abs=0.005), algorithm
+            # the physical result sits next to the nominal one
+            assert 0 < best["params_ratio"] < 1 and 0 < best["flops_ratio"] < 1
+            pareto = client.get(f"/experiments/{experiment_id}/pareto").json()
+            assert pareto["flops"], algorithm
+            scores = [p["score"] for p in pareto["flops"]]
+            assert scores == sorted(scores)  # more FLOPs must buy a better score on the front
+            if best["model_available"]:
+                archive = zipfile.ZipFile(io.BytesIO(client.get(f"/experiments/{experiment_id}/model").content))
+                assert "recipe.json" in archive.namelist()
+            by_score = client.get(f"/experiments/{experiment_id}/trials", params={"order_by": "score"}).json()
+            finished = [t["score"] for t in by_score["items"] if t["score"] is not None]
+            assert finished == sorted(finished, reverse=True)
+        ranked = client.get(
+            "/experiments", params={"entrypoint": "examples.digits", "order_by": "best_score"}
+        ).json()["items"]
+        ranked_scores = [e["best_score"] for e in ranked]
+        assert ranked_scores == sorted(ranked_scores, reverse=True) and len(ranked) == len(SPECS)
