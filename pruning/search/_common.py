@@ -63,6 +63,19 @@ class TrialRecord(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
+def rounding_tolerance(problem: Any) -> float:
+    """How far a measured overall sparsity may fall below the requested one from rounding alone: each unit
+    prunes a whole number of channels (structured) or elements, so it can land half a channel short."""
+    total = sum(unit.weight_count for unit in problem.units)
+    if not total:
+        return SPARSITY_TOLERANCE
+    slack = 0.0
+    for unit in problem.units:
+        count = unit.channels if problem.structured and unit.channels else unit.weight_count
+        slack += unit.weight_count * 0.5 / max(count, 1)
+    return max(SPARSITY_TOLERANCE, slack / total)
+
+
 def trial_budget(*limits: int | None) -> int | None:
     """The tightest of the given trial limits (``None`` = unlimited)."""
     given = [limit for limit in limits if limit is not None]

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from pruning.config import PruningProblem, overall_sparsity
-from pruning.search._common import SPARSITY_TOLERANCE, TrialRecord, trial_budget
+from pruning.search._common import TrialRecord, rounding_tolerance, trial_budget
 from pruning.search.admm import admm_job
 from pruning.search.annealing import AnnealingRun, anneal_ask, anneal_start, anneal_tell
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
@@ -286,7 +286,7 @@ class AutoCompressSearch:
             achieved_sparsity=measured,
             achieved=achieved,
             artifact=result.artifact,
-            meets_target=measured >= state.round_target - SPARSITY_TOLERANCE,
+            meets_target=measured >= state.round_target - rounding_tolerance(pruning),
         )
         # The floor never decreases, even if a measurement rounds a unit below what an earlier round reached.
         floor = {name: max(state.floor.get(name, 0.0), value) for name, value in achieved.items()}
@@ -308,7 +308,8 @@ class AutoCompressSearch:
         mode = state.problem.optimize_mode
         chosen: RoundRecord | None = None
         for record in state.rounds:
-            meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - SPARSITY_TOLERANCE
+            tolerance = rounding_tolerance(state.problem.pruning)
+            meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - tolerance
             if meets and record.score is not None and (chosen is None or better(record.score, chosen.score, mode)):
                 chosen = record
         if chosen is None:

@@ -176,8 +176,8 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
         else:
             route.continue_()
 
+    page = browser.new_page()  # a fresh tab: empty session storage
     page.route("**/experiments?*", gate)
-    page.goto(f"{live.url}/#/compare")
     page.goto(f"{live.url}/#/")
     page.wait_for_selector("#key-dialog[open]", timeout=10_000)
     page.fill("#key-input", "secret-key")

@@ -31,6 +31,7 @@
   }
   const fmt = (v, digits = 4) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits));
   const pct = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)}%`);
+  const pctTick = (v) => `${+(v * 100).toFixed(1)}%`;
   const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
   function duration(seconds) {
     if (seconds === null || seconds === undefined) return "–";
@@ -277,7 +278,7 @@
       },
       options: {
         scales: {
-          x: axis("overall sparsity", { min: lo, max: hi, ticks: { callback: (v) => `${+(v * 100).toFixed(1)}%` } }),
+          x: axis("overall sparsity", { min: lo, max: hi, ticks: { callback: pctTick } }),
           y: axis("score"),
         },
         plugins: { tooltip: tooltipLabel((p) => `trial ${p.seq}: score ${fmt(p.y)} at ${pct(p.x)}`) },
@@ -301,7 +302,7 @@
       },
       options: {
         scales: {
-          x: axis("FLOPs (shrunk / dense)", { ticks: { callback: (v) => `${Math.round(v * 100)}%` } }),
+          x: axis("FLOPs (shrunk / dense)", { ticks: { callback: pctTick } }),
           y: axis("score"),
         },
         plugins: { tooltip: tooltipLabel((p) => `${p.seq ? `trial ${p.seq}` : "front"}: score ${fmt(p.y)}, FLOPs ${pct(p.x)}`) },
@@ -588,7 +589,7 @@
       const [, , get] = columns.find(([key]) => key === state.sort.key);
       const rows = state.trials
         .filter((t) => !state.status || t.status === state.status)
-        .filter((t) => !state.filter || `${t.seq} ${t.status} ${t.kind} ${JSON.stringify(t.context)} ${t.error || ""}`.toLowerCase().includes(state.filter))
+        .filter((t) => !state.filter || `${t.seq} ${t.status} ${t.kind} ${contextText(t.context)} ${t.error || ""}`.toLowerCase().includes(state.filter))
         .sort((a, b) => {
           const x = get(a); const y = get(b);
           if (x === y) return a.seq - b.seq;
@@ -763,7 +764,7 @@
           pointStyle: ["circle", "rect", "triangle", "rectRot", "star", "crossRot"][i % 6] })),
       },
       options: {
-        scales: { x: axis("FLOPs (shrunk / dense)", { ticks: { callback: (v) => `${Math.round(v * 100)}%` } }), y: axis("score") },
+        scales: { x: axis("FLOPs (shrunk / dense)", { ticks: { callback: pctTick } }), y: axis("score") },
         plugins: { tooltip: tooltipLabel((p, ctx) => `${ctx.dataset.label}: score ${fmt(p.y)}, FLOPs ${pct(p.x)}`) },
       },
     });
