@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -275,8 +276,46 @@ def _run(
                     )
                     session.commit()
         except _BudgetSpent as spent:
+            _ensure_model(experiment_id, state.best_key, session_factory, execute)
             return _final_status(state, str(spent), last_error)
+        _ensure_model(experiment_id, state.best_key, session_factory, execute)
     return _final_status(state, state.stop_reason, last_error)
+
+
+def _ensure_model(
+    experiment_id: int,
+    best_key: str | None,
+    session_factory: sessionmaker[Session],
+    execute: Callable[[Any], Any],
+) -> None:
+    """Make the best trial downloadable: strategies keep weights only where they need them, so a best trial
+    without a pruned-model artifact is executed once more, the same job with ``save_artifact``."""
+    from pruning.search.base import Job
+
+    if best_key is None:
+        return
+    with session_factory() as session:
+        trial = runs.trial_by_key(session, experiment_id, best_key)
+        if trial is None or (trial.extra or {}).get("model_artifact") or "job" not in (trial.extra or {}):
+            return
+        job = Job.model_validate(trial.extra["job"])
+        trial_id = trial.id
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.phase = "saving the best pruned model"
+        session.commit()
+    if job.kind not in ("evaluate", "finetune_and_evaluate"):
+        return
+    result = execute(job.model_copy(update={"save_artifact": True}))
+    artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
+    with session_factory() as session:
+        trial = session.get(Trial, trial_id)
+        assert trial is not None
+        if artifact:
+            runs.attach_model(session, trial, artifact, result.score)
+        else:
+            add_event(session, experiment_id, "note", text=f"could not save the best model: {result.error}")
+        session.commit()
 
 
 def _decisions(node: Any, keys: set[str]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, u
 from server.services.events import add_event
 
 __all__ = [
+    "attach_model",
     "cancel_requested",
     "claim_experiment",
     "experiments_to_requeue",
@@ -132,6 +133,7 @@ def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
         status=TrialStatus.running.value,
         distribution=dict(job.distribution),
         context=dict(job.context),
+        extra={"job": job.model_dump(mode="json")},  # kept so the best model can be rebuilt for download
     )
     session.add(trial)
     session.flush()
@@ -152,9 +154,10 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     trial.latency_ms = result.latency_ms
     trial.error = result.error
     trial.artifact_id = result.artifact
-    trial.extra = {k: v for k, v in result.extra.items() if k != "traceback"}
-    if result.error and "traceback" in result.extra:
-        trial.extra["traceback"] = result.extra["traceback"]
+    extra = {k: v for k, v in result.extra.items() if k != "traceback" or result.error}
+    if "job" in (trial.extra or {}):
+        extra["job"] = trial.extra["job"]
+    trial.extra = extra
     trial.duration_s = result.duration_s
     trial.finished_at = utcnow()
     add_event(
@@ -172,6 +175,12 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
         error=trial.error,
     )
     return trial
+
+
+def attach_model(session: Session, trial: Trial, model_artifact: str, score: float | None) -> None:
+    """Record the downloadable pruned model rebuilt for ``trial`` (and the score the rebuilt model got)."""
+    trial.extra = {**(trial.extra or {}), "model_artifact": model_artifact, "model_score": score}
+    add_event(session, trial.experiment_id, "model", trial_id=trial.id, score=score)
 
 
 def record_decisions(session: Session, experiment_id: int, decisions: dict[str, str]) -> None:

@@ -55,9 +55,9 @@ def test_every_strategy_runs_over_http(live_embedded: LiveService) -> None:
             assert pareto["flops"], algorithm
             scores = [p["score"] for p in pareto["flops"]]
             assert scores == sorted(scores)  # more FLOPs must buy a better score on the front
-            if best["model_available"]:
-                archive = zipfile.ZipFile(io.BytesIO(client.get(f"/experiments/{experiment_id}/model").content))
-                assert "recipe.json" in archive.namelist()
+            assert best["model_available"], algorithm  # every strategy's best downloads as a shrunk model
+            archive = zipfile.ZipFile(io.BytesIO(client.get(f"/experiments/{experiment_id}/model").content))
+            assert sorted(archive.namelist()) == ["model.safetensors", "recipe.json"]
             by_score = client.get(f"/experiments/{experiment_id}/trials", params={"order_by": "score"}).json()
             finished = [t["score"] for t in by_score["items"] if t["score"] is not None]
             assert finished == sorted(finished, reverse=True)
