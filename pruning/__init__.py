@@ -42,6 +42,8 @@ __all__ = [
     "layer_distribution",
     "layer_stats",
     "load_compact",
+    "load_pruned",
+    "load_task",
     "masks_of",
     "measure_latency",
     "overall_sparsity",
@@ -87,6 +89,8 @@ _HOME = {
     **dict.fromkeys(["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"], "pruning.metrics"),
     **dict.fromkeys(["load_compact", "save_compact", "state_dict_for_export"], "pruning.export"),
     **dict.fromkeys(["GradualPruner", "agp_sparsity"], "pruning.schedule"),
+    **dict.fromkeys(["load_pruned"], "pruning.jobs"),
+    **dict.fromkeys(["load_task"], "pruning.task"),
 }
 
 
@@ -122,8 +126,10 @@ if TYPE_CHECKING:  # static checkers see the real names
     )
     from pruning.export import load_compact, save_compact, state_dict_for_export
     from pruning.importance import Importance, get_importance
+    from pruning.jobs import load_pruned
     from pruning.masks import achieved_sparsity, apply_masks, masks_of, strip
     from pruning.metrics import count_nonzero, count_params_flops, layer_stats, measure_latency
     from pruning.pruner import compute_masks, global_distribution, prune
     from pruning.schedule import GradualPruner, agp_sparsity
     from pruning.shrink import ShrinkRecipe, apply_recipe, predict_params_flops, shrink
+    from pruning.task import load_task

@@ -163,12 +163,11 @@ def test_cli_client_commands_against_a_live_server(live_embedded: LiveService, t
 
     # The downloaded files rebuild a working, smaller module from the task's model().
     import examples.digits as digits
-    from pruning.jobs import load_pruned
+    import pruning
     from pruning.metrics import count_params_flops
-    from pruning.task import load_task
 
     files = (tmp_path / "model/model.safetensors", tmp_path / "model/recipe.json")
-    model = load_pruned(load_task("examples.digits"), files)
+    model = pruning.load_pruned(pruning.load_task("examples.digits"), files)
     params, _ = count_params_flops(model, digits.dummy_input())
     assert params == best["params_after"]
     assert digits.evaluator(model) == pytest.approx(best["score"], abs=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -178,3 +179,26 @@ def test_an_experiment_redelivered_too_often_fails_instead_of_looping(
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None and experiment.status == "failed"
         assert "max_attempts=3" in (experiment.error or "")
+
+
+def test_max_minutes_and_max_trials_end_a_search_with_what_it_found(
+    env: tuple[Settings, sessionmaker[Session]],
+) -> None:
+    settings, factory = env
+    long_annealing = {"algorithm": "annealing", "start_temperature": 100, "stop_temperature": 1,
+                      "cool_down_rate": 0.99}
+    by_trials = _create(factory, **long_annealing, max_trials=3)
+    assert _run(settings, factory, by_trials) == "succeeded"
+    by_time = _create(factory, **long_annealing, max_minutes=0.15)
+    started = time.monotonic()
+    assert _run(settings, factory, by_time) == "succeeded"
+    elapsed = time.monotonic() - started
+    with factory() as session:
+        trials = session.scalars(select(Trial).where(Trial.experiment_id == by_trials)).all()
+        assert len([t for t in trials if t.job_key != "export"]) == 3
+        experiment = session.get(Experiment, by_time)
+        assert experiment is not None and "max_minutes" in (experiment.phase or "")
+        timed = session.scalars(select(Trial).where(Trial.experiment_id == by_time)).all()
+        # The annealing schedule alone would take hundreds of proposals; the budget stopped it early.
+        assert 1 <= len(timed) < 100
+    assert elapsed < 0.15 * 60 + 30
