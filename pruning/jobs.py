@@ -46,6 +46,9 @@ MODEL_FORMAT = "prunehub.pruned/1"
 STRATEGY_KINDS = {
     "admm_train": "pruning.search.admm",
     "netadapt_candidate": "pruning.search.netadapt",
+    "agp_step": "pruning.search.schedules",
+    "iterative_round": "pruning.search.schedules",
+    "lottery_round": "pruning.search.schedules",
 }
 
 
@@ -164,7 +167,13 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
 
     pruning = problem.pruning
     model, previous = load_checkpoint(task, store, job.parent_artifact)
-    masks = compute_masks(model, pruning, job.distribution, task=task)
+    distribution = job.distribution
+    if job.params.get("ranking") == "global":
+        from pruning.pruner import global_distribution
+
+        # One threshold across all units at the requested overall sparsity: the per-unit split emerges here.
+        distribution = global_distribution(model, pruning, overall_sparsity(distribution, pruning), task=task)
+    masks = compute_masks(model, pruning, distribution, task=task)
     if previous:
         # Pruning is monotonic: what the parent removed stays removed.
         masks = {name: mask * previous[name] if name in previous else mask for name, mask in masks.items()}
@@ -173,7 +182,7 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         task.fine_tune(model, job.finetune_epochs)
     score = task.evaluate(model)
     strip(model)
-    requested = layer_distribution(job.distribution, pruning)
+    requested = layer_distribution(distribution, pruning)
     achieved = achieved_sparsity(masks, pruning)
     dummy = task.dummy_input()
     metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
@@ -182,7 +191,8 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         score=score,
         requested=requested,
         achieved=achieved,
-        overall_sparsity=overall_sparsity(job.distribution, pruning),
+        overall_sparsity=overall_sparsity(distribution, pruning),
+        extra={"distribution": distribution} if distribution is not job.distribution else {},
         **metrics,
     )
     mismatch = _check_achieved(pruning, requested, achieved)
@@ -193,7 +203,9 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         model_id = save_pruned_model(
             store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score
         )
-        result = result.model_copy(update={"artifact": checkpoint, "extra": {"model_artifact": model_id}})
+        result = result.model_copy(
+            update={"artifact": checkpoint, "extra": {**result.extra, "model_artifact": model_id}}
+        )
     return result
 
 

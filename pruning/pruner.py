@@ -184,35 +184,63 @@ def global_distribution(
     target: float,
     task: Any = None,
     importance: Importance | None = None,
+    *,
+    normalize: bool | None = None,
 ) -> dict[str, float]:
-    """The distribution that one global ranking of all channels implies (Network Slimming's rule).
+    """The distribution that one global ranking implies: one threshold across all selected layers.
 
-    All channels of all structured units are ranked together by their raw (unnormalised) scores, and
-    the lowest are removed until the removed weights reach `target` of all units' weights; each unit's
-    sparsity is the fraction of its channels removed, capped by its ``max_sparsity``. Use it with
-    ``slim``, whose BatchNorm scales are comparable across layers; feed the result to `compute_masks`.
+    Every unit's candidates (elements, blocks with block sparsity, or channels of a structured unit) are
+    ranked together, lowest first, and removed until the removed weights are as close as possible to `target`
+    of all units' weights (exactly ``round(target * total)`` elements for fine-grained units); each unit's
+    sparsity is the fraction of its candidates removed. A unit never goes past its ``max_sparsity`` (nor, if
+    structured, its last channel): its candidates beyond that bound are not ranked, so the others take up the
+    rest. Feed the result to `compute_masks`, which removes the same candidates unit by unit.
+
+    Scores are compared raw for element magnitudes (``level``, as ``torch.nn.utils.prune.global_unstructured``
+    does) and BatchNorm scales (``slim``, Network Slimming's rule); with other structured criteria each member's
+    channel scores are divided by their mean first (`normalize`; Torch-Pruning's default for global pruning),
+    because raw filter norms grow with fan-in and would empty the first layer.
     """
-    if not problem.structured:
-        raise ValueError("global_distribution ranks channels; the problem is fine-grained")
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
     importance = importance or get_importance(problem.base_algo)
+    if normalize is None:
+        normalize = problem.structured and problem.base_algo != "slim"
     _collect(model, problem, importance, task)
-    scores, weights, owners = [], [], []
+    modules = _modules(model)
+    scores: list[Tensor] = []
+    weights: list[Tensor] = []
+    owners: list[Tensor] = []
+    sizes: list[int] = []
     for i, unit in enumerate(problem.units):
-        assert unit.channels is not None
-        scores.append(unit_scores(model, unit, importance, normalize=False))
-        weights.append(torch.full((unit.channels,), unit.weight_count / unit.channels, dtype=torch.float64))
-        owners.append(torch.full((unit.channels,), i, dtype=torch.long))
+        if unit.channels is not None:
+            candidates = unit_scores(model, unit, importance, normalize=normalize)
+            bound = unit.count(unit.max_sparsity)
+        else:
+            module = modules[unit.name]
+            element_scores = importance(unit.name, module)
+            if element_scores is None:
+                raise ValueError(f"{type(importance).__name__} cannot score layer {unit.name!r}")
+            if unit.block is not None:
+                element_scores = block_scores(element_scores, unit.block, unit.block_pooling)
+            candidates = element_scores.detach().reshape(-1).double().cpu()
+            bound = pruned_count(unit.max_sparsity, candidates.numel())
+        candidates = torch.nan_to_num(candidates.double(), nan=float("-inf"))
+        sizes.append(candidates.numel())
+        # Only a unit's `bound` lowest candidates can go (lower index first on ties, as keep_mask does).
+        lowest = torch.sort(candidates, stable=True).values[:bound]
+        scores.append(lowest)
+        weights.append(torch.full((lowest.numel(),), unit.weight_count / candidates.numel(), dtype=torch.float64))
+        owners.append(torch.full((lowest.numel(),), i, dtype=torch.long))
     all_scores, all_weights, all_owners = torch.cat(scores), torch.cat(weights), torch.cat(owners)
     order = torch.sort(all_scores, stable=True).indices
-    budget = target * float(all_weights.sum())
+    budget = target * sum(float(u.weight_count) for u in problem.units)
     cum = torch.cumsum(all_weights[order], 0)
+    # The cut whose removed weight is nearest to the budget (cum[-1] when the bounds cannot reach it).
     cut = int(torch.searchsorted(cum, torch.tensor(budget, dtype=torch.float64), right=True))
+    if cut < cum.numel():
+        below = float(cum[cut - 1]) if cut > 0 else 0.0
+        if float(cum[cut]) - budget < budget - below:
+            cut += 1
     removed = torch.bincount(all_owners[order[:cut]], minlength=len(problem.units))
-    out: dict[str, float] = {}
-    for i, unit in enumerate(problem.units):
-        assert unit.channels is not None
-        cap = min(unit.count(unit.max_sparsity), int(removed[i]))
-        out[unit.name] = cap / unit.channels
-    return out
+    return {unit.name: int(removed[i]) / sizes[i] for i, unit in enumerate(problem.units)}

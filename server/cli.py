@@ -26,7 +26,8 @@ def _client(args: argparse.Namespace) -> Any:
     from server.client import PrunehubClient
     from server.settings import get_settings
 
-    return PrunehubClient(args.api_url or get_settings().api_url)
+    settings = get_settings()
+    return PrunehubClient(args.api_url or settings.api_url, api_key=settings.client_api_key())
 
 
 def _print_json(data: Any) -> None:
@@ -253,6 +254,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         print("the API did not start", file=sys.stderr)
                         return 1
                     time.sleep(0.5)
+        from server.settings import get_settings
+
+        # The API created the local key on its first start; the embedded demo needs no setup.
+        with PrunehubClient(url, api_key=get_settings().client_api_key()) as client:
             spec = json.loads(Path(args.spec).read_text())
             experiment = client.submit(spec)
             print(f"submitted experiment {experiment['id']} ({spec['algorithm']} on {spec['entrypoint']})")
@@ -263,6 +268,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nstopping API and worker ...")
     finally:
         _stop(server, timeout=30)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Manage API keys (needs the database, like ``db upgrade``)."""
+    from server.db.session import make_engine, make_session_factory
+    from server.services import auth
+    from server.settings import get_settings
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            if args.action == "create":
+                token = auth.create_key(session, args.owner, "admin" if args.admin else "user")
+                session.commit()
+                print(token)
+                print(f"# key for owner {args.owner!r}; it is shown only now (stored hashed)", file=sys.stderr)
+            elif args.action == "list":
+                for key in auth.list_keys(session):
+                    state = "revoked" if key.revoked_at else "live"
+                    print(f"{key.prefix}...  {key.owner:<20} {key.role:<6} {state:<8} {key.created_at:%Y-%m-%d}")
+            else:
+                count = auth.revoke_key(session, args.prefix)
+                session.commit()
+                print(f"revoked {count} key(s)")
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -366,6 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["upgrade", "downgrade"])
     p.add_argument("revision", nargs="?")
     p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("keys", help="API keys: create, list, revoke")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="create a key for an owner (printed once)")
+    k.add_argument("--owner", required=True)
+    k.add_argument("--admin", action="store_true", help="the key sees every owner's experiments")
+    keys.add_parser("list", help="list keys (prefixes only)")
+    k = keys.add_parser("revoke", help="revoke the keys with this prefix")
+    k.add_argument("prefix")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="start API + worker, run the digits example, keep serving")
     p.add_argument("--host", default="127.0.0.1")

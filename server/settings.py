@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path(".prunehub/artifacts")
     allowed_entrypoints: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["examples."])
     api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = Field(default=None, description="the CLI's key (default: the local key file)")
+    bootstrap_local_key: bool = Field(
+        default=True, description="create an admin key for 'local' on first start when none exists (embedded)"
+    )
+    max_body_bytes: int = Field(default=1_000_000, gt=0, description="larger request bodies are refused (413)")
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
@@ -49,6 +54,19 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def local_key_file(self) -> Path:
+        return self.home / "api-key"
+
+    def client_api_key(self) -> str | None:
+        """The key the CLI sends: ``PRUNEHUB_API_KEY``, else the local key file of the embedded default."""
+        if self.api_key:
+            return self.api_key
+        try:
+            return self.local_key_file.read_text().strip() or None
+        except OSError:
+            return None
 
 
 @lru_cache

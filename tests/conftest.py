@@ -63,6 +63,16 @@ class LiveService:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def api_key(self) -> str:
+        """The local admin key the API created on its first start (the embedded default)."""
+        return (self.home / "api-key").read_text().strip()
+
+    def http(self, **kwargs: object) -> httpx.Client:
+        """An HTTP client of the live API that sends the local key."""
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers, **kwargs)  # type: ignore[arg-type]
+
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.home / log_name, "ab")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
@@ -162,7 +172,7 @@ def _reset_postgres(url: str) -> None:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS trials, events, experiments, alembic_version CASCADE"))
+            conn.execute(text("DROP TABLE IF EXISTS trials, events, experiments, api_keys, alembic_version CASCADE"))
     finally:
         engine.dispose()
 

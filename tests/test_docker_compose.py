@@ -38,6 +38,7 @@ def test_environment_names_what_the_settings_read() -> None:
     api_env = _compose()["services"]["api"]["environment"]
     assert api_env["PRUNEHUB_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert api_env["PRUNEHUB_BROKER_URL"].startswith("redis://")
+    assert api_env["PRUNEHUB_BOOTSTRAP_LOCAL_KEY"] == "false"  # production requires real keys
 
 
 def test_commands_are_cli_commands() -> None:

@@ -13,9 +13,12 @@ from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchS
 from pruning.search.configs import (
     ALGORITHMS,
     ADMMConfig,
+    AGPConfig,
     AlgorithmConfig,
     AnnealingConfig,
     AutoCompressConfig,
+    IterativeConfig,
+    LotteryTicketConfig,
     NetAdaptConfig,
     OptunaConfig,
     SearchCommon,
@@ -27,10 +30,13 @@ __all__ = [
     "ALGORITHMS",
     "EXECUTORS",
     "ADMMConfig",
+    "AGPConfig",
     "AlgorithmConfig",
     "AnnealingConfig",
     "AutoCompressConfig",
+    "IterativeConfig",
     "Job",
+    "LotteryTicketConfig",
     "NetAdaptConfig",
     "OptunaConfig",
     "RandomState",
@@ -51,6 +57,9 @@ __all__ = [
 EXECUTORS: dict[str, str] = {
     "admm_train": "pruning.search.admm",
     "netadapt_candidate": "pruning.search.netadapt",
+    "agp_step": "pruning.search.schedules",
+    "iterative_round": "pruning.search.schedules",
+    "lottery_round": "pruning.search.schedules",
 }
 
 
@@ -90,6 +99,18 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
         from pruning.search.optuna_search import OptunaSearch
 
         return OptunaSearch(config)  # type: ignore[return-value]
+    if isinstance(config, AGPConfig):
+        from pruning.search.schedules import AGPSearch
+
+        return AGPSearch(config)  # type: ignore[return-value]
+    if isinstance(config, IterativeConfig):
+        from pruning.search.schedules import IterativeSearch
+
+        return IterativeSearch(config)  # type: ignore[return-value]
+    if isinstance(config, LotteryTicketConfig):
+        from pruning.search.schedules import LotteryTicketSearch
+
+        return LotteryTicketSearch(config)  # type: ignore[return-value]
     raise ValueError(f"no strategy for algorithm {getattr(config, 'algorithm', None)!r}; known: {ALGORITHMS}")
 
 
@@ -105,5 +126,8 @@ def state_type(algorithm: str) -> type[SearchState]:
         "admm": ("pruning.search.admm", "ADMMState"),
         "autocompress": ("pruning.search.autocompress", "AutoCompressState"),
         "optuna": ("pruning.search.optuna_search", "OptunaState"),
+        "agp": ("pruning.search.schedules", "AGPState"),
+        "iterative": ("pruning.search.schedules", "IterativeState"),
+        "lottery_ticket": ("pruning.search.schedules", "LotteryTicketState"),
     }[algorithm]
     return getattr(import_module(module), name)  # type: ignore[no-any-return]

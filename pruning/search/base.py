@@ -37,7 +37,17 @@ __all__ = [
     "better",
 ]
 
-JobKind = Literal["evaluate", "finetune_and_evaluate", "admm_train", "shrink", "train", "netadapt_candidate"]
+JobKind = Literal[
+    "evaluate",
+    "finetune_and_evaluate",
+    "admm_train",
+    "shrink",
+    "train",
+    "netadapt_candidate",
+    "agp_step",
+    "iterative_round",
+    "lottery_round",
+]
 
 
 class Job(BaseModel):

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from pruning.config import STRUCTURED_ALGOS, BaseAlgo, ConfigEntry
 
 __all__ = [
     "ALGORITHMS",
+    "GLOBAL_RANKING_ALGOS",
     "ADMMConfig",
+    "AGPConfig",
     "AlgorithmConfig",
     "AnnealingConfig",
     "AutoCompressConfig",
+    "IterativeConfig",
+    "LotteryTicketConfig",
     "NetAdaptConfig",
     "OptunaConfig",
+    "Ranking",
     "SearchCommon",
     "UniformConfig",
     "parse_algorithm_config",
 ]
+
+Ranking = Literal["layer", "global"]
+# Base algorithms whose scores compare across layers, so one threshold over all selected layers means something:
+# weight magnitudes (level), filter norms (l1, l2; each unit's scores divided by their mean, Torch-Pruning's
+# default normaliser) and BatchNorm scales (slim, Network Slimming's rule).
+GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 
 
 class SearchCommon(BaseModel):
@@ -42,8 +53,36 @@ class SearchCommon(BaseModel):
     finetune_epochs: int = Field(default=0, ge=0, le=1000, description="fine-tuning epochs of each candidate")
 
 
-class UniformConfig(SearchCommon):
-    """The baseline: every unit at its config-list sparsity, evaluated once (after ``finetune_epochs``)."""
+class _GlobalRanking(BaseModel):
+    """``ranking``: one threshold per layer (each unit at its own sparsity) or one across all selected layers."""
+
+    ranking: Ranking = Field(
+        default="layer",
+        description=(
+            "'layer': every unit at its own sparsity; 'global': one threshold across all selected layers at the "
+            "same overall sparsity, so the per-layer distribution emerges from the weights "
+            f"(base_algo one of {sorted(GLOBAL_RANKING_ALGOS)})"
+        ),
+    )
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking_applies(cls, value: str, info: ValidationInfo) -> str:
+        base_algo = info.data.get("base_algo")
+        if value == "global" and base_algo is not None and base_algo not in GLOBAL_RANKING_ALGOS:
+            raise ValueError(
+                f"ranking 'global' compares scores across layers and applies to base_algo "
+                f"{sorted(GLOBAL_RANKING_ALGOS)}, not {base_algo!r}"
+            )
+        return value
+
+
+class UniformConfig(_GlobalRanking, SearchCommon):
+    """The baseline: every unit at its config-list sparsity, evaluated once (after ``finetune_epochs``).
+
+    With ``ranking: "global"`` the overall sparsity is the config list's, but one threshold across all selected
+    layers decides what goes (the cheap baseline every search should be compared against).
+    """
 
     algorithm: Literal["uniform"]
 
@@ -172,14 +211,99 @@ class OptunaConfig(SearchCommon):
         return self
 
 
+class AGPConfig(_GlobalRanking, SearchCommon):
+    """Automated gradual pruning (Zhu & Gupta, 2017), TensorFlow model_pruning's parameters counted in epochs of
+    the user's trainer (as NNI's AGP counts them).
+
+    Pruning steps are the epochs ``begin_step + k * frequency`` up to ``end_step`` (and ``end_step`` itself); at
+    step ``t`` the masks are updated with the base algorithm to
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - begin_step) / (end_step - begin_step)) ** exponent``, then training
+    runs until the next step. ``target_sparsity`` is ``s_f`` (absent: each unit's config-list sparsity);
+    ``finetune_epochs`` is the training after ``end_step`` (the final fine-tune). One trial per pruning step.
+    """
+
+    algorithm: Literal["agp"]
+    initial_sparsity: float = Field(default=0.0, ge=0, lt=1, description="s_i, the sparsity at begin_step")
+    target_sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="s_f (overall); absent: the config list's sparsities"
+    )
+    begin_step: int = Field(default=0, ge=0, le=10_000, description="first pruning epoch (dense training before)")
+    end_step: int = Field(default=4, ge=1, le=10_000, description="the epoch at which s_f is reached")
+    frequency: int = Field(default=1, ge=1, le=10_000, description="epochs between mask updates")
+    exponent: int = Field(default=3, ge=1, le=10, description="exponent of the cubic (by default) curve")
+    finetune_epochs: int = Field(default=1, ge=0, le=1000, description="training after end_step (final fine-tune)")
+
+    @field_validator("end_step")
+    @classmethod
+    def _end_after_begin(cls, value: int, info: ValidationInfo) -> int:
+        begin = info.data.get("begin_step")
+        if begin is not None and value <= begin:
+            raise ValueError(f"end_step ({value}) must come after begin_step ({begin})")
+        return value
+
+    @field_validator("target_sparsity")
+    @classmethod
+    def _target_above_initial(cls, value: float | None, info: ValidationInfo) -> float | None:
+        initial = info.data.get("initial_sparsity")
+        if value is not None and initial is not None and value < initial:
+            raise ValueError(f"target_sparsity ({value}) must not be below initial_sparsity ({initial})")
+        return value
+
+
+class IterativeConfig(_GlobalRanking, SearchCommon):
+    """Iterative pruning and retraining (Han et al., 2015): ``rounds`` rounds, each pruning ``1 - (1 - s) **
+    (1 / rounds)`` of the remaining weights by the base algorithm (``level`` is the paper's weight magnitude)
+    and retraining ``retrain_epochs``; round ``r`` is at ``1 - (1 - s) ** (r / rounds)``, the last at the target.
+    ``finetune_epochs`` adds training after the last round."""
+
+    algorithm: Literal["iterative"]
+    rounds: int = Field(default=3, ge=1, le=100, description="prune-and-retrain rounds (one trial each)")
+    retrain_epochs: int = Field(default=1, ge=0, le=1000, description="trainer epochs after each pruning")
+
+
+class LotteryTicketConfig(_GlobalRanking, SearchCommon):
+    """Lottery tickets (Frankle & Carbin, 2019) as NNI's LotteryTicketPruner runs them.
+
+    Round 0 trains the task's ``init_model()`` (the untrained, seeded network) densely for ``epochs``; each of
+    the ``prune_iterations`` rounds after it prunes ``1 - (1 - P) ** (1 / prune_iterations)`` of the survivors
+    by the base algorithm on the previous round's trained weights, rewinds the survivors to the initial weights
+    (or, with ``rewind_epoch: k``, to the weights after ``k`` epochs of training from ``init_model()``) and
+    trains ``epochs`` again. One trial per round: accuracy per round, as NNI's reproduction plots it.
+    ``finetune_epochs`` adds training to the last round.
+    """
+
+    algorithm: Literal["lottery_ticket"]
+    prune_iterations: int = Field(default=3, ge=1, le=100, description="pruning rounds after the dense round 0")
+    epochs: int = Field(default=1, ge=1, le=1000, description="trainer epochs per round, from the rewound weights")
+    rewind_epoch: int = Field(default=0, ge=0, le=1000, description="rewind to the weights after k epochs")
+
+
 AlgorithmConfig = Annotated[
     Union[  # noqa: UP007
-        UniformConfig, AnnealingConfig, NetAdaptConfig, ADMMConfig, AutoCompressConfig, OptunaConfig
+        UniformConfig,
+        AnnealingConfig,
+        NetAdaptConfig,
+        ADMMConfig,
+        AutoCompressConfig,
+        OptunaConfig,
+        AGPConfig,
+        IterativeConfig,
+        LotteryTicketConfig,
     ],
     Field(discriminator="algorithm"),
 ]
 
-ALGORITHMS: tuple[str, ...] = ("uniform", "annealing", "netadapt", "admm", "autocompress", "optuna")
+ALGORITHMS: tuple[str, ...] = (
+    "uniform",
+    "annealing",
+    "netadapt",
+    "admm",
+    "autocompress",
+    "optuna",
+    "agp",
+    "iterative",
+    "lottery_ticket",
+)
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AlgorithmConfig)
 

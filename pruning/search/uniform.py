@@ -1,4 +1,9 @@
-"""``uniform``: the baseline every search is compared with — each unit at its config-list sparsity."""
+"""``uniform``: the baseline every search is compared with — each unit at its config-list sparsity.
+
+With ``ranking: "global"`` the job asks for the config list's overall sparsity and the executor ranks all selected
+layers together (:func:`pruning.pruner.global_distribution`); the distribution that emerged comes back in
+``Result.extra["distribution"]`` and becomes ``best_distribution``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ class UniformState(SearchState):
     distribution: dict[str, float]
     optimize_mode: str = "maximize"
     asked: bool = False
+    ranking: str = "layer"
+    best_distribution: dict[str, float] | None = None
 
 
 class UniformSearch:
@@ -24,7 +31,9 @@ class UniformSearch:
 
     def start(self, problem: SearchProblem) -> UniformState:
         return UniformState(
-            distribution=initial_distribution(problem.pruning), optimize_mode=problem.optimize_mode
+            distribution=initial_distribution(problem.pruning),
+            optimize_mode=problem.optimize_mode,
+            ranking=self.config.ranking,
         )
 
     def ask(self, state: UniformState) -> tuple[UniformState, list[Job]]:
@@ -37,7 +46,8 @@ class UniformSearch:
             distribution=state.distribution,
             finetune_epochs=epochs,
             save_artifact=True,
-            context={"iteration": 0},
+            params={"ranking": "global"} if state.ranking == "global" else {},
+            context={"iteration": 0, "ranking": state.ranking} if state.ranking == "global" else {"iteration": 0},
         )
         return state.model_copy(update={"asked": True, "trials_asked": 1}), [job]
 
@@ -46,7 +56,8 @@ class UniformSearch:
         for result in results:
             if result.status == "succeeded" and result.score is not None:
                 if better(result.score, state.best_score, state.optimize_mode):
-                    update |= {"best_key": result.key, "best_score": result.score}
+                    distribution = result.extra.get("distribution") or state.distribution
+                    update |= {"best_key": result.key, "best_score": result.score, "best_distribution": distribution}
         if state.best_key is None and "best_key" not in update:
             update["stop_reason"] = "the uniform distribution failed to evaluate"
         return state.model_copy(update=update)

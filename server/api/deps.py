@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from server.services.auth import Principal, authenticate
 from server.services.dispatch import Dispatcher
 from server.settings import Settings
 
-__all__ = ["DispatcherDep", "SessionDep", "SettingsDep"]
+__all__ = ["DispatcherDep", "PrincipalDep", "SessionDep", "SettingsDep"]
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -30,3 +31,20 @@ def get_dispatcher(request: Request) -> Dispatcher:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+
+def get_principal(request: Request, session: SessionDep) -> Principal:
+    """The caller of ``Authorization: Bearer <key>``; 401 without a live key."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    principal = authenticate(session, token.strip()) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise HTTPException(
+            status_code=401,
+            detail="missing or invalid API key: send 'Authorization: Bearer <key>' (prunehub keys create)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

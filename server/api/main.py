@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -16,6 +17,49 @@ from server.settings import Settings, get_settings
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = JSONResponse(
+            status_code=413, content={"detail": f"request body over {self.max_bytes} bytes", "field": "body"}
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_bytes:
+                        await too_large(scope, receive, send)
+                        return
+                except ValueError:
+                    pass
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message  # type: ignore[no-any-return]
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 def create_app(
@@ -36,6 +80,13 @@ def create_app(
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        if settings.bootstrap_local_key:
+            from server.services.auth import ensure_local_key
+
+            with app.state.session_factory() as session:
+                if ensure_local_key(session, settings.local_key_file):
+                    log.warning("created the local admin API key in %s", settings.local_key_file)
+                session.commit()
         if dispatcher is not None:
             app.state.dispatcher = dispatcher
         else:
@@ -64,6 +115,7 @@ def create_app(
             status = 422
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(events.router)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from server.db.base import Base, JSONType
 
-__all__ = ["Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "utcnow"]
+__all__ = ["ApiKey", "Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -48,15 +48,31 @@ class TrialStatus(enum.StrEnum):
     failed = "failed"
 
 
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored (keys are 256-bit random tokens, so a fast hash is enough)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    role: Mapped[str] = mapped_column(String(20), default="user")  # "user" | "admin"
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to tell keys apart in listings
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class Experiment(Base):
     __tablename__ = "experiments"
     __table_args__ = (
         Index("ix_experiments_status_created", "status", "created_at"),
         Index("ix_experiments_entrypoint", "entrypoint"),
+        UniqueConstraint("owner", "idempotency_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    owner: Mapped[str] = mapped_column(String(128), default="local")
+    owner: Mapped[str] = mapped_column(String(128), default="local", index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     entrypoint: Mapped[str] = mapped_column(String(300))
     algorithm: Mapped[str] = mapped_column(String(40))

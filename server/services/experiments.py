@@ -20,6 +20,7 @@ __all__ = [
     "best_trial",
     "cancel_experiment",
     "create_experiment",
+    "find_by_idempotency_key",
     "get_experiment",
     "list_experiments",
     "list_trials",
@@ -35,6 +36,7 @@ def create_experiment(
     entrypoint: str,
     config: SearchCommon,
     allowed_prefixes: Sequence[str],
+    idempotency_key: str | None = None,
 ) -> Experiment:
     """Store a new ``queued`` experiment (the caller commits, then enqueues its id)."""
     try:
@@ -44,6 +46,7 @@ def create_experiment(
     config_json = config.model_dump(mode="json")
     experiment = Experiment(
         owner=owner,
+        idempotency_key=idempotency_key,
         name=name,
         entrypoint=entrypoint,
         algorithm=config_json["algorithm"],
@@ -56,6 +59,10 @@ def create_experiment(
     session.flush()
     add_event(session, experiment.id, "status", status="queued")
     return experiment
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Experiment | None:
+    return session.scalar(select(Experiment).where(Experiment.owner == owner, Experiment.idempotency_key == key))
 
 
 def get_experiment(

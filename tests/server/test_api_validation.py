@@ -30,6 +30,8 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         allowed_entrypoints=["examples."],
     )
     with TestClient(create_app(settings)) as test_client:
+        # The embedded default created the local admin key on start-up.
+        test_client.headers["Authorization"] = f"Bearer {(tmp_path / 'api-key').read_text().strip()}"
         yield test_client
 
 

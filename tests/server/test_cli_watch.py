@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import ROOT, LiveService, _run_live, wait_terminal
@@ -55,7 +54,7 @@ def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path
     for layer in ("conv1", "conv2", "conv3", "fc1"):
         assert layer in out
 
-    with httpx.Client(base_url=live.url, timeout=30) as http:
+    with live.http() as http:
         # watch on a running experiment: follows it live to the end.
         running = http.post("/experiments", json={**ANNEALING, "name": "watched", "max_trials": 6}).json()
         watched = subprocess.Popen(
@@ -96,7 +95,7 @@ def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path
     assert trials_out.returncode == 0 and len(trials_out.stdout.strip().splitlines()) == 1 + 5
     assert "temperature" in trials_out.stdout
     # download: the best pruned model of a finished experiment (uniform stores one).
-    with httpx.Client(base_url=live.url, timeout=30) as http:
+    with live.http() as http:
         uniform = http.post("/experiments", json={**ANNEALING, "algorithm": "uniform", "max_trials": None}).json()
         assert wait_terminal(http, uniform["id"])["status"] == "succeeded"
     downloaded = cli("download", str(uniform["id"]), str(tmp_path / "model"))

@@ -5,12 +5,12 @@ saved in the test's temporary folder."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import LiveService, _run_live, wait_terminal
@@ -76,7 +76,7 @@ def _assert_charts_drawn(page: Any, expected: int) -> None:
 def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    http = httpx.Client(base_url=live.url, timeout=30)
+    http = live.http()
     finished = http.post(
         "/experiments", json={**BASE, "name": XSS_NAME, "entrypoint": "examples.digits", "algorithm": "uniform"}
     ).json()
@@ -89,6 +89,7 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     running = http.post("/experiments", json=ANNEALING).json()
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.add_init_script(f"sessionStorage.setItem('prunehub.apiKey', {json.dumps(live.api_key)})")
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
@@ -164,27 +165,19 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
     assert errors == []
 
-    # Auth: a 401 asks for the key once; it is kept in session storage and sent as a Bearer token.
-    seen: list[str | None] = []
-    state = {"refused": False}
-
-    def gate(route: Any) -> None:
-        seen.append(route.request.headers.get("authorization"))
-        if not state["refused"]:
-            state["refused"] = True
-            route.fulfill(status=401, content_type="application/json", body='{"detail": "API key required"}')
-        else:
-            route.continue_()
-
+    # Auth: the server answers 401 without a key; the page asks for it once, keeps it in session storage and
+    # sends it as a Bearer token from then on.
     page = browser.new_page()  # a fresh tab: empty session storage
-    page.route("**/experiments?*", gate)
+    refused = []
+    page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
     page.goto(f"{live.url}/#/")
     page.wait_for_selector("#key-dialog[open]", timeout=10_000)
-    page.fill("#key-input", "secret-key")
+    assert refused, "the API accepted a request without a key"
+    page.fill("#key-input", live.api_key)
     page.click("#key-form button[value=save]")
     page.wait_for_selector("body[data-ready=list]", timeout=10_000)
-    assert seen[0] is None and seen[-1] == "Bearer secret-key"
-    assert page.evaluate("sessionStorage.getItem('prunehub.apiKey')") == "secret-key"
+    assert page.locator("#experiments-body tr").count() == 3
+    assert page.evaluate("sessionStorage.getItem('prunehub.apiKey')") == live.api_key
     sent = page.wait_for_event("request", lambda r: "/experiments" in r.url, timeout=10_000)
-    assert sent.headers.get("authorization") == "Bearer secret-key"
+    assert sent.headers.get("authorization") == f"Bearer {live.api_key}"
     http.close()

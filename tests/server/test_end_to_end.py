@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import zipfile
 
-import httpx
 import pytest
 
 from tests.conftest import LiveService, wait_terminal
@@ -63,7 +62,7 @@ def _library_result(spec: dict, distribution: dict[str, float]) -> dict:
 
 
 def _check_run(service: LiveService) -> None:
-    with httpx.Client(base_url=service.url, timeout=30) as client:
+    with service.http() as client:
         assert client.get("/readyz").json()["status"] == "ok"
         created = client.post("/experiments", json=UNIFORM_L1)
         assert created.status_code == 201, created.text
@@ -106,7 +105,7 @@ def test_postgres_and_redis_run_an_experiment_end_to_end(live_services: LiveServ
 
 
 def test_user_failures_fail_the_experiment_and_the_worker_keeps_serving(live_embedded: LiveService) -> None:
-    with httpx.Client(base_url=live_embedded.url, timeout=30) as client:
+    with live_embedded.http() as client:
         missing = client.post(
             "/experiments", json={**UNIFORM_L1, "name": "no such module", "entrypoint": "examples.does_not_exist"}
         ).json()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server.client import ApiError, PrunehubClient, _parse_sse
@@ -40,7 +39,7 @@ def test_parse_sse_handles_comments_multiline_data_and_retry() -> None:
 
 
 def test_stream_delivers_a_real_run_in_order_and_resumes_with_last_event_id(live: LiveService) -> None:
-    with PrunehubClient(live.url) as client, httpx.Client(base_url=live.url, timeout=30) as http:
+    with PrunehubClient(live.url, api_key=live.api_key) as client, live.http() as http:
         assert http.get("/experiments/424242/events").status_code == 404
         with pytest.raises(ApiError) as missing:
             next(client.events(424242))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import zipfile
 
-import httpx
 import pytest
 
 from tests.conftest import LiveService, wait_terminal
@@ -30,7 +29,7 @@ SPECS = {
 
 
 def test_every_strategy_runs_over_http(live_embedded: LiveService) -> None:
-    with httpx.Client(base_url=live_embedded.url, timeout=30) as client:
+    with live_embedded.http() as client:
         ids = {}
         for algorithm, params in SPECS.items():
             body = {**COMMON, **params, "algorithm": algorithm, "name": f"e2e {algorithm}"}

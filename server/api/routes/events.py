@@ -14,8 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.deps import SessionDep
-from server.api.routes.experiments import OWNER
+from server.api.deps import PrincipalDep, SessionDep
 from server.api.schemas import ErrorPublic
 from server.db.models import Event, Experiment, ExperimentStatus
 from server.services import experiments as service
@@ -85,6 +84,7 @@ async def stream_events(
     experiment_id: int,
     request: Request,
     session: SessionDep,
+    principal: PrincipalDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID", max_length=40),
     after: int | None = Query(None, ge=0, description="resume after this event id (for clients that cannot set "
                                                        "the Last-Event-ID header)"),
@@ -99,9 +99,9 @@ async def stream_events(
 
     Example::
 
-        curl -N http://127.0.0.1:8000/experiments/1/events
+        curl -N -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/experiments/1/events
     """
-    service.get_experiment(session, experiment_id, OWNER)  # 404 before the stream starts
+    service.get_experiment(session, experiment_id, principal.scope)  # 404 before the stream starts
     session.close()  # the stream opens its own short sessions; none stays open while it sleeps
     session_factory: sessionmaker[Session] = request.app.state.session_factory
     resume = _parse_last_id(last_event_id, after)

@@ -8,12 +8,13 @@ import logging
 import zipfile
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query, status
 from fastapi.responses import Response
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from pruning.search.configs import parse_algorithm_config
-from server.api.deps import DispatcherDep, SessionDep, SettingsDep
+from server.api.deps import DispatcherDep, PrincipalDep, SessionDep, SettingsDep
 from server.api.schemas import (
     BestPublic,
     BestSummary,
@@ -35,8 +36,11 @@ from server.services.errors import NotFound
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 log = logging.getLogger(__name__)
 
-OWNER = "local"  # one tenant until API keys exist
-_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorPublic},
+    404: {"model": ErrorPublic},
+    409: {"model": ErrorPublic},
+}
 
 
 def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False) -> ExperimentPublic:
@@ -78,19 +82,43 @@ def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ExperimentPublic, responses=_ERRORS)
 def create_experiment(
-    body: ExperimentCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
+    body: ExperimentCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    principal: PrincipalDep,
+    idempotency_key: str | None = Header(
+        None, max_length=200, description="a retry with the same key returns the first experiment"
+    ),
 ) -> ExperimentPublic:
-    """Submit an experiment. It is stored ``queued`` and handed to a worker after the commit."""
+    """Submit an experiment. It is stored ``queued`` and handed to a worker after the commit.
+
+    With an ``Idempotency-Key`` header, a repeated request (a client retrying after a timeout) returns the
+    experiment the first one created instead of creating a second.
+    """
     name, entrypoint, raw = split_create(body)
-    experiment = service.create_experiment(
-        session,
-        owner=OWNER,
-        name=name,
-        entrypoint=entrypoint,
-        config=parse_algorithm_config(raw),
-        allowed_prefixes=settings.allowed_entrypoints,
-    )
-    session.commit()
+    if idempotency_key:
+        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key)
+        if existing is not None:
+            return _public(session, existing, detail=True)
+    try:
+        experiment = service.create_experiment(
+            session,
+            owner=principal.owner,
+            name=name,
+            entrypoint=entrypoint,
+            config=parse_algorithm_config(raw),
+            allowed_prefixes=settings.allowed_entrypoints,
+            idempotency_key=idempotency_key,
+        )
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race: answer with its experiment.
+        session.rollback()
+        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return _public(session, existing, detail=True)
     try:
         dispatcher.enqueue_experiment(experiment.id)
     except Exception:  # noqa: BLE001 - stored and queued; a worker's start-up sweep picks it up
@@ -101,6 +129,7 @@ def create_experiment(
 @router.get("", response_model=ExperimentsPublic)
 def list_experiments(
     session: SessionDep,
+    principal: PrincipalDep,
     status_: str | None = Query(None, alias="status", max_length=20),
     algorithm: str | None = Query(None, max_length=40),
     entrypoint: str | None = Query(None, max_length=300),
@@ -111,7 +140,7 @@ def list_experiments(
     """Experiments, newest first (``order_by=best_score`` ranks them by best score), cursor-paginated."""
     rows, next_cursor = service.list_experiments(
         session,
-        owner=OWNER,
+        owner=principal.scope,
         status=status_,
         algorithm=algorithm,
         entrypoint=entrypoint,
@@ -123,15 +152,16 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
-def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+def get_experiment(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
     """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
-    return _public(session, service.get_experiment(session, experiment_id, OWNER), detail=True)
+    return _public(session, service.get_experiment(session, experiment_id, principal.scope), detail=True)
 
 
 @router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
 def list_trials(
     experiment_id: int,
     session: SessionDep,
+    principal: PrincipalDep,
     status_: str | None = Query(None, alias="status", max_length=20),
     order_by: Literal["seq", "score"] = "seq",
     context: str | None = Query(
@@ -141,7 +171,7 @@ def list_trials(
     cursor: str | None = Query(None, max_length=500),
 ) -> TrialsPublic:
     """The search history: every trial with requested and achieved sparsity, score, params, FLOPs, context."""
-    experiment = service.get_experiment(session, experiment_id, OWNER)
+    experiment = service.get_experiment(session, experiment_id, principal.scope)
     context_filter = None
     if context:
         try:
@@ -164,6 +194,7 @@ def list_trials(
 def get_best(
     experiment_id: int,
     session: SessionDep,
+    principal: PrincipalDep,
     objective: Literal["score", "flops", "params"] = "score",
     max_flops_ratio: float | None = Query(None, gt=0, le=1),
     max_params_ratio: float | None = Query(None, gt=0, le=1),
@@ -172,7 +203,7 @@ def get_best(
 
     ``max_flops_ratio`` / ``max_params_ratio`` ask for the best under a physical budget (shrunk model / dense).
     """
-    experiment = service.get_experiment(session, experiment_id, OWNER)
+    experiment = service.get_experiment(session, experiment_id, principal.scope)
     trial = service.best_trial(
         session, experiment, objective=objective, max_flops_ratio=max_flops_ratio, max_params_ratio=max_params_ratio
     )
@@ -199,9 +230,9 @@ def get_best(
 
 
 @router.get("/{experiment_id}/pareto", response_model=ParetoPublic, responses=_ERRORS)
-def get_pareto(experiment_id: int, session: SessionDep) -> ParetoPublic:
+def get_pareto(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ParetoPublic:
     """Non-dominated trials: best score for fewer FLOPs, and for fewer params (every strategy)."""
-    experiment = service.get_experiment(session, experiment_id, OWNER)
+    experiment = service.get_experiment(session, experiment_id, principal.scope)
 
     def points(resource: Literal["flops", "params"]) -> list[ParetoPoint]:
         return [
@@ -225,12 +256,12 @@ def get_pareto(experiment_id: int, session: SessionDep) -> ParetoPublic:
     responses={200: {"content": {"application/zip": {}}}, **_ERRORS},
     response_class=Response,
 )
-def download_model(experiment_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+def download_model(experiment_id: int, session: SessionDep, settings: SettingsDep, principal: PrincipalDep) -> Response:
     """The best pruned model as a zip: ``model.safetensors`` (shrunk weights) and ``recipe.json`` (rebuilds the
     shape from the task's ``model()``; load with ``pruning.load_pruned(task, files)``). No pickles."""
     from pruning.artifacts import ArtifactNotFound, ArtifactStore
 
-    experiment = service.get_experiment(session, experiment_id, OWNER)
+    experiment = service.get_experiment(session, experiment_id, principal.scope)
     trial = service.best_trial(session, experiment)
     artifact = (trial.extra or {}).get("model_artifact") if trial else None
     if not artifact:
@@ -251,9 +282,9 @@ def download_model(experiment_id: int, session: SessionDep, settings: SettingsDe
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentPublic, responses=_ERRORS)
-def cancel_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+def cancel_experiment(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
     """A queued experiment is cancelled at once; a running one goes ``cancelling`` then ``cancelled``."""
-    experiment = service.get_experiment(session, experiment_id, OWNER, for_update=True)
+    experiment = service.get_experiment(session, experiment_id, principal.scope, for_update=True)
     service.cancel_experiment(session, experiment)
     session.commit()
     return _public(session, experiment, detail=True)

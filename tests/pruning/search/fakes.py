@@ -141,6 +141,24 @@ class FakeExecutor:
             )
         if job.kind == "netadapt_candidate":
             return self._netadapt(problem, job, sign)
+        if job.kind in ("agp_step", "iterative_round", "lottery_round"):
+            # A schedule step: the nominal distribution stands in for a global ranking's.
+            quality = self.quality(job.distribution, job.finetune_epochs)
+            extra: dict[str, Any] = {"distribution": dict(job.distribution)}
+            if job.params.get("save_rewind"):
+                extra["rewind_artifact"] = _hex(job.key + "rewind")
+            if job.save_artifact:
+                extra["model_artifact"] = _hex(job.key + "model")
+            return Result(
+                key=job.key,
+                score=sign * self.scale * quality + self.offset,
+                requested=layer_distribution(job.distribution, problem.pruning),
+                achieved=self.achieved(problem, job.distribution),
+                overall_sparsity=overall_sparsity(job.distribution, problem.pruning),
+                artifact=_hex(job.key),
+                extra=extra,
+                **self.measure(problem, job.distribution),
+            )
         raise AssertionError(f"unexpected job kind {job.kind}")
 
     def _netadapt(self, problem: SearchProblem, job: Job, sign: float) -> Result:

@@ -22,6 +22,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "admm": {"algorithm": "admm", "num_iterations": 3, "retrain_epochs": 1},
     "autocompress": {"algorithm": "autocompress", "num_rounds": 3, "admm_iterations": 2, "cool_down_rate": 0.6},
     "optuna": {"algorithm": "optuna", "num_trials": 14, "parallelism": 2, "n_startup_trials": 4},
+    "uniform-global": {"algorithm": "uniform", "ranking": "global"},
+    "agp": {"algorithm": "agp", "begin_step": 1, "end_step": 5, "frequency": 2, "initial_sparsity": 0.1},
+    "agp-global": {"algorithm": "agp", "end_step": 3, "ranking": "global"},
+    "iterative": {"algorithm": "iterative", "rounds": 3, "retrain_epochs": 1},
+    "iterative-global": {"algorithm": "iterative", "rounds": 2, "ranking": "global"},
+    "lottery_ticket": {"algorithm": "lottery_ticket", "prune_iterations": 3, "epochs": 1},
+    "lottery_ticket-rewind": {"algorithm": "lottery_ticket", "prune_iterations": 2, "epochs": 2, "rewind_epoch": 1},
     "optuna-pareto": {
         "algorithm": "optuna",
         "objectives": ["score", "flops"],
@@ -95,7 +102,9 @@ def test_max_trials_is_respected(name: str, limit: int) -> None:
         assert run.state.stop_reason
 
 
-@pytest.mark.parametrize("name", ["annealing", "admm", "autocompress", "optuna", "uniform"])
+@pytest.mark.parametrize(
+    "name", ["annealing", "admm", "autocompress", "optuna", "uniform", "agp", "iterative", "lottery_ticket"]
+)
 def test_fine_grained(name: str) -> None:
     problem = fake_problem(structured=False)
     run = drive(config(name, base_algo="level"), problem, FakeExecutor())

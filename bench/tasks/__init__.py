@@ -1,0 +1,1 @@
+"""Task modules used only by the benchmarks (importable as ``bench.tasks.<name>``)."""
