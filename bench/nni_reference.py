@@ -1,8 +1,8 @@
-"""NNI 2.10.1 reference runs for ``bench/quality.py`` — runs under NNI's own virtual environment (``.venv-nni``).
+"""NNI 2.10.1 reference runs for ``bench/quality.py`` — runs under NNI's own virtual environment (``.venv/nni``, made by ``make bench``).
 
 Imports torch, nni, scikit-learn, safetensors and the task module only (never prunehub). One run per call:
 
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 .venv-nni/bin/python bench/nni_reference.py \\
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 .venv/nni/bin/python bench/nni_reference.py \\
         --task examples.digits --algo sa --base l1 --sparsity 0.5 --seed 0 --out DIR
 
 ``sa``: v2 ``SimulatedAnnealingPruner`` (NNI's defaults 100 → 20, cool down 0.9, perturbation 0.35 — the same as
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--candidate-epochs", type=int, default=0, help="SA: fine-tune each candidate this long")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     random.seed(args.seed)
@@ -82,6 +83,7 @@ def main() -> None:
                 model, config_list, evaluator=evaluator, start_temperature=100, stop_temperature=20,
                 cool_down_rate=0.9, perturbation_magnitude=0.35, pruning_algorithm=args.base, log_dir=log_dir,
                 keep_intermediate_result=False,
+                finetuner=(lambda m: task.fine_tuner(m, args.candidate_epochs)) if args.candidate_epochs else None,
             )
             pruner.compress()
             _, best_model, best_masks, score, _ = pruner.get_best_result()

@@ -5,7 +5,9 @@ fine-tuning as uniform's (``--final-epochs`` from its best checkpoint, or from t
 distribution when the search kept no weights), and the fine-tuned model is evaluated. Printed side by side:
 held-out accuracy, overall sparsity (achieved, weighted by weight count), FLOPs and params ratios of the shrunk
 model, evaluator calls during the search, and wall time. NetAdapt budgets params, so it gets uniform's
-measured params ratio as its target. Not a test: ``python bench/search_quality.py``.
+measured params ratio as its target. The pruning schedules (``agp``, ``iterative``, ``lottery_ticket``) and
+``uniform-global`` (uniform's overall sparsity, one threshold across layers) are rows of the same table.
+Not a test: ``python bench/search_quality.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pruning.task import Task, load_task
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "uniform": {"algorithm": "uniform"},
+    # one threshold across all selected layers at uniform's overall sparsity: the cheap baseline beside it
+    "uniform-global": {"algorithm": "uniform", "ranking": "global"},
     "annealing": {"algorithm": "annealing"},
     "netadapt": {"algorithm": "netadapt", "short_term_finetune_epochs": 1},
     "admm": {"algorithm": "admm", "num_iterations": 3, "rho": 0.05, "retrain_epochs": 1},
@@ -38,6 +42,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
         "final_finetune_epochs": 0,
     },
     "optuna": {"algorithm": "optuna", "num_trials": 20, "n_startup_trials": 8},
+    # pruning schedules: one job per pruning step or round (lottery tickets train from examples.digits' init_model)
+    "agp": {"algorithm": "agp", "end_step": 4, "frequency": 1, "finetune_epochs": 1},
+    "iterative": {"algorithm": "iterative", "rounds": 3, "retrain_epochs": 1},
+    "lottery_ticket": {"algorithm": "lottery_ticket", "prune_iterations": 3, "epochs": 6},
 }
 
 
@@ -136,17 +144,17 @@ def main() -> None:
                 )
             )
     header = (
-        f"{'target':>6} {'algorithm':<13} {'accuracy':>8} {'sparsity':>8} {'FLOPs':>6} {'params':>6} "
+        f"{'target':>6} {'algorithm':<15} {'accuracy':>8} {'sparsity':>8} {'FLOPs':>6} {'params':>6} "
         f"{'evals':>5} {'wall s':>7}"
     )
     print(header)
     print("-" * len(header))
     for target, name, score, sparsity, flops, params, evals, wall, reason in rows:
         if score is None:
-            print(f"{target:>6.2f} {name:<13} failed: {reason}")
+            print(f"{target:>6.2f} {name:<15} failed: {reason}")
             continue
         print(
-            f"{target:>6.2f} {name:<13} {score:>8.4f} {sparsity:>8.4f} {flops:>6.3f} {params:>6.3f} "
+            f"{target:>6.2f} {name:<15} {score:>8.4f} {sparsity:>8.4f} {flops:>6.3f} {params:>6.3f} "
             f"{evals:>5d} {wall:>7.1f}"
         )
 

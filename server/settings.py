@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, gt=0, description="larger request bodies are refused (413)")
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
+    db_retry_s: float = Field(default=300.0, ge=0, description="how long a worker waits out a database outage")
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
     reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
     device: str = "cpu"

@@ -13,9 +13,10 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus
@@ -23,7 +24,7 @@ from server.services import runs
 from server.services.events import add_event
 from server.settings import Settings
 
-__all__ = ["run_experiment", "trial_to_result"]
+__all__ = ["run_experiment", "transact", "trial_to_result"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,31 @@ def trial_to_result(trial: Trial) -> Any:
         extra=extra,
         duration_s=trial.duration_s or 0.0,
     )
+
+
+# Errors of the connection rather than of the statement: worth waiting out (a restart, a failover).
+DB_CONNECTION_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+
+T = TypeVar("T")
+
+
+def transact(session_factory: sessionmaker[Session], work: Callable[[Session], T], *, give_up_after_s: float) -> T:
+    """Run ``work`` in a transaction and commit; on a connection error retry with backoff (a new session each
+    time) until ``give_up_after_s`` has passed. ``work`` must be safe to repeat (ours are: keyed by ids)."""
+    give_up_at = time.monotonic() + give_up_after_s
+    delay = 0.2
+    while True:
+        try:
+            with session_factory() as session:
+                value = work(session)
+                session.commit()
+                return value
+        except DB_CONNECTION_ERRORS:
+            if time.monotonic() >= give_up_at:
+                raise
+            log.warning("database write failed; retrying in %.1fs", delay, exc_info=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class _Heartbeat:
@@ -98,17 +124,18 @@ def run_experiment(
 
     A user's failing code fails the experiment (error and traceback stored), never the worker.
     """
-    with session_factory() as session:
+    def claim(session: Session) -> bool:
         experiment = runs.claim_experiment(
             session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts
         )
-        session.commit()
-        if experiment is None:
-            return "skipped"
+        return experiment is not None
+
+    if not transact(session_factory, claim, give_up_after_s=settings.db_retry_s):
+        return "skipped"
     beat = _Heartbeat(experiment_id, worker_id, session_factory, settings.worker_heartbeat_s)
     beat.start()
     try:
-        status, reason = _run(experiment_id, session_factory, settings)
+        status, reason = _run_until_done(experiment_id, session_factory, settings)
         tb = None
     except _Stop as stop:
         status, reason, tb = stop.status, stop.reason, None
@@ -117,17 +144,39 @@ def run_experiment(
         status, reason, tb = ExperimentStatus.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc()
     finally:
         beat.stop()
-    with session_factory() as session:
+    def finish(session: Session) -> ExperimentStatus:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)
         assert experiment is not None
-        if status is ExperimentStatus.succeeded and experiment.status == ExperimentStatus.cancelling.value:
-            status = ExperimentStatus.cancelled
-        runs.finish_experiment(session, experiment, status, error=reason if status.value == "failed" else None,
-                               traceback=tb)
-        if status is not ExperimentStatus.failed and reason:
-            experiment.phase = f"{status.value}: {reason}"
-        session.commit()
-    return status.value
+        final = status
+        if final is ExperimentStatus.succeeded and experiment.status == ExperimentStatus.cancelling.value:
+            final = ExperimentStatus.cancelled
+        runs.finish_experiment(
+            session, experiment, final, error=reason if final is ExperimentStatus.failed else None, traceback=tb
+        )
+        if final is not ExperimentStatus.failed and reason:
+            experiment.phase = f"{final.value}: {reason}"
+        return final
+
+    return transact(session_factory, finish, give_up_after_s=settings.db_retry_s).value
+
+
+def _run_until_done(
+    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings
+) -> tuple[ExperimentStatus, str | None]:
+    """:func:`_run`, restarted from the persisted state when the database connection fails mid-run (a
+    PostgreSQL restart): recorded trials replay, the job whose result could not be written runs once more."""
+    give_up_at = time.monotonic() + settings.db_retry_s
+    delay = 0.5
+    while True:
+        try:
+            return _run(experiment_id, session_factory, settings)
+        except DB_CONNECTION_ERRORS as exc:
+            if time.monotonic() >= give_up_at:
+                raise
+            log.warning("database unavailable during experiment %s (%s); resuming in %.1fs", experiment_id,
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _run(

@@ -144,7 +144,9 @@ class _ScheduleSearch:
         """Every unit at ``1 - (1 - s_u) ** fraction_left``: the compounding of iterative and lottery rounds."""
         return {name: 1.0 - (1.0 - s) ** fraction_left for name, s in state.final_distribution.items()}
 
-    def make_step(self, state: _ScheduleState, index: int, distribution: dict[str, float], **fields: Any) -> ScheduleStep:
+    def make_step(
+        self, state: _ScheduleState, index: int, distribution: dict[str, float], **fields: Any
+    ) -> ScheduleStep:
         if state.ranking == "global":
             sparsity = float(fields.pop("global_sparsity"))
             # The job's nominal distribution at the step's overall sparsity; the executor ranks globally.
@@ -248,6 +250,8 @@ class AGPSearch(_ScheduleSearch):
     algorithm = "agp"
     state_class = AGPState
 
+    config: AGPConfig
+
     def __init__(self, config: AGPConfig) -> None:
         self.config = config
 
@@ -298,6 +302,8 @@ class IterativeSearch(_ScheduleSearch):
     algorithm = "iterative"
     state_class = IterativeState
 
+    config: IterativeConfig
+
     def __init__(self, config: IterativeConfig) -> None:
         self.config = config
 
@@ -324,6 +330,8 @@ class LotteryTicketSearch(_ScheduleSearch):
     kind: JobKind = "lottery_round"
     algorithm = "lottery_ticket"
     state_class = LotteryTicketState
+
+    config: LotteryTicketConfig
 
     def __init__(self, config: LotteryTicketConfig) -> None:
         self.config = config
@@ -402,6 +410,29 @@ def _train(task: Any, model: Any, first_epoch: int, epochs: int, needed_by: str)
         trainer(model, optimizer, criterion, epoch)
 
 
+def _mismatch(pruning: Any, requested: dict[str, float], achieved: dict[str, float]) -> str | None:
+    """A reason when a layer lost more or less than its step asked for, beyond one channel, element or block
+    (two blocks where partial edge blocks make the element fraction differ from the block fraction)."""
+    import math
+
+    for layer in pruning.layers:
+        unit = pruning.unit(layer.unit)
+        if unit.channels is not None:
+            count, allowed, what = unit.channels, 1.0, "channel"
+        elif unit.block is not None:
+            rows, cols = layer.weight_shape[0], layer.weight_shape[1]
+            count = math.ceil(rows / unit.block[0]) * math.ceil(cols / unit.block[1])
+            allowed, what = 2.0, "block"
+        else:
+            count, allowed, what = layer.weight_count, 1.0, "element"
+        if abs(requested[layer.name] - achieved.get(layer.name, 0.0)) * count > allowed + 1e-6:
+            return (
+                f"layer {layer.name}: requested sparsity {requested[layer.name]:.4f} but achieved "
+                f"{achieved.get(layer.name, 0.0):.4f} (more than {allowed:g} {what})"
+            )
+    return None
+
+
 def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str = "cpu") -> Result:
     """Run one schedule step (``agp_step``, ``iterative_round`` or ``lottery_round``) and return its result.
 
@@ -418,13 +449,14 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     """
     from pruning.config import layer_distribution
     from pruning.importance import get_importance
-    from pruning.jobs import _check_achieved, load_checkpoint, measure_model, save_checkpoint, save_pruned_model
+    from pruning.jobs import load_checkpoint, measure_model, save_checkpoint, save_pruned_model
     from pruning.masks import achieved_sparsity, apply_masks, strip
     from pruning.pruner import compute_masks, global_distribution
 
     pruning = problem.pruning
     params = job.params
     algorithm = str(params.get("algorithm", job.kind))
+    previous: dict[str, Any]
     if params.get("from_init"):
         init_model = task.require("init_model", f"{algorithm} (rewinding to the untrained, seeded network)")
         model, previous = init_model(), {}
@@ -469,7 +501,7 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
         extra={**extra, "distribution": distribution},
         **metrics,
     )
-    mismatch = _check_achieved(pruning, requested, achieved)
+    mismatch = _mismatch(pruning, requested, achieved)
     if mismatch:
         return result.model_copy(update={"status": "failed", "error": mismatch})
     if job.save_artifact:

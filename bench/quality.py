@@ -1,0 +1,339 @@
+"""Search quality: every prunehub strategy and ``uniform`` against NNI 2.10.1, on the physical plane.
+
+Tasks: ``examples.digits`` (a plain CNN) and ``bench.tasks.residual_digits`` (a residual network with BatchNorm,
+identity and projection skips; coupled channel groups). For each task, base algorithm (l1, fpgm) and filter
+sparsity (50%, 70%), every strategy of ``bench/search_quality.py`` runs through the same executor the worker
+uses; its best distribution is then fine-tuned the same number of epochs (``final_epochs``) and evaluated.
+NNI's ``SimulatedAnnealingPruner`` and ``NetAdaptPruner`` run on the same model, evaluator, config list and
+budget in NNI's own virtual environment (``bench/nni_reference.py``); their masks are fine-tuned here the same way
+and the model is shrunk with prunehub's ``shrink`` (a channel goes only when every coupled layer masked it, which
+is all a physical model can lose), so everyone is compared by the params and FLOPs of the shrunk model.
+
+Which weights the final fine-tuning starts from: strategies whose training is the method (netadapt, admm,
+autocompress; NNI's NetAdapt) start from their own best checkpoint; the others (uniform, annealing, optuna; NNI's
+SA) from the task's pretrained model with the best distribution's masks. Stochastic strategies run several seeds;
+uniform, netadapt and admm are deterministic given the task's seeded trainer and run once.
+
+    python -m bench.quality [--quick]      # prints a table; bench/run_all.py writes docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import search_quality
+from bench.common import ROOT, loadavg, spread
+from pruning.artifacts import ArtifactStore
+from pruning.config import overall_sparsity, resolve_config_list
+from pruning.search.base import Job, SearchProblem
+from pruning.task import Task, load_task
+
+NNI_PYTHON = Path(os.environ.get("PRUNEHUB_BENCH_NNI_PYTHON", ROOT / ".venv" / "nni" / "bin" / "python"))
+DETERMINISTIC = {"uniform", "netadapt", "admm"}
+# Strategies whose best result is trained weights: the final fine-tuning continues from them.
+KEEP_WEIGHTS = {"netadapt", "admm", "autocompress"}
+
+# Budgets: search_quality's configs, with candidate fine-tuning per task (the residual net scores at chance when
+# pruned without any fine-tuning, for every pruner: its candidates get one epoch, NNI's too).
+CANDIDATE_EPOCHS = {"examples.digits": 0, "bench.tasks.residual_digits": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    tasks: tuple[str, ...]
+    bases: dict[str, tuple[str, ...]]  # task -> base algorithms
+    sparsities: tuple[float, ...]
+    strategies: tuple[str, ...]
+    seeds: int
+    nni: tuple[str, ...]  # "sa", "netadapt"
+    nni_seeds: int
+    final_epochs: int
+    optuna_trials: int
+
+
+FULL = Plan(
+    tasks=("examples.digits", "bench.tasks.residual_digits"),
+    bases={"examples.digits": ("l1", "fpgm"), "bench.tasks.residual_digits": ("l1", "fpgm")},
+    sparsities=(0.5, 0.7),
+    strategies=tuple(search_quality.STRATEGIES),
+    seeds=3,
+    nni=("sa", "netadapt"),
+    nni_seeds=2,
+    final_epochs=2,
+    optuna_trials=20,
+)
+QUICK = Plan(
+    tasks=("examples.digits",),
+    bases={"examples.digits": ("l1",)},
+    sparsities=(0.5,),
+    strategies=("uniform", "annealing", "admm", "optuna"),
+    seeds=1,
+    nni=("sa",),
+    nni_seeds=1,
+    final_epochs=2,
+    optuna_trials=10,
+)
+
+
+def _config(name: str, plan: Plan, task_name: str, base: str, sparsity: float, seed: int) -> dict[str, Any]:
+    config = dict(search_quality.STRATEGIES[name])
+    config.update(
+        config_list=[{"sparsity": sparsity, "op_types": ["Conv2d"]}],
+        base_algo=base,
+        seed=seed,
+    )
+    if name in ("annealing", "optuna", "autocompress", "uniform"):
+        config["finetune_epochs"] = CANDIDATE_EPOCHS[task_name]
+    if name == "optuna":
+        config["num_trials"] = plan.optuna_trials
+    return config
+
+
+def run_prunehub(
+    name: str, config: dict[str, Any], task: Task, problem: SearchProblem, store: ArtifactStore, final_epochs: int
+) -> dict[str, Any]:
+    counted, calls = search_quality.counting(task)
+    started = time.perf_counter()
+    state, results, jobs = search_quality.search(config, counted, problem, store)
+    wall = time.perf_counter() - started
+    row: dict[str, Any] = {"evals": calls[0], "wall_s": wall, "stop_reason": getattr(state, "stop_reason", None)}
+    if state.best_key is None:
+        return {**row, "status": "failed", "error": f"no best result ({row['stop_reason']})"}
+    best, best_job = results[state.best_key], jobs[state.best_key]
+    distribution = getattr(state, "best_distribution", None) or best_job.distribution
+    if best.extra.get("distribution"):
+        distribution = best.extra["distribution"]
+    parent = best.artifact if name in KEEP_WEIGHTS else None
+    final = search_quality.executor(task, problem, store)(
+        Job(
+            key=f"final-{name}",
+            kind="finetune_and_evaluate",
+            distribution=distribution,
+            parent_artifact=parent,
+            finetune_epochs=final_epochs,
+        )
+    )
+    pruning = problem.pruning
+    if final.status != "succeeded":
+        return {**row, "status": "failed", "error": final.error}
+    achieved = {u.name: final.achieved.get(u.members[0], 0.0) for u in pruning.units}
+    return {
+        **row,
+        "status": "succeeded",
+        "search_score": best.score,
+        "score": final.score,
+        "sparsity": overall_sparsity(achieved, pruning),
+        "flops_ratio": final.flops_ratio,
+        "params_ratio": final.params_ratio,
+        "conv_removed": _conv_removed_ratio(task, pruning, final.achieved),
+        "conv_masked": _conv_removed_ratio(task, pruning, final.requested),
+    }
+
+
+def _conv_removed_ratio(task: Task, pruning: Any, achieved_per_layer: dict[str, float]) -> float:
+    """Fraction of the selected conv layers' weights whose output channel is gone."""
+    total = removed = 0.0
+    for layer in pruning.layers:
+        if layer.op_type != "Conv2d":
+            continue
+        total += layer.weight_count
+        removed += achieved_per_layer.get(layer.name, 0.0) * layer.weight_count
+    return removed / total if total else 0.0
+
+
+def run_nni(
+    algo: str, task_name: str, base: str, sparsity: float, seed: int, final_epochs: int, home: str
+) -> dict[str, Any]:
+    """One NNI run in its own interpreter, then fine-tuned, shrunk and counted here."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pruning.masks import apply_masks, strip
+    from pruning.metrics import count_params_flops
+    from pruning.shrink import shrink
+
+    if not NNI_PYTHON.exists():
+        return {"status": "failed", "error": f"{NNI_PYTHON} does not exist (make bench creates it)"}
+    out = tempfile.mkdtemp(prefix=f"nni-{algo}-")
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
+    command = [str(NNI_PYTHON), str(ROOT / "bench" / "nni_reference.py"), "--task", task_name, "--algo", algo,
+               "--base", base, "--sparsity", str(sparsity), "--seed", str(seed), "--out", out,
+               "--candidate-epochs", str(CANDIDATE_EPOCHS.get(task_name, 0))]
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}",
+                "wall_s": time.perf_counter() - started}
+    record: dict[str, Any] = json.loads(lines[-1])
+    if record.get("status") != "succeeded":
+        return record
+    task = load_task(task_name)
+    model = task.model()
+    state = load_file(os.path.join(out, "weights.safetensors"))
+    masks_raw = load_file(os.path.join(out, "masks.safetensors"))
+    model.load_state_dict(state, strict=False)
+    modules = dict(model.named_modules())
+    # NNI's structured masks, per output channel (a channel is masked when its whole filter is)
+    masks: dict[str, torch.Tensor] = {}
+    for name, mask in masks_raw.items():
+        if name not in modules or mask.dim() != 4:
+            continue
+        keep = mask.reshape(mask.shape[0], -1).amax(dim=1) > 0
+        masks[name] = keep.view(-1, 1, 1, 1).expand_as(modules[name].weight).to(torch.float32).contiguous()
+    dense_params, dense_flops = count_params_flops(task.model(), task.dummy_input())
+    dense_convs = {n: m for n, m in task.model().named_modules() if isinstance(m, torch.nn.Conv2d) and n in masks}
+    apply_masks(model, masks, structured=True)
+    if final_epochs:
+        task.fine_tune(model, final_epochs)
+    score = task.evaluate(model)
+    strip(model)
+    shrink(model, masks, task.dummy_input())
+    params, flops = count_params_flops(model, task.dummy_input())
+    shrunk_modules = dict(model.named_modules())
+    # output channels physically gone, weighted like prunehub's achieved sparsity (by the layer's weight count)
+    total = sum(m.weight.numel() for m in dense_convs.values())
+    gone = sum(m.weight.numel() * (1 - shrunk_modules[n].out_channels / m.out_channels) for n, m in dense_convs.items())
+    record.update(
+        score=score,
+        flops_ratio=flops / dense_flops,
+        params_ratio=params / dense_params,
+        conv_removed=gone / total if total else 0.0,
+        conv_masked=record.get("masked_conv_fraction"),
+        search_score=record.get("nni_score"),
+    )
+    return record
+
+
+def run(quick: bool = False, home: str | None = None) -> dict[str, Any]:
+    plan = QUICK if quick else FULL
+    home = home or os.environ.get("PRUNEHUB_HOME") or str(ROOT / ".prunehub")
+    os.environ["PRUNEHUB_HOME"] = home
+    started = time.perf_counter()
+    store = ArtifactStore(tempfile.mkdtemp(prefix="prunehub-bench-quality-"))
+    runs: list[dict[str, Any]] = []
+    loads = [loadavg()]
+    for task_name in plan.tasks:
+        task = load_task(task_name)
+        dense = task.model()  # trains and caches the dense model once, outside the timings
+        dense_score = task.evaluate(dense)
+        for base in plan.bases[task_name]:
+            for sparsity in plan.sparsities:
+                config_list = [{"sparsity": sparsity, "op_types": ["Conv2d"]}]
+                pruning = resolve_config_list(task.model(), config_list, base, task.dummy_input())
+                uniform_params: float | None = None
+                for name in plan.strategies:
+                    seeds = 1 if name in DETERMINISTIC else plan.seeds
+                    for seed in range(seeds):
+                        problem = SearchProblem(pruning=pruning, seed=seed)
+                        config = _config(name, plan, task_name, base, sparsity, seed)
+                        if name == "netadapt":
+                            config["target_resource_ratio"] = uniform_params or 1 - sparsity
+                        key = {"task": task_name, "base": base, "target": sparsity, "method": name, "seed": seed,
+                               "source": "prunehub", "dense_score": dense_score}
+                        try:
+                            row = run_prunehub(name, config, task, problem, store, plan.final_epochs)
+                        except Exception as exc:  # a strategy that crashes is a result too
+                            row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                        if name == "uniform" and row.get("status") == "succeeded":
+                            uniform_params = row["params_ratio"]
+                        runs.append({**key, **row})
+                        _print_row(runs[-1])
+                for algo in plan.nni:
+                    seeds = 1 if algo == "netadapt" else plan.nni_seeds
+                    for seed in range(seeds):
+                        key = {"task": task_name, "base": base, "target": sparsity, "method": f"nni-{algo}",
+                               "seed": seed, "source": "nni", "dense_score": dense_score}
+                        try:
+                            row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home)
+                        except Exception as exc:
+                            row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                        runs.append({**key, **row})
+                        _print_row(runs[-1])
+                loads.append(loadavg())
+    # NNI's ADMM once, to record what its weights look like
+    admm = {"status": "skipped"}
+    if not quick:
+        try:
+            admm = run_nni_admm(home)
+        except Exception as exc:
+            admm = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "plan": dataclasses.asdict(plan),
+        "runs": runs,
+        "summary": summarize(runs),
+        "nni_admm": admm,
+        "loadavg": loads,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def run_nni_admm(home: str) -> dict[str, Any]:
+    if not NNI_PYTHON.exists():
+        return {"status": "failed", "error": f"{NNI_PYTHON} does not exist"}
+    out = tempfile.mkdtemp(prefix="nni-admm-")
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [str(NNI_PYTHON), str(ROOT / "bench" / "nni_reference.py"), "--task", "examples.digits", "--algo", "admm",
+         "--sparsity", "0.5", "--out", out],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds per (task, base, target, method)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["base"], r["target"], r["method"]), []).append(r)
+    out = []
+    for (task, base, target, method), rows in groups.items():
+        ok = [r for r in rows if r.get("status") == "succeeded"]
+        entry: dict[str, Any] = {"task": task, "base": base, "target": target, "method": method,
+                                 "runs": len(rows), "failed": len(rows) - len(ok),
+                                 "errors": sorted({str(r.get("error"))[:300] for r in rows if r not in ok})}
+        for field in ("score", "flops_ratio", "params_ratio", "conv_masked", "conv_removed", "evals", "wall_s"):
+            values = [float(r[field]) for r in ok if r.get(field) is not None]
+            entry[field] = spread(values)
+        out.append(entry)
+    return out
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    if r.get("status") != "succeeded":
+        print(f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} FAILED: "
+              f"{str(r.get('error'))[:200]}", flush=True)
+        return
+    print(
+        f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} "
+        f"acc {r['score']:.4f} FLOPs {r['flops_ratio']:.3f} params {r['params_ratio']:.3f} "
+        f"conv-removed {r['conv_removed']:.3f} evals {r.get('evals')} wall {r.get('wall_s', 0):.1f}s",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None, help="write the raw figures here")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    print(f"(ran in {result['wall_s']:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

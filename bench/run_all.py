@@ -1,0 +1,99 @@
+"""Run every benchmark section and write the report: ``make bench`` calls ``python -m bench.run_all --full``.
+
+    python -m bench.run_all --full     # ~20 min on 2 cores; writes docs/benchmarks.md, docs/benchmarks.json, docs/img
+    python -m bench.run_all --quick    # ~3 min subset; writes .prunehub/bench-quick/ unless --out is given
+
+Each section is a module with ``run(quick: bool) -> dict``; a section that raises is recorded as failed in the
+report (benchmarks are not tests and assert nothing). The load average is sampled every 10 s during the run:
+other engineers share this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, loadavg, machine
+
+# (section, module): the report renders each section that it knows; a new benchmark is one line here.
+SECTIONS: list[tuple[str, str]] = [
+    ("speedup", "bench.speedup"),
+    ("filesize", "bench.filesize"),
+    ("quality", "bench.quality"),
+    ("service", "bench.service"),
+    # ("scaling", "bench.scaling"),  # evaluation-worker scaling: the lead adds bench/scaling.py (distributed runner)
+]
+
+
+def _sample_load(samples: list[tuple[float, list[float]]], stop: threading.Event, t0: float) -> None:
+    while not stop.wait(10):
+        samples.append((round(time.perf_counter() - t0, 1), loadavg()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the ~3-minute subset")
+    mode.add_argument("--full", action="store_true", help="everything (the default)")
+    parser.add_argument("--out", default=None, help="folder for benchmarks.md/.json and img/")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    args = parser.parse_args()
+    quick = args.quick
+    out = Path(args.out) if args.out else (ROOT / ".prunehub" / "bench-quick" if quick else ROOT / "docs")
+    out.mkdir(parents=True, exist_ok=True)
+    home = ROOT / ".prunehub"  # the example tasks cache their trained weights here
+    os.environ.setdefault("PRUNEHUB_HOME", str(home))
+    command = "python -m bench.run_all " + ("--quick" if quick else "--full") + (
+        f" --out {args.out}" if args.out else "")
+    t0 = time.perf_counter()
+    samples: list[tuple[float, list[float]]] = [(0.0, loadavg())]
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_load, args=(samples, stop, t0), daemon=True)
+    sampler.start()
+    report: dict[str, Any] = {
+        "command": command,
+        "make": "make bench" if not quick else "make bench BENCH_ARGS=--quick",
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": "quick" if quick else "full",
+        "machine": machine(),
+        "sections": {},
+    }
+    for name, module_name in SECTIONS:
+        if args.only and name not in args.only:
+            continue
+        print(f"\n===== {name} ({module_name}) =====", flush=True)
+        started = time.perf_counter()
+        try:
+            result = importlib.import_module(module_name).run(quick=quick)
+            result["status"] = result.get("status", "succeeded")
+        except Exception as exc:  # recorded, never hidden
+            traceback.print_exc()
+            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc(limit=10)}
+        result["section_wall_s"] = time.perf_counter() - started
+        report["sections"][name] = result
+        print(f"----- {name}: {result['section_wall_s']:.0f} s", flush=True)
+    stop.set()
+    samples.append((round(time.perf_counter() - t0, 1), loadavg()))
+    report["loadavg_samples"] = samples
+    report["wall_s"] = time.perf_counter() - t0
+    report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    (out / "benchmarks.json").write_text(json.dumps(report, indent=1, default=str))
+    from bench.report import write_report
+
+    write_report(report, out)
+    print(f"\nwrote {out / 'benchmarks.md'}, {out / 'benchmarks.json'}, {out / 'img'} in {report['wall_s']:.0f} s",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Service cost: API throughput and latency against PostgreSQL as ratios to a bare FastAPI endpoint, and the
+per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worker``.
+
+1. API: ``prunehub serve`` on PostgreSQL (database ``prunehub_bench``) and Redis (db 5), and
+   ``uvicorn bench.bare_app:app`` (same framework, no database or broker) run side by side on this machine.
+   ``GET /experiments/{id}`` and ``POST /experiments`` (the digits example's body) are driven by 16 and 64
+   concurrent keep-alive clients (one asyncio process, httpx) for a fixed time each, alternating prunehub and bare
+   in every round. Reported: requests/s and p50/p99 latency, and each as a ratio to the bare endpoint. The load
+   generator shares the two cores with the servers, so absolute numbers are a floor; the ratios are the claim.
+   No worker runs during this part: POSTed experiments stay queued (db 5 is flushed afterwards).
+2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis) run
+   ``annealing`` on ``bench.tasks.noop`` (a tiny model whose evaluator returns a constant at once) for N trials.
+   Overhead per trial = (experiment wall time − sum of trial durations) / N; also the wall time per trial.
+
+    python -m bench.service [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import ROOT, loadavg
+
+PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("PRUNEHUB_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/prunehub_bench")
+REDIS_URL = os.environ.get("PRUNEHUB_BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+BODY = json.loads((ROOT / "examples" / "digits_uniform.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(home: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
+    env.update({
+        "PRUNEHUB_HOME": str(home),
+        "PRUNEHUB_DATABASE_URL": f"sqlite:///{home}/prunehub.db",
+        "PRUNEHUB_BROKER_URL": "filesystem://",
+        "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
+        "PRUNEHUB_ALLOWED_ENTRYPOINTS": "examples.,bench.",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+class Processes:
+    """Processes this benchmark started (each in its own session), stopped by their own ids."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+        out = open(self.home / log, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def wait_http(self, url: str, proc: subprocess.Popen[bytes], log: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url} exited: {(self.home / log).read_text()[-2000:]}")
+            try:
+                httpx.get(url, timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def _prepare_postgres() -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = 'prunehub_bench'")).scalar():
+            conn.execute(text("CREATE DATABASE prunehub_bench"))
+    admin.dispose()
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))  # our own database: start from nothing
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+def _api_key(home: Path, env: dict[str, str]) -> str:
+    """The local admin key the API wrote on its first start, else a new admin key made with the CLI."""
+    key_file = home / "api-key"
+    if key_file.exists() and key_file.read_text().strip():
+        return key_file.read_text().strip()
+    out = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--owner", "bench", "--admin"],
+                         env=env, cwd=home, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _flush_redis() -> None:
+    import redis
+
+    assert REDIS_URL.rstrip("/").endswith("/5"), "benchmarks use Redis db 5 only"
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+async def _drive(url: str, method: str, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    if method == "GET":
+                        response = await client.get(url)
+                    else:
+                        response = await client.post(url, json=BODY)
+                    if response.status_code >= 400:
+                        errors += 1
+                        continue
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3) if latencies else (
+        lambda q: float("nan"))
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99)}
+
+
+def api_throughput(quick: bool) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix="prunehub-bench-api-"))
+    procs = Processes(home)
+    _prepare_postgres()
+    _flush_redis()
+    try:
+        env = _env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+        api_port, bare_port = _free_port(), _free_port()
+        api = procs.spawn([sys.executable, "-m", "server.cli", "serve", "--port", str(api_port)], env, "api.log")
+        bare = procs.spawn([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port),
+                            "--log-level", "warning"], env, "bare.log")
+        procs.wait_http(f"http://127.0.0.1:{api_port}/healthz", api, "api.log")
+        procs.wait_http(f"http://127.0.0.1:{bare_port}/experiments/1", bare, "bare.log")
+        headers = {"Authorization": f"Bearer {_api_key(home, env)}"}
+        created = httpx.post(f"http://127.0.0.1:{api_port}/experiments", json=BODY, timeout=30, headers=headers)
+        created.raise_for_status()
+        experiment_id = created.json()["id"]
+        targets = {
+            ("GET", "prunehub"): f"http://127.0.0.1:{api_port}/experiments/{experiment_id}",
+            ("GET", "bare"): f"http://127.0.0.1:{bare_port}/experiments/{experiment_id}",
+            ("POST", "prunehub"): f"http://127.0.0.1:{api_port}/experiments",
+            ("POST", "bare"): f"http://127.0.0.1:{bare_port}/experiments",
+        }
+        seconds = 2.0 if quick else 4.0
+        rounds = 1 if quick else 2
+        concurrency = (16, 64)
+        raw: dict[str, list[dict[str, Any]]] = {}
+        loads = [loadavg()]
+        for method, clients in [(m, c) for m in ("GET", "POST") for c in concurrency]:
+            # warm-up, then alternate prunehub and bare within every round
+            for server in ("prunehub", "bare"):
+                asyncio.run(_drive(targets[(method, server)], method, clients, 0.5, headers))
+            for r in range(rounds):
+                order = ("prunehub", "bare") if r % 2 == 0 else ("bare", "prunehub")
+                for server in order:
+                    raw.setdefault(f"{method} {clients} {server}", []).append(
+                        asyncio.run(_drive(targets[(method, server)], method, clients, seconds, headers)))
+            loads.append(loadavg())
+        rows = []
+        for method in ("GET", "POST"):
+            for clients in concurrency:
+                ours, bare_runs = raw[f"{method} {clients} prunehub"], raw[f"{method} {clients} bare"]
+
+                def med(runs: list[dict[str, Any]], key: str) -> float:
+                    return statistics.median(x[key] for x in runs)
+
+                row = {"endpoint": f"{method} /experiments" + ("/{id}" if method == "GET" else ""),
+                       "clients": clients}
+                for key in ("rps", "p50_ms", "p99_ms"):
+                    row[key] = med(ours, key)
+                    row[f"bare_{key}"] = med(bare_runs, key)
+                    row[f"{key}_ratio"] = row[key] / row[f"bare_{key}"]
+                row["errors"] = sum(x["errors"] for x in ours)
+                row["requests"] = sum(x["requests"] for x in ours)
+                rows.append(row)
+                print(f"{row['endpoint']:<24} {clients:>3} clients: {row['rps']:.0f} req/s "
+                      f"(x{row['rps_ratio']:.2f} of bare {row['bare_rps']:.0f}), p50 {row['p50_ms']:.1f} ms "
+                      f"(x{row['p50_ms_ratio']:.1f}), p99 {row['p99_ms']:.1f} ms (x{row['p99_ms_ratio']:.1f}), "
+                      f"errors {row['errors']}", flush=True)
+        return {"rows": rows, "seconds_per_run": seconds, "rounds": rounds, "loadavg": loads, "raw": raw}
+    finally:
+        procs.stop()
+        _flush_redis()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def orchestration(backend: str, trials: int) -> dict[str, Any]:
+    home = Path(tempfile.mkdtemp(prefix=f"prunehub-bench-orch-{backend}-"))
+    procs = Processes(home)
+    try:
+        if backend == "postgres":
+            _prepare_postgres()
+            _flush_redis()
+            env = _env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+        else:
+            env = _env(home)
+        port = _free_port()
+        api = procs.spawn([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, "api.log")
+        url = f"http://127.0.0.1:{port}"
+        procs.wait_http(f"{url}/healthz", api, "api.log")
+        procs.spawn([sys.executable, "-m", "server.cli", "worker", "--loglevel", "WARNING"], env, "worker.log")
+        spec = {
+            "name": f"noop annealing x{trials}", "entrypoint": "bench.tasks.noop", "algorithm": "annealing",
+            "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "base_algo": "l1",
+            "start_temperature": 100, "stop_temperature": 1, "cool_down_rate": 0.9, "max_trials": trials,
+        }
+        headers = {"Authorization": f"Bearer {_api_key(home, env)}"}
+        with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
+            submitted = time.perf_counter()
+            response = client.post("/experiments", json=spec)
+            response.raise_for_status()
+            experiment_id = response.json()["id"]
+            deadline = time.monotonic() + 600
+            body: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                body = client.get(f"/experiments/{experiment_id}").json()
+                if body["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.1)
+            client_wall = time.perf_counter() - submitted
+            items: list[dict[str, Any]] = []
+            cursor = None
+            while True:
+                params: dict[str, Any] = {"limit": 500}
+                if cursor:
+                    params["cursor"] = cursor
+                page = client.get(f"/experiments/{experiment_id}/trials", params=params).json()
+                items += page["items"]
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+        if body.get("status") != "succeeded":
+            return {"backend": backend, "status": body.get("status"), "error": body.get("error"),
+                    "log": (home / "worker.log").read_text(errors="replace")[-2000:]}
+        from datetime import datetime
+
+        started = datetime.fromisoformat(body["started_at"])
+        finished = datetime.fromisoformat(body["finished_at"])
+        wall = (finished - started).total_seconds()
+        n = len(items)
+        trial_sum = sum(float(t.get("duration_s") or 0.0) for t in items)
+        result = {
+            "backend": backend, "status": "succeeded", "trials": n, "experiment_wall_s": wall,
+            "sum_trial_s": trial_sum, "overhead_per_trial_ms": (wall - trial_sum) / n * 1e3 if n else None,
+            "wall_per_trial_ms": wall / n * 1e3 if n else None, "trial_mean_ms": trial_sum / n * 1e3 if n else None,
+            "submit_to_done_s": client_wall,
+        }
+        print(f"orchestration ({backend}): {n} trials, experiment {wall:.1f} s, trials {trial_sum:.1f} s → "
+              f"overhead {result['overhead_per_trial_ms']:.0f} ms/trial, wall {result['wall_per_trial_ms']:.0f} "
+              f"ms/trial (submit→done {client_wall:.1f} s)", flush=True)
+        return result
+    finally:
+        procs.stop()
+        if backend == "postgres":
+            _flush_redis()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    out: dict[str, Any] = {}
+    try:
+        out["api"] = api_throughput(quick)
+    except Exception as exc:  # recorded in the report, never hidden
+        out["api"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        print(f"API benchmark failed: {exc}", flush=True)
+    trials = 10 if quick else 40
+    out["orchestration"] = []
+    for backend in ("embedded", "postgres"):
+        try:
+            out["orchestration"].append(orchestration(backend, trials))
+        except Exception as exc:
+            out["orchestration"].append({"backend": backend, "status": "failed", "error": f"{exc}"})
+            print(f"orchestration ({backend}) failed: {exc}", flush=True)
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = run(args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Faults for real, against the machine's PostgreSQL and Redis with real worker processes: a SIGKILLed worker, a
+duplicate delivery, a Redis restart and a database outage lose nothing and run nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import LiveService, _run_live, free_port, wait_terminal
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAST_RECOVERY = {
+    "PRUNEHUB_WORKER_HEARTBEAT_S": "0.5",
+    "PRUNEHUB_LEASE_GRACE_S": "3",
+    "PRUNEHUB_REAPER_INTERVAL_S": "1",
+    "PRUNEHUB_TEST_EVAL_DELAY": "0.3",
+}
+BASE = {
+    "entrypoint": "tests.tasks.slow_evaluator",
+    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+    "base_algo": "l1",
+    "seed": 3,
+}
+ANNEALING = {**BASE, "algorithm": "annealing", "start_temperature": 100, "stop_temperature": 30,
+             "cool_down_rate": 0.8}  # 6 proposals + the start
+NETADAPT = {**BASE, "algorithm": "netadapt", "target_resource_ratio": 0.75, "initial_reduction": 0.1,
+            "short_term_finetune_epochs": 0, "resource": "flops"}
+
+
+@pytest.fixture
+def live(services_env: dict[str, str], tmp_path: Path) -> Iterator[LiveService]:
+    yield from _run_live(LiveService(tmp_path, {**services_env, **FAST_RECOVERY}))
+
+
+def _history(client, experiment_id: int) -> list[tuple]:  # type: ignore[no-untyped-def]
+    items = client.get(f"/experiments/{experiment_id}/trials", params={"limit": 1000}).json()["items"]
+    return [
+        (t["seq"], t["job_key"], t["status"], round(t["score"], 9) if t["score"] is not None else None,
+         {k: round(v, 9) for k, v in t["distribution"].items()})
+        for t in items
+    ]
+
+
+def _wait_trials(client, experiment_id: int, count: int, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = client.get(f"/experiments/{experiment_id}/trials", params={"status": "succeeded"}).json()["total"]
+        if done >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"experiment {experiment_id} did not reach {count} trials")
+
+
+def _kill_worker_group(worker: subprocess.Popen[bytes]) -> None:
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+
+@pytest.mark.parametrize("spec", [ANNEALING, NETADAPT], ids=["annealing", "netadapt"])
+def test_sigkill_mid_search_resumes_to_the_same_history(live: LiveService, spec: dict) -> None:
+    with live.http() as client:
+        reference = client.post("/experiments", json={**spec, "name": "uninterrupted"}).json()["id"]
+        assert wait_terminal(client, reference, timeout=300)["status"] == "succeeded", live.logs()
+        victim = client.post("/experiments", json={**spec, "name": "killed"}).json()["id"]
+        _wait_trials(client, victim, 2)
+        _kill_worker_group(live.workers[0])  # no warm shutdown: the in-flight job is lost mid-run
+        assert client.get(f"/experiments/{victim}").json()["status"] == "running"
+        live.start_worker()  # its reaper finds the stale lease and re-enqueues the experiment
+        final = wait_terminal(client, victim, timeout=300)
+        assert final["status"] == "succeeded", (final, live.logs())
+        assert final["attempts"] == 2
+        assert _history(client, victim) == _history(client, reference)
+        assert client.get(f"/experiments/{victim}/best").json()["distribution"] == (
+            client.get(f"/experiments/{reference}/best").json()["distribution"]
+        )
+
+
+def test_a_duplicate_delivery_runs_once(live: LiveService) -> None:
+    from server.settings import Settings
+    from worker.celery_app import make_celery
+
+    live.start_worker()  # two workers, so both deliveries are taken at the same time
+    settings = Settings(broker_url=live.env["PRUNEHUB_BROKER_URL"], home=live.home)
+    app = make_celery(settings)
+    with live.http() as client:
+        experiment_id = client.post("/experiments", json={**ANNEALING, "name": "twice"}).json()["id"]
+        app.send_task("experiments.run", args=[experiment_id], queue="experiments")
+        final = wait_terminal(client, experiment_id, timeout=300)
+        assert final["status"] == "succeeded" and final["attempts"] == 1
+        history = _history(client, experiment_id)
+        assert len({key for _, key, *_ in history}) == len(history) == 7
+    logs = live.logs()
+    assert "'skipped'" in logs  # the second delivery saw the live lease and left
+
+
+def test_redis_restart_during_a_run(services_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+               "--dir", str(data)]
+    redis_server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        env = {**services_env, **FAST_RECOVERY, "PRUNEHUB_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
+        for live in _run_live(LiveService(tmp_path, env)):
+            with live.http() as client:
+                experiment_id = client.post("/experiments", json={**ANNEALING, "name": "redis restart"}).json()["id"]
+                _wait_trials(client, experiment_id, 2)
+                redis_server.terminate()
+                redis_server.wait(10)
+                time.sleep(2)
+                redis_server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+                _wait_port(port)
+                final = wait_terminal(client, experiment_id, timeout=300)
+                assert final["status"] == "succeeded", (final, live.logs())
+                assert len(_history(client, experiment_id)) == 7
+                # The broker is usable again: a new submission after the restart runs too.
+                again = client.post("/experiments", json={**ANNEALING, "name": "after restart", "max_trials": 2}).json()
+                assert wait_terminal(client, again["id"], timeout=300)["status"] == "succeeded"
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_database_outage_during_a_run_is_waited_out(services_env: dict[str, str], tmp_path: Path) -> None:
+    """The worker reaches PostgreSQL through a proxy that the test cuts for a few seconds mid-run."""
+    proxy = _Proxy(("127.0.0.1", 5432))
+    proxy.start()
+    try:
+        url = services_env["PRUNEHUB_DATABASE_URL"].replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        env = {**services_env, **FAST_RECOVERY}
+        for live in _run_live(LiveService(tmp_path, env)):
+            # Only the worker goes through the proxy; the API (and this test) keep a direct connection.
+            live.workers[0].send_signal(signal.SIGTERM)
+            live.workers[0].wait(30)
+            live.workers.clear()
+            live.env = {**env, "PRUNEHUB_DATABASE_URL": url}
+            live.start_worker()
+            with live.http() as client:
+                experiment_id = client.post("/experiments", json={**ANNEALING, "name": "db outage"}).json()["id"]
+                _wait_trials(client, experiment_id, 2)
+                proxy.cut(seconds=4)
+                final = wait_terminal(client, experiment_id, timeout=300)
+                assert final["status"] == "succeeded", (final, live.logs())
+                history = _history(client, experiment_id)
+                assert len(history) == len({key for _, key, *_ in history}) == 7
+            worker_log = "".join(p.read_text(errors="replace") for p in live.home.glob("worker*.log"))
+            assert "database unavailable" in worker_log or "database write failed" in worker_log
+    finally:
+        proxy.stop()
+    engine = create_engine(services_env["PRUNEHUB_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM trials WHERE status = 'running'")).scalar() == 0
+    engine.dispose()
+
+
+def _wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"port {port} did not open")
+
+
+class _Proxy:
+    """A TCP proxy whose connections can be cut: a database outage as the worker sees it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.down = threading.Event()
+        self.stopped = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def cut(self, seconds: float) -> None:
+        self.down.set()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.sockets.clear()
+        time.sleep(seconds)
+        self.down.clear()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.cut(0)
+        self.listener.close()
