@@ -14,9 +14,20 @@ from fastapi import FastAPI
 app = FastAPI()
 
 _BODY = {
-    "id": 1, "name": "bare", "owner": "anonymous", "entrypoint": "examples.digits", "algorithm": "uniform",
-    "status": "queued", "progress": {"done": 0, "total": 1, "phase": None}, "config": {}, "best_score": None,
-    "error": None, "attempts": 0, "created_at": "2024-01-01T00:00:00Z", "started_at": None, "finished_at": None,
+    "id": 1,
+    "name": "bare",
+    "owner": "anonymous",
+    "entrypoint": "examples.digits",
+    "algorithm": "uniform",
+    "status": "queued",
+    "progress": {"done": 0, "total": 1, "phase": None},
+    "config": {},
+    "best_score": None,
+    "error": None,
+    "attempts": 0,
+    "created_at": "2024-01-01T00:00:00Z",
+    "started_at": None,
+    "finished_at": None,
 }
 
 

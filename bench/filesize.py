@@ -39,8 +39,11 @@ def _digits() -> torch.nn.Module:
     return DigitsCNN()
 
 
-MODELS = {"digits CNN": (_digits, (1, 1, 8, 8)), "ResNet-18": (ResNet18, (1, 3, 224, 224)),
-          "MobileNetV2": (MobileNetV2, (1, 3, 224, 224))}
+MODELS = {
+    "digits CNN": (_digits, (1, 1, 8, 8)),
+    "ResNet-18": (ResNet18, (1, 3, 224, 224)),
+    "MobileNetV2": (MobileNetV2, (1, 3, 224, 224)),
+}
 
 
 def _sizes(state: dict[str, torch.Tensor], tmp: str, gzip: bool) -> tuple[int, int, int | None, bool]:
@@ -74,23 +77,37 @@ def run(quick: bool = False) -> dict[str, Any]:
                 zeros_size, compact, gz, exact = _sizes(state, tmp, gzip=not quick)
                 nonzero = sum(int(torch.count_nonzero(v)) for v in state.values() if v.is_floating_point())
                 total = sum(v.numel() for v in state.values() if v.is_floating_point())
-                rows.append({
-                    "sparsity": s,
-                    "overall_zero_fraction": 1 - nonzero / total,
-                    "compact_bytes": compact,
-                    "compact_ratio": compact / dense_size,
-                    "dense_with_zeros_bytes": zeros_size,
-                    "gzip_ratio": gz / dense_size if gz else None,
-                    "roundtrip_exact": exact,
-                    "tf_ratio": (TF_REFERENCE["sizes_mb"][s] / TF_REFERENCE["dense_mb"]) if s in
-                    TF_REFERENCE["sizes_mb"] else None,
-                })
-            results.append({"model": name, "dense_bytes": dense_size, "dense_gzip_ratio":
-                            dense_gz / dense_size if dense_gz else None, "rows": rows})
+                rows.append(
+                    {
+                        "sparsity": s,
+                        "overall_zero_fraction": 1 - nonzero / total,
+                        "compact_bytes": compact,
+                        "compact_ratio": compact / dense_size,
+                        "dense_with_zeros_bytes": zeros_size,
+                        "gzip_ratio": gz / dense_size if gz else None,
+                        "roundtrip_exact": exact,
+                        "tf_ratio": (TF_REFERENCE["sizes_mb"][s] / TF_REFERENCE["dense_mb"])
+                        if s in TF_REFERENCE["sizes_mb"]
+                        else None,
+                    }
+                )
+            results.append(
+                {
+                    "model": name,
+                    "dense_bytes": dense_size,
+                    "dense_gzip_ratio": dense_gz / dense_size if dense_gz else None,
+                    "rows": rows,
+                }
+            )
             print(_format(results[-1]), flush=True)
-    return {"results": results, "tf_reference": {"dense_mb": TF_REFERENCE["dense_mb"],
-            "sizes_mb": {str(k): v for k, v in TF_REFERENCE["sizes_mb"].items()}},
-            "wall_s": time.perf_counter() - started}
+    return {
+        "results": results,
+        "tf_reference": {
+            "dense_mb": TF_REFERENCE["dense_mb"],
+            "sizes_mb": {str(k): v for k, v in TF_REFERENCE["sizes_mb"].items()},
+        },
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def _format(r: dict[str, Any]) -> str:
@@ -98,8 +115,9 @@ def _format(r: dict[str, Any]) -> str:
     for row in r["rows"]:
         tf = f"  TF reference x{row['tf_ratio']:.2f}" if row["tf_ratio"] else ""
         gz = f"  gzip x{row['gzip_ratio']:.2f}" if row["gzip_ratio"] else ""
-        lines.append(f"  {row['sparsity']:>4.0%}  compact x{row['compact_ratio']:.3f}{gz}{tf}"
-                     f"  exact={row['roundtrip_exact']}")
+        lines.append(
+            f"  {row['sparsity']:>4.0%}  compact x{row['compact_ratio']:.3f}{gz}{tf}  exact={row['roundtrip_exact']}"
+        )
     return "\n".join(lines)
 
 

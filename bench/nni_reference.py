@@ -67,8 +67,13 @@ def main() -> None:
 
     config_list = [{"sparsity": args.sparsity, "op_types": ["Conv2d"]}]
     model = task.model()
-    record: dict = {"algo": args.algo, "task": args.task, "base": args.base, "sparsity": args.sparsity,
-                    "seed": args.seed}
+    record: dict = {
+        "algo": args.algo,
+        "task": args.task,
+        "base": args.base,
+        "sparsity": args.sparsity,
+        "seed": args.seed,
+    }
     started = time.perf_counter()
     try:
         import nni
@@ -80,8 +85,15 @@ def main() -> None:
 
             log_dir = tempfile.mkdtemp(prefix="nni-sa-")
             pruner = SimulatedAnnealingPruner(
-                model, config_list, evaluator=evaluator, start_temperature=100, stop_temperature=20,
-                cool_down_rate=0.9, perturbation_magnitude=0.35, pruning_algorithm=args.base, log_dir=log_dir,
+                model,
+                config_list,
+                evaluator=evaluator,
+                start_temperature=100,
+                stop_temperature=20,
+                cool_down_rate=0.9,
+                perturbation_magnitude=0.35,
+                pruning_algorithm=args.base,
+                log_dir=log_dir,
                 keep_intermediate_result=False,
                 finetuner=(lambda m: task.fine_tuner(m, args.candidate_epochs)) if args.candidate_epochs else None,
             )
@@ -96,8 +108,13 @@ def main() -> None:
 
             data_dir = tempfile.mkdtemp(prefix="nni-netadapt-")
             pruner = NetAdaptPruner(
-                model, config_list, short_term_fine_tuner=fine_tuner, evaluator=evaluator, base_algo=args.base,
-                sparsity_per_iteration=0.05, experiment_data_dir=data_dir,
+                model,
+                config_list,
+                short_term_fine_tuner=fine_tuner,
+                evaluator=evaluator,
+                base_algo=args.base,
+                sparsity_per_iteration=0.05,
+                experiment_data_dir=data_dir,
             )
             pruner.compress()
             model_path, mask_path = os.path.join(data_dir, "m.pth"), os.path.join(data_dir, "mask.pth")
@@ -117,8 +134,14 @@ def main() -> None:
 
             traced_optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.05, momentum=0.9)
             pruner = ADMMPruner(
-                model, [{**config_list[0]}], trainer=trainer, traced_optimizer=traced_optimizer,
-                criterion=torch.nn.CrossEntropyLoss(), iterations=3, training_epochs=1, granularity="coarse-grained",
+                model,
+                [{**config_list[0]}],
+                trainer=trainer,
+                traced_optimizer=traced_optimizer,
+                criterion=torch.nn.CrossEntropyLoss(),
+                iterations=3,
+                training_epochs=1,
+                granularity="coarse-grained",
             )
             _, nni_masks = pruner.compress()
             pruner._unwrap_model()

@@ -11,8 +11,8 @@ is all a physical model can lose), so everyone is compared by the params and FLO
 
 Which weights the final fine-tuning starts from: strategies whose training is the method (netadapt, admm,
 autocompress; NNI's NetAdapt) start from their own best checkpoint; the others (uniform, annealing, optuna; NNI's
-SA) from the task's pretrained model with the best distribution's masks. Stochastic strategies run several seeds;
-uniform, netadapt and admm are deterministic given the task's seeded trainer and run once.
+SA) from the task's pretrained model with the best distribution's masks. Stochastic strategies (annealing, optuna,
+autocompress, NNI's SA) run several seeds; the others are deterministic given the task's seeded trainer and run once.
 
     python -m bench.quality [--quick]      # prints a table; bench/run_all.py writes docs/benchmarks.md
 """
@@ -38,7 +38,8 @@ from pruning.search.base import Job, SearchProblem
 from pruning.task import Task, load_task
 
 NNI_PYTHON = Path(os.environ.get("PRUNEHUB_BENCH_NNI_PYTHON", ROOT / ".venv" / "nni" / "bin" / "python"))
-DETERMINISTIC = {"uniform", "netadapt", "admm"}
+# Strategies with randomness of their own run several seeds; the others are deterministic given the task.
+STOCHASTIC = {"annealing", "optuna", "autocompress"}
 # Strategies whose best result is trained weights: the final fine-tuning continues from them.
 KEEP_WEIGHTS = {"netadapt", "admm", "autocompress"}
 
@@ -165,15 +166,33 @@ def run_nni(
         return {"status": "failed", "error": f"{NNI_PYTHON} does not exist (make bench creates it)"}
     out = tempfile.mkdtemp(prefix=f"nni-{algo}-")
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
-    command = [str(NNI_PYTHON), str(ROOT / "bench" / "nni_reference.py"), "--task", task_name, "--algo", algo,
-               "--base", base, "--sparsity", str(sparsity), "--seed", str(seed), "--out", out,
-               "--candidate-epochs", str(CANDIDATE_EPOCHS.get(task_name, 0))]
+    command = [
+        str(NNI_PYTHON),
+        str(ROOT / "bench" / "nni_reference.py"),
+        "--task",
+        task_name,
+        "--algo",
+        algo,
+        "--base",
+        base,
+        "--sparsity",
+        str(sparsity),
+        "--seed",
+        str(seed),
+        "--out",
+        out,
+        "--candidate-epochs",
+        str(CANDIDATE_EPOCHS.get(task_name, 0)),
+    ]
     started = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}",
-                "wall_s": time.perf_counter() - started}
+        return {
+            "status": "failed",
+            "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}",
+            "wall_s": time.perf_counter() - started,
+        }
     record: dict[str, Any] = json.loads(lines[-1])
     if record.get("status") != "succeeded":
         return record
@@ -232,14 +251,21 @@ def run(quick: bool = False, home: str | None = None) -> dict[str, Any]:
                 pruning = resolve_config_list(task.model(), config_list, base, task.dummy_input())
                 uniform_params: float | None = None
                 for name in plan.strategies:
-                    seeds = 1 if name in DETERMINISTIC else plan.seeds
+                    seeds = plan.seeds if name in STOCHASTIC else 1
                     for seed in range(seeds):
                         problem = SearchProblem(pruning=pruning, seed=seed)
                         config = _config(name, plan, task_name, base, sparsity, seed)
                         if name == "netadapt":
                             config["target_resource_ratio"] = uniform_params or 1 - sparsity
-                        key = {"task": task_name, "base": base, "target": sparsity, "method": name, "seed": seed,
-                               "source": "prunehub", "dense_score": dense_score}
+                        key = {
+                            "task": task_name,
+                            "base": base,
+                            "target": sparsity,
+                            "method": name,
+                            "seed": seed,
+                            "source": "prunehub",
+                            "dense_score": dense_score,
+                        }
                         try:
                             row = run_prunehub(name, config, task, problem, store, plan.final_epochs)
                         except Exception as exc:  # a strategy that crashes is a result too
@@ -251,8 +277,15 @@ def run(quick: bool = False, home: str | None = None) -> dict[str, Any]:
                 for algo in plan.nni:
                     seeds = 1 if algo == "netadapt" else plan.nni_seeds
                     for seed in range(seeds):
-                        key = {"task": task_name, "base": base, "target": sparsity, "method": f"nni-{algo}",
-                               "seed": seed, "source": "nni", "dense_score": dense_score}
+                        key = {
+                            "task": task_name,
+                            "base": base,
+                            "target": sparsity,
+                            "method": f"nni-{algo}",
+                            "seed": seed,
+                            "source": "nni",
+                            "dense_score": dense_score,
+                        }
                         try:
                             row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home)
                         except Exception as exc:
@@ -283,9 +316,23 @@ def run_nni_admm(home: str) -> dict[str, Any]:
     out = tempfile.mkdtemp(prefix="nni-admm-")
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [str(NNI_PYTHON), str(ROOT / "bench" / "nni_reference.py"), "--task", "examples.digits", "--algo", "admm",
-         "--sparsity", "0.5", "--out", out],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            str(NNI_PYTHON),
+            str(ROOT / "bench" / "nni_reference.py"),
+            "--task",
+            "examples.digits",
+            "--algo",
+            "admm",
+            "--sparsity",
+            "0.5",
+            "--out",
+            out,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -301,9 +348,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (task, base, target, method), rows in groups.items():
         ok = [r for r in rows if r.get("status") == "succeeded"]
-        entry: dict[str, Any] = {"task": task, "base": base, "target": target, "method": method,
-                                 "runs": len(rows), "failed": len(rows) - len(ok),
-                                 "errors": sorted({str(r.get("error"))[:300] for r in rows if r not in ok})}
+        entry: dict[str, Any] = {
+            "task": task,
+            "base": base,
+            "target": target,
+            "method": method,
+            "runs": len(rows),
+            "failed": len(rows) - len(ok),
+            "errors": sorted({str(r.get("error"))[:300] for r in rows if r not in ok}),
+        }
         for field in ("score", "flops_ratio", "params_ratio", "conv_masked", "conv_removed", "evals", "wall_s"):
             values = [float(r[field]) for r in ok if r.get(field) is not None]
             entry[field] = spread(values)
@@ -313,8 +366,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _print_row(r: dict[str, Any]) -> None:
     if r.get("status") != "succeeded":
-        print(f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} FAILED: "
-              f"{str(r.get('error'))[:200]}", flush=True)
+        print(
+            f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} FAILED: "
+            f"{str(r.get('error'))[:200]}",
+            flush=True,
+        )
         return
     print(
         f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} "

@@ -1,6 +1,6 @@
 """Render ``benchmarks.json`` (written by ``bench/run_all.py``) as ``benchmarks.md`` with PNG plots in ``img/``.
 
-    python -m bench.report docs/benchmarks.json     # re-render without re-running
+python -m bench.report docs/benchmarks.json     # re-render without re-running
 """
 
 from __future__ import annotations
@@ -17,8 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TASK_TITLES = {"examples.digits": "digits CNN", "bench.tasks.residual_digits": "residual net (digits)"}
-COLORS = {"uniform": "#444444", "annealing": "#1f77b4", "netadapt": "#2ca02c", "admm": "#9467bd",
-          "autocompress": "#8c564b", "optuna": "#17becf", "nni-sa": "#d62728", "nni-netadapt": "#ff7f0e"}
+COLORS = {
+    "uniform": "#444444",
+    "annealing": "#1f77b4",
+    "netadapt": "#2ca02c",
+    "admm": "#9467bd",
+    "autocompress": "#8c564b",
+    "optuna": "#17becf",
+    "nni-sa": "#d62728",
+    "nni-netadapt": "#ff7f0e",
+}
 
 
 def _f(value: Any, fmt: str = "{:.3f}") -> str:
@@ -42,33 +50,45 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
     q = sections.get("quality", {})
     summary = q.get("summary") or []
     if summary:
-        task = "bench.tasks.residual_digits" if any(s["task"] == "bench.tasks.residual_digits" for s in summary) \
+        task = (
+            "bench.tasks.residual_digits"
+            if any(s["task"] == "bench.tasks.residual_digits" for s in summary)
             else "examples.digits"
+        )
         rows = [s for s in summary if s["task"] == task and s["base"] == "l1" and s["target"] == 0.5 and s["score"]]
         ours = [s for s in rows if not s["method"].startswith("nni") and s["method"] != "uniform"]
         uni = next((s for s in rows if s["method"] == "uniform"), None)
         nni = next((s for s in rows if s["method"] == "nni-sa"), None)
         if ours and uni:
             best = max(ours, key=lambda s: s["score"]["mean"])
-            text = (f"{TASK_TITLES[task]}, 50% l1 filter target: prunehub `{best['method']}` "
-                    f"{best['score']['mean']:.1%} accuracy at ×{best['flops_ratio']['mean']:.2f} FLOPs / "
-                    f"×{best['params_ratio']['mean']:.2f} params of the shrunk model, vs uniform "
-                    f"{uni['score']['mean']:.1%} at ×{uni['flops_ratio']['mean']:.2f} / ×{uni['params_ratio']['mean']:.2f}")
+            text = (
+                f"{TASK_TITLES[task]}, 50% l1 filter target: prunehub `{best['method']}` "
+                f"{best['score']['mean']:.1%} accuracy at ×{best['flops_ratio']['mean']:.2f} FLOPs / "
+                f"×{best['params_ratio']['mean']:.2f} params of the shrunk model, vs uniform "
+                f"{uni['score']['mean']:.1%} at ×{uni['flops_ratio']['mean']:.2f} / ×{uni['params_ratio']['mean']:.2f}"
+            )
             if nni:
-                text += (f" and NNI 2.10.1 SA {nni['score']['mean']:.1%} at ×{nni['flops_ratio']['mean']:.2f} / "
-                         f"×{nni['params_ratio']['mean']:.2f} (its nominal 50% removed "
-                         f"{nni['conv_removed']['mean']:.0%} of conv filters physically)")
+                text += (
+                    f" and NNI 2.10.1 SA {nni['score']['mean']:.1%} at ×{nni['flops_ratio']['mean']:.2f} / "
+                    f"×{nni['params_ratio']['mean']:.2f} (its nominal 50% removed "
+                    f"{nni['conv_removed']['mean']:.0%} of conv filters physically)"
+                )
             out["quality"] = text + "."
     sp = sections.get("speedup", {})
     for r in sp.get("results") or []:
         if r["model"] == "ResNet-18" and r["batch"] == 1:
             get = {(row["kind"], row["sparsity"]): row for row in r["rows"]}
-            shr, msk, lvl = get.get(("filter shrunk", 0.5)), get.get(("filter masked", 0.5)), get.get(
-                ("level stripped", 0.5))
+            shr, msk, lvl = (
+                get.get(("filter shrunk", 0.5)),
+                get.get(("filter masked", 0.5)),
+                get.get(("level stripped", 0.5)),
+            )
             if shr and msk:
-                text = (f"ResNet-18 shape, 50% filter sparsity, batch 1 on CPU: the shrunk model runs "
-                        f"{shr['speedup']:.2f}× faster than dense (×{shr['flops_ratio']:.2f} FLOPs); the merely masked "
-                        f"model {msk['speedup']:.2f}×")
+                text = (
+                    f"ResNet-18 shape, 50% filter sparsity, batch 1 on CPU: the shrunk model runs "
+                    f"{shr['speedup']:.2f}× faster than dense (×{shr['flops_ratio']:.2f} FLOPs); the merely masked "
+                    f"model {msk['speedup']:.2f}×"
+                )
                 if lvl:
                     text += f", and 50% fine-grained sparsity {lvl['speedup']:.2f}× (no speed-up on dense kernels)"
                 out["speed"] = text + "."
@@ -77,10 +97,12 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
         if r["model"] == "ResNet-18":
             get = {row["sparsity"]: row for row in r["rows"]}
             if 0.9 in get and 0.1 in get:
-                out["size"] = (f"Compact export of ResNet-18 shape: ×{get[0.1]['compact_ratio']:.2f} of the dense file "
-                               f"at 10% fine-grained sparsity, ×{get[0.5]['compact_ratio']:.2f} at 50%, "
-                               f"×{get[0.9]['compact_ratio']:.2f} at 90% — the TensorFlow iterative-pruning reference: "
-                               f"×1.75, ×0.98, ×0.21.")
+                out["size"] = (
+                    f"Compact export of ResNet-18 shape: ×{get[0.1]['compact_ratio']:.2f} of the dense file "
+                    f"at 10% fine-grained sparsity, ×{get[0.5]['compact_ratio']:.2f} at 50%, "
+                    f"×{get[0.9]['compact_ratio']:.2f} at 90% — the TensorFlow iterative-pruning reference: "
+                    f"×1.75, ×0.98, ×0.21."
+                )
     return out
 
 
@@ -100,21 +122,36 @@ def plot_quality(q: dict[str, Any], img: Path) -> list[str]:
     for task in dict.fromkeys(r["task"] for r in runs):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
         task_runs = [r for r in runs if r["task"] == task]
-        for ax, key, label in ((axes[0], "flops_ratio", "FLOPs of the shrunk model / dense"),
-                               (axes[1], "params_ratio", "params of the shrunk model / dense")):
+        for ax, key, label in (
+            (axes[0], "flops_ratio", "FLOPs of the shrunk model / dense"),
+            (axes[1], "params_ratio", "params of the shrunk model / dense"),
+        ):
             for method in dict.fromkeys(r["method"] for r in task_runs):
                 for base, marker in (("l1", "o"), ("fpgm", "^")):
                     pts = [r for r in task_runs if r["method"] == method and r["base"] == base]
                     if not pts:
                         continue
-                    ax.scatter([r[key] for r in pts], [r["score"] for r in pts], marker=marker, s=36, alpha=0.8,
-                               color=COLORS.get(method, "black"), edgecolors="none",
-                               label=f"{method} ({base})")
+                    ax.scatter(
+                        [r[key] for r in pts],
+                        [r["score"] for r in pts],
+                        marker=marker,
+                        s=36,
+                        alpha=0.8,
+                        color=COLORS.get(method, "black"),
+                        edgecolors="none",
+                        label=f"{method} ({base})",
+                    )
             ours = [(r[key], r["score"]) for r in task_runs if r["source"] == "prunehub"]
             front = _pareto(ours)
             if front:
-                ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2,
-                        label="prunehub Pareto front")
+                ax.step(
+                    [p[0] for p in front],
+                    [p[1] for p in front],
+                    where="post",
+                    color="black",
+                    lw=1.2,
+                    label="prunehub Pareto front",
+                )
             dense = task_runs[0].get("dense_score")
             if dense:
                 ax.axhline(dense, color="grey", ls=":", lw=1, label="dense")
@@ -126,8 +163,11 @@ def plot_quality(q: dict[str, Any], img: Path) -> list[str]:
         axes[0].set_ylim(low, 1.0)
         handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-        fig.suptitle(f"Search quality, {TASK_TITLES.get(task, task)}: every run (targets 50% and 70%, all seeds) "
-                     "on the physical plane", fontsize=11)
+        fig.suptitle(
+            f"Search quality, {TASK_TITLES.get(task, task)}: every run (targets 50% and 70%, all seeds) "
+            "on the physical plane",
+            fontsize=11,
+        )
         fig.tight_layout(rect=(0, 0, 0.82, 0.95))
         name = f"quality-{task.rsplit('.', 1)[-1]}.png"
         fig.savefig(img / name, dpi=110)
@@ -143,7 +183,8 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
     plan = q.get("plan", {})
     lines += [
         f"Final fine-tuning: {plan.get('final_epochs')} epochs for every method; seeds: {plan.get('seeds')} for "
-        f"stochastic prunehub strategies (1 for the deterministic uniform, netadapt, admm), {plan.get('nni_seeds')} for "
+        f"annealing, optuna and autocompress (1 for the others, deterministic given the task's seeded trainer), "
+        f"{plan.get('nni_seeds')} for "
         "NNI's SA (1 for NNI's NetAdapt). Mean ± standard deviation over seeds. *FLOPs* and *params* are ratios of "
         "the physically shrunk model to the dense one; *masked* is the fraction of selected conv filters' weights "
         "the pruner masked (its nominal sparsity), *removed* the fraction physically gone after shrinking "
@@ -155,43 +196,58 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
         lines += [f"![{name}](img/{name})", ""]
     summary = q.get("summary", [])
     for task in dict.fromkeys(s["task"] for s in summary):
-        lines += [f"#### {TASK_TITLES.get(task, task)} (`{task}`)", "",
-                  "| base | target | method | runs | accuracy | FLOPs | params | masked | removed | evals | wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### {TASK_TITLES.get(task, task)} (`{task}`)",
+            "",
+            "| base | target | method | runs | accuracy | FLOPs | params | masked | removed | evals | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in [s for s in summary if s["task"] == task]:
             if not s["score"]:
-                lines.append(f"| {s['base']} | {s['target']:.0%} | {s['method']} | {s['runs']} | failed: "
-                             f"{'; '.join(e[:160] for e in s['errors'])} | | | | | | |")
+                lines.append(
+                    f"| {s['base']} | {s['target']:.0%} | {s['method']} | {s['runs']} | failed: "
+                    f"{'; '.join(e[:160] for e in s['errors'])} | | | | | | |"
+                )
                 continue
             failed = f" ({s['failed']} failed)" if s["failed"] else ""
             lines.append(
-                f"| {s['base']} | {s['target']:.0%} | {s['method']} | {s['runs']}{failed} | {_ms(s['score'], '{:.4f}')} | "
-                f"{_ms(s['flops_ratio'])} | {_ms(s['params_ratio'])} | {_ms(s.get('conv_masked', {}), '{:.2f}', False)} | "
+                f"| {s['base']} | {s['target']:.0%} | {s['method']} | {s['runs']}{failed} | "
+                f"{_ms(s['score'], '{:.4f}')} | {_ms(s['flops_ratio'])} | {_ms(s['params_ratio'])} | "
+                f"{_ms(s.get('conv_masked', {}), '{:.2f}', False)} | "
                 f"{_ms(s['conv_removed'], '{:.2f}', False)} | {_ms(s['evals'], '{:.0f}', False)} | "
-                f"{_ms(s['wall_s'], '{:.1f}', False)} |")
+                f"{_ms(s['wall_s'], '{:.1f}', False)} |"
+            )
         lines.append("")
     nni_failed = [r for r in q.get("runs", []) if r.get("source") == "nni" and r.get("status") != "succeeded"]
     if nni_failed:
         lines += ["NNI runs that failed (verbatim):", ""]
         for r in nni_failed:
-            lines.append(f"- {r['method']} {r['task']} {r['base']} {r['target']:.0%} seed {r['seed']}: "
-                         f"`{str(r.get('error'))[:400]}`")
+            lines.append(
+                f"- {r['method']} {r['task']} {r['base']} {r['target']:.0%} seed {r['seed']}: "
+                f"`{str(r.get('error'))[:400]}`"
+            )
         lines.append("")
     nni_scores = [r for r in q.get("runs", []) if r.get("method") == "nni-sa" and r.get("status") == "succeeded"]
     if nni_scores:
         blind = sum(1 for r in nni_scores if r.get("search_score") is not None and r["search_score"] < 0.2)
-        lines += [f"NNI's SA scored its own best candidate (before our fine-tuning) at chance level (< 20%) in "
-                  f"{blind} of {len(nni_scores)} runs: NNI masks a convolution's weight and bias but not the "
-                  "BatchNorm after it, so a masked channel still emits BatchNorm's bias and every candidate it "
-                  "evaluates is damaged alike — its search compares near-equal scores. prunehub masks the whole "
-                  "channel group (conv, BatchNorm, coupled convs).", ""]
+        lines += [
+            f"NNI's SA scored its own best candidate (before our fine-tuning) at chance level (< 20%) in "
+            f"{blind} of {len(nni_scores)} runs: NNI masks a convolution's weight and bias but not the "
+            "BatchNorm after it, so a masked channel still emits BatchNorm's bias and every candidate it "
+            "evaluates is damaged alike — its search compares near-equal scores. prunehub masks the whole "
+            "channel group (conv, BatchNorm, coupled convs).",
+            "",
+        ]
     admm = q.get("nni_admm") or {}
     if admm.get("status") not in (None, "skipped"):
         nan = admm.get("nan_weights") or []
         if admm.get("status") == "succeeded":
-            lines += [f"NNI 2.10.1 `ADMMPruner` (digits, l1, 50%, 3 iterations): {len(nan)} tensors contain NaN "
-                      f"after compress() ({', '.join(nan[:6])}{'…' if len(nan) > 6 else ''}); accuracy "
-                      f"{_f(admm.get('nni_score'), '{:.3f}')}. Recorded, not used in the comparison.", ""]
+            lines += [
+                f"NNI 2.10.1 `ADMMPruner` (digits, l1, 50%, 3 iterations): {len(nan)} tensors contain NaN "
+                f"after compress() ({', '.join(nan[:6])}{'…' if len(nan) > 6 else ''}); accuracy "
+                f"{_f(admm.get('nni_score'), '{:.3f}')}. Recorded, not used in the comparison.",
+                "",
+            ]
         else:
             lines += [f"NNI 2.10.1 `ADMMPruner` failed: `{admm.get('error')}`", ""]
     return lines
@@ -205,15 +261,31 @@ def plot_speedup(sp: dict[str, Any], img: Path) -> str:
     for ax, model in zip(axes, models, strict=True):
         for r in [r for r in results if r["model"] == model]:
             ls = "-" if r["batch"] == 1 else "--"
-            for kind, color in (("filter shrunk", "#2ca02c"), ("filter masked", "#1f77b4"),
-                                ("level stripped", "#d62728"), ("level masked", "#ff7f0e")):
+            for kind, color in (
+                ("filter shrunk", "#2ca02c"),
+                ("filter masked", "#1f77b4"),
+                ("level stripped", "#d62728"),
+                ("level masked", "#ff7f0e"),
+            ):
                 rows = [row for row in r["rows"] if row["kind"] == kind]
-                ax.plot([0] + [row["sparsity"] * 100 for row in rows], [1] + [row["speedup"] for row in rows],
-                        ls=ls, marker="o", ms=3, color=color, label=f"{kind}, batch {r['batch']}")
+                ax.plot(
+                    [0] + [row["sparsity"] * 100 for row in rows],
+                    [1] + [row["speedup"] for row in rows],
+                    ls=ls,
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    label=f"{kind}, batch {r['batch']}",
+                )
             flops = [row for row in r["rows"] if row["kind"] == "filter shrunk"]
             if r["batch"] == 1:
-                ax.plot([0] + [row["sparsity"] * 100 for row in flops], [1] + [1 / row["flops_ratio"] for row in flops],
-                        color="grey", ls=":", label="dense FLOPs / shrunk FLOPs")
+                ax.plot(
+                    [0] + [row["sparsity"] * 100 for row in flops],
+                    [1] + [1 / row["flops_ratio"] for row in flops],
+                    color="grey",
+                    ls=":",
+                    label="dense FLOPs / shrunk FLOPs",
+                )
         ax.axhline(1, color="black", lw=0.6)
         ax.set_title(model)
         ax.set_xlabel("sparsity (%)")
@@ -230,25 +302,38 @@ def plot_speedup(sp: dict[str, Any], img: Path) -> str:
 def speedup_md(sp: dict[str, Any], img: Path) -> list[str]:
     if sp.get("status") == "failed":
         return [f"**The speed-up benchmark failed:** `{sp.get('error')}`", ""]
-    lines = [f"torch {sp.get('threads')} threads. Latency ratio = median over rounds of (variant / dense in the "
-             "same round); speed-up = 1 / ratio. FLOPs of masked and fine-grained models are those of dense kernels "
-             "(they compute on zeros).", "", f"![speed-up](img/{plot_speedup(sp, img)})", ""]
+    lines = [
+        f"torch {sp.get('threads')} threads. Latency ratio = median over rounds of (variant / dense in the "
+        "same round); speed-up = 1 / ratio. FLOPs of masked and fine-grained models are those of dense kernels "
+        "(they compute on zeros).",
+        "",
+        f"![speed-up](img/{plot_speedup(sp, img)})",
+        "",
+    ]
     for r in sp["results"]:
-        lines += [f"**{r['model']}**, batch {r['batch']}, input {'x'.join(map(str, r['input']))}: dense "
-                  f"{r['dense_params'] / 1e6:.2f} M params, {r['dense_macs'] / 1e6:.1f} M MACs per sample, "
-                  f"{r['rows'][0]['latency_ms']:.2f} ms ({r['rounds']} rounds × {r['repeat']} passes; "
-                  f"load {r['loadavg'][0][0]} → {r['loadavg'][1][0]})", "",
-                  "| variant | sparsity | latency ratio (min–max) | speed-up | FLOPs | params (non-zero) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"**{r['model']}**, batch {r['batch']}, input {'x'.join(map(str, r['input']))}: dense "
+            f"{r['dense_params'] / 1e6:.2f} M params, {r['dense_macs'] / 1e6:.1f} M MACs per sample, "
+            f"{r['rows'][0]['latency_ms']:.2f} ms ({r['rounds']} rounds × {r['repeat']} passes; "
+            f"load {r['loadavg'][0][0]} → {r['loadavg'][1][0]})",
+            "",
+            "| variant | sparsity | latency ratio (min–max) | speed-up | FLOPs | params (non-zero) |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in r["rows"][1:]:
-            lines.append(f"| {row['kind']} | {row['sparsity']:.0%} | ×{row['latency_ratio']:.2f} "
-                         f"({row['latency_ratio_min']:.2f}–{row['latency_ratio_max']:.2f}) | {row['speedup']:.2f} | "
-                         f"×{row['flops_ratio']:.2f} | ×{row['params_ratio']:.2f} |")
+            lines.append(
+                f"| {row['kind']} | {row['sparsity']:.0%} | ×{row['latency_ratio']:.2f} "
+                f"({row['latency_ratio_min']:.2f}–{row['latency_ratio_max']:.2f}) | {row['speedup']:.2f} | "
+                f"×{row['flops_ratio']:.2f} | ×{row['params_ratio']:.2f} |"
+            )
         lines.append("")
-    lines += ["**Fine-grained (level) sparsity gives no speed-up on dense kernels**: the stripped model has the "
-              "same shapes and does the same multiply-adds on zeros (ratio ≈ 1), and the masked one is slower still "
-              "(the mask is multiplied in on every forward). Only removing whole channels (filter pruning + shrink) "
-              "makes a CPU model faster; a masked filter-pruned model is no faster either.", ""]
+    lines += [
+        "**Fine-grained (level) sparsity gives no speed-up on dense kernels**: the stripped model has the "
+        "same shapes and does the same multiply-adds on zeros (ratio ≈ 1), and the masked one is slower still "
+        "(the mask is multiplied in on every forward). Only removing whole channels (filter pruning + shrink) "
+        "makes a CPU model faster; a masked filter-pruned model is no faster either.",
+        "",
+    ]
     return lines
 
 
@@ -257,13 +342,29 @@ def plot_filesize(fs: dict[str, Any], img: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r, color in zip(fs["results"], ("#1f77b4", "#2ca02c", "#9467bd"), strict=False):
         xs = [row["sparsity"] * 100 for row in r["rows"]]
-        ax.plot(xs, [row["compact_ratio"] for row in r["rows"]], marker="o", color=color,
-                label=f"prunehub compact, {r['model']}")
+        ax.plot(
+            xs,
+            [row["compact_ratio"] for row in r["rows"]],
+            marker="o",
+            color=color,
+            label=f"prunehub compact, {r['model']}",
+        )
         if r["rows"][0].get("gzip_ratio"):
-            ax.plot(xs, [row["gzip_ratio"] for row in r["rows"]], ls=":", color=color, label=f"gzip of dense with zeros, {r['model']}")
+            ax.plot(
+                xs,
+                [row["gzip_ratio"] for row in r["rows"]],
+                ls=":",
+                color=color,
+                label=f"gzip of dense with zeros, {r['model']}",
+            )
     tf = fs["tf_reference"]
-    ax.plot([float(k) * 100 for k in tf["sizes_mb"]], [v / tf["dense_mb"] for v in tf["sizes_mb"].values()], "s--",
-            color="#d62728", label="TensorFlow iterative-pruning reference (published)")
+    ax.plot(
+        [float(k) * 100 for k in tf["sizes_mb"]],
+        [v / tf["dense_mb"] for v in tf["sizes_mb"].values()],
+        "s--",
+        color="#d62728",
+        label="TensorFlow iterative-pruning reference (published)",
+    )
     ax.plot([0, 100], [1, 0], color="grey", lw=0.8, ls="-.", label="density (ideal values-only)")
     ax.axhline(1, color="black", lw=0.6)
     ax.set_xlabel("fine-grained sparsity (%)")
@@ -280,12 +381,18 @@ def filesize_md(fs: dict[str, Any], img: Path) -> list[str]:
     if fs.get("status") == "failed":
         return [f"**The file-size benchmark failed:** `{fs.get('error')}`", ""]
     tf = fs["tf_reference"]
-    lines = [f"TensorFlow reference: {tf['dense_mb']} MB dense; "
-             + ", ".join(f"{v} MB at {float(k):.0%} (×{v / tf['dense_mb']:.2f})" for k, v in tf["sizes_mb"].items())
-             + ". Every compact file loads back bit-exactly (`load_compact`; column *exact*).", "",
-             f"![file size](img/{plot_filesize(fs, img)})", "",
-             "| sparsity | " + " | ".join(f"{r['model']} compact (gzip)" for r in fs["results"]) + " | TF reference | exact |",
-             "|---|" + "---|" * (len(fs["results"]) + 2)]
+    lines = [
+        f"TensorFlow reference: {tf['dense_mb']} MB dense; "
+        + ", ".join(f"{v} MB at {float(k):.0%} (×{v / tf['dense_mb']:.2f})" for k, v in tf["sizes_mb"].items())
+        + ". Every compact file loads back bit-exactly (`load_compact`; column *exact*).",
+        "",
+        f"![file size](img/{plot_filesize(fs, img)})",
+        "",
+        "| sparsity | "
+        + " | ".join(f"{r['model']} compact (gzip)" for r in fs["results"])
+        + " | TF reference | exact |",
+        "|---|" + "---|" * (len(fs["results"]) + 2),
+    ]
     n = len(fs["results"][0]["rows"])
     for i in range(n):
         s = fs["results"][0]["rows"][i]["sparsity"]
@@ -297,10 +404,15 @@ def filesize_md(fs: dict[str, Any], img: Path) -> list[str]:
         tf_ratio = fs["results"][0]["rows"][i]["tf_ratio"]
         exact = all(r["rows"][i]["roundtrip_exact"] for r in fs["results"])
         lines.append(f"| {s:.0%} | " + " | ".join(cells) + f" | {_f(tf_ratio, '×{:.2f}')} | {exact} |")
-    lines += ["", "Dense files: " + ", ".join(f"{r['model']} {r['dense_bytes'] / 1e6:.2f} MB" for r in fs["results"])
-              + ". The format picks per tensor the smallest of dense, bitmask (1 bit per entry + values) and index "
-              "(int32 position + value), so it is never larger than dense — at 10% the TF reference file is 75% "
-              "larger than its dense model.", ""]
+    lines += [
+        "",
+        "Dense files: "
+        + ", ".join(f"{r['model']} {r['dense_bytes'] / 1e6:.2f} MB" for r in fs["results"])
+        + ". The format picks per tensor the smallest of dense, bitmask (1 bit per entry + values) and index "
+        "(int32 position + value), so it is never larger than dense — at 10% the TF reference file is 75% "
+        "larger than its dense model.",
+        "",
+    ]
     return lines
 
 
@@ -309,9 +421,11 @@ def plot_service(sv: dict[str, Any], img: Path) -> str:
     rows = sv["api"]["rows"]
     labels = [f"{r['endpoint'].split(' ')[0]} {r['clients']}c" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, title in ((axes[0], "rps_ratio", "throughput / bare FastAPI"),
-                           (axes[1], "p50_ms_ratio", "p50 latency / bare"),
-                           (axes[2], "p99_ms_ratio", "p99 latency / bare")):
+    for ax, key, title in (
+        (axes[0], "rps_ratio", "throughput / bare FastAPI"),
+        (axes[1], "p50_ms_ratio", "p50 latency / bare"),
+        (axes[2], "p99_ms_ratio", "p99 latency / bare"),
+    ):
         ax.bar(labels, [r[key] for r in rows], color=["#1f77b4", "#1f77b4", "#ff7f0e", "#ff7f0e"][: len(rows)])
         ax.axhline(1, color="black", lw=0.6)
         ax.set_title(title, fontsize=10)
@@ -329,33 +443,51 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
     if api.get("status") == "failed" or "rows" not in api:
         lines += [f"**The API benchmark failed:** `{api.get('error')}`", ""]
     else:
-        lines += [f"Each cell: median over {api['rounds']} rounds of {api['seconds_per_run']:.0f} s per server, "
-                  "prunehub and bare alternating. The load generator (one asyncio process) shares the 2 cores with "
-                  "both servers and with other engineers' jobs, so absolute numbers are floors; the ratios compare "
-                  "like with like.", "", f"![service](img/{plot_service(sv, img)})", "",
-                  "| endpoint | clients | prunehub req/s | bare req/s | ratio | p50 ms (bare) | ratio | p99 ms (bare) | "
-                  "ratio | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Each cell: median over {api['rounds']} rounds of {api['seconds_per_run']:.0f} s per server, "
+            "prunehub and bare alternating. The load generator (one asyncio process) shares the 2 cores with "
+            "both servers and with other engineers' jobs, so absolute numbers are floors; the ratios compare "
+            "like with like.",
+            "",
+            f"![service](img/{plot_service(sv, img)})",
+            "",
+            "| endpoint | clients | prunehub req/s | bare req/s | ratio | p50 ms (bare) | ratio | p99 ms (bare) | "
+            "ratio | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in api["rows"]:
-            lines.append(f"| `{r['endpoint']}` | {r['clients']} | {r['rps']:.0f} | {r['bare_rps']:.0f} | "
-                         f"×{r['rps_ratio']:.2f} | {r['p50_ms']:.1f} ({r['bare_p50_ms']:.1f}) | ×{r['p50_ms_ratio']:.2f} | "
-                         f"{r['p99_ms']:.1f} ({r['bare_p99_ms']:.1f}) | ×{r['p99_ms_ratio']:.2f} | {r['errors']} |")
+            lines.append(
+                f"| `{r['endpoint']}` | {r['clients']} | {r['rps']:.0f} | {r['bare_rps']:.0f} | "
+                f"×{r['rps_ratio']:.2f} | {r['p50_ms']:.1f} ({r['bare_p50_ms']:.1f}) | ×{r['p50_ms_ratio']:.2f} | "
+                f"{r['p99_ms']:.1f} ({r['bare_p99_ms']:.1f}) | ×{r['p99_ms_ratio']:.2f} | {r['errors']} |"
+            )
         lines.append("")
     orch = sv.get("orchestration") or []
     if orch:
-        lines += ["Per-trial orchestration overhead: a real `prunehub serve` + one `prunehub worker`, `annealing` on "
-                  "`bench.tasks.noop` (its evaluator returns a constant at once). Overhead = (experiment wall − sum "
-                  "of trial durations) / trials; a trial's duration is the executor's own measurement (prune, shrink, "
-                  "count), the rest is the runner: child process, database writes, state persistence, events.", "",
-                  "| backend | trials | experiment wall s | sum of trial durations s | overhead per trial ms | "
-                  "wall per trial ms | submit → done s |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "Per-trial orchestration overhead: a real `prunehub serve` + one `prunehub worker`, `annealing` on "
+            "`bench.tasks.noop` (its evaluator returns a constant at once). Overhead = (experiment wall − sum "
+            "of trial durations) / trials; a trial's duration is the executor's own measurement (prune, shrink, "
+            "count), the rest is the runner: child process, database writes, state persistence, events.",
+            "",
+            "| backend | trials | experiment wall s | sum of trial durations s | overhead per trial ms | "
+            "wall per trial ms | submit → done s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for o in orch:
             if o.get("status") != "succeeded":
                 lines.append(f"| {o['backend']} | failed: `{str(o.get('error'))[:200]}` | | | | | |")
                 continue
-            lines.append(f"| {o['backend']} | {o['trials']} | {o['experiment_wall_s']:.2f} | {o['sum_trial_s']:.2f} | "
-                         f"{o['overhead_per_trial_ms']:.0f} | {o['wall_per_trial_ms']:.0f} | {o['submit_to_done_s']:.1f} |")
-        lines += ["", "*embedded*: SQLite + Celery filesystem transport; *postgres*: PostgreSQL "
-                  "(`prunehub_bench`) + Redis (db 5).", ""]
+            lines.append(
+                f"| {o['backend']} | {o['trials']} | {o['experiment_wall_s']:.2f} | {o['sum_trial_s']:.2f} | "
+                f"{o['overhead_per_trial_ms']:.0f} | {o['wall_per_trial_ms']:.0f} | {o['submit_to_done_s']:.1f} |"
+            )
+        lines += [
+            "",
+            "*embedded*: SQLite + Celery filesystem transport; *postgres*: PostgreSQL "
+            "(`prunehub_bench`) + Redis (db 5).",
+            "",
+        ]
     return lines
 
 
@@ -385,7 +517,8 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         "tests on this machine at the same time, which is why every figure is a same-run ratio, rounds interleave, "
         "and spreads are shown.",
         "- **Raw figures**: [`benchmarks.json`](benchmarks.json). Section wall times: "
-        + ", ".join(f"{k} {v.get('section_wall_s', 0):.0f} s" for k, v in sections.items()) + ".",
+        + ", ".join(f"{k} {v.get('section_wall_s', 0):.0f} s" for k, v in sections.items())
+        + ".",
         "",
         "## Headline",
         "",
@@ -395,9 +528,13 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
             lines.append(f"- {heads[key]}")
     lines.append("")
     if "quality" in sections:
-        lines += ["## 1. Search quality", "", "Made by `bench/quality.py` (strategies run in-process through the same "
-                  "executor as the worker; NNI 2.10.1 in its own virtual environment via `bench/nni_reference.py`).",
-                  ""] + quality_md(sections["quality"], img)
+        lines += [
+            "## 1. Search quality",
+            "",
+            "Made by `bench/quality.py` (strategies run in-process through the same "
+            "executor as the worker; NNI 2.10.1 in its own virtual environment via `bench/nni_reference.py`).",
+            "",
+        ] + quality_md(sections["quality"], img)
     if "speedup" in sections:
         lines += ["## 2. Real speed-up", "", "Made by `bench/speedup.py`.", ""] + speedup_md(sections["speedup"], img)
     if "filesize" in sections:
@@ -409,8 +546,11 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         sc = sections["scaling"]
         lines += [sc.get("markdown") or f"```\n{json.dumps(sc, indent=1, default=str)[:4000]}\n```", ""]
     else:
-        lines += ["*This section comes from `bench/scaling.py`* (the distributed runner's benchmark, not written yet); "
-                  "it is one line in `bench/run_all.py`'s `SECTIONS`.", ""]
+        lines += [
+            "*This section comes from `bench/scaling.py`* (the distributed runner's benchmark, not written yet); "
+            "it is one line in `bench/run_all.py`'s `SECTIONS`.",
+            "",
+        ]
     (out / "benchmarks.md").write_text("\n".join(lines))
     return out / "benchmarks.md"
 

@@ -52,8 +52,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     home = ROOT / ".prunehub"  # the example tasks cache their trained weights here
     os.environ.setdefault("PRUNEHUB_HOME", str(home))
-    command = "python -m bench.run_all " + ("--quick" if quick else "--full") + (
-        f" --out {args.out}" if args.out else "")
+    command = (
+        "python -m bench.run_all " + ("--quick" if quick else "--full") + (f" --out {args.out}" if args.out else "")
+    )
     t0 = time.perf_counter()
     samples: list[tuple[float, list[float]]] = [(0.0, loadavg())]
     stop = threading.Event()
@@ -77,8 +78,11 @@ def main() -> None:
             result["status"] = result.get("status", "succeeded")
         except Exception as exc:  # recorded, never hidden
             traceback.print_exc()
-            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc(limit=10)}
+            result = {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=10),
+            }
         result["section_wall_s"] = time.perf_counter() - started
         report["sections"][name] = result
         print(f"----- {name}: {result['section_wall_s']:.0f} s", flush=True)
@@ -91,8 +95,10 @@ def main() -> None:
     from bench.report import write_report
 
     write_report(report, out)
-    print(f"\nwrote {out / 'benchmarks.md'}, {out / 'benchmarks.json'}, {out / 'img'} in {report['wall_s']:.0f} s",
-          file=sys.stderr)
+    print(
+        f"\nwrote {out / 'benchmarks.md'}, {out / 'benchmarks.json'}, {out / 'img'} in {report['wall_s']:.0f} s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -50,15 +50,17 @@ def _free_port() -> int:
 
 def _env(home: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
-    env.update({
-        "PRUNEHUB_HOME": str(home),
-        "PRUNEHUB_DATABASE_URL": f"sqlite:///{home}/prunehub.db",
-        "PRUNEHUB_BROKER_URL": "filesystem://",
-        "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
-        "PRUNEHUB_ALLOWED_ENTRYPOINTS": "examples.,bench.",
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "PRUNEHUB_HOME": str(home),
+            "PRUNEHUB_DATABASE_URL": f"sqlite:///{home}/prunehub.db",
+            "PRUNEHUB_BROKER_URL": "filesystem://",
+            "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
+            "PRUNEHUB_ALLOWED_ENTRYPOINTS": "examples.,bench.",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(overrides)
     return env
 
@@ -72,8 +74,9 @@ class Processes:
 
     def spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
         out = open(self.home / log, "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 
@@ -122,8 +125,14 @@ def _api_key(home: Path, env: dict[str, str]) -> str:
     key_file = home / "api-key"
     if key_file.exists() and key_file.read_text().strip():
         return key_file.read_text().strip()
-    out = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--owner", "bench", "--admin"],
-                         env=env, cwd=home, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "keys", "create", "--owner", "bench", "--admin"],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -162,10 +171,18 @@ async def _drive(url: str, method: str, clients: int, seconds: float, headers: d
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.perf_counter() - began
     latencies.sort()
-    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3) if latencies else (
-        lambda q: float("nan"))
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5),
-            "p99_ms": pick(0.99)}
+    pick = (
+        (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3)
+        if latencies
+        else (lambda q: float("nan"))
+    )
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+    }
 
 
 def api_throughput(quick: bool) -> dict[str, Any]:
@@ -177,8 +194,11 @@ def api_throughput(quick: bool) -> dict[str, Any]:
         env = _env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
         api_port, bare_port = _free_port(), _free_port()
         api = procs.spawn([sys.executable, "-m", "server.cli", "serve", "--port", str(api_port)], env, "api.log")
-        bare = procs.spawn([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port),
-                            "--log-level", "warning"], env, "bare.log")
+        bare = procs.spawn(
+            [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning"],
+            env,
+            "bare.log",
+        )
         procs.wait_http(f"http://127.0.0.1:{api_port}/healthz", api, "api.log")
         procs.wait_http(f"http://127.0.0.1:{bare_port}/experiments/1", bare, "bare.log")
         headers = {"Authorization": f"Bearer {_api_key(home, env)}"}
@@ -204,7 +224,8 @@ def api_throughput(quick: bool) -> dict[str, Any]:
                 order = ("prunehub", "bare") if r % 2 == 0 else ("bare", "prunehub")
                 for server in order:
                     raw.setdefault(f"{method} {clients} {server}", []).append(
-                        asyncio.run(_drive(targets[(method, server)], method, clients, seconds, headers)))
+                        asyncio.run(_drive(targets[(method, server)], method, clients, seconds, headers))
+                    )
             loads.append(loadavg())
         rows = []
         for method in ("GET", "POST"):
@@ -214,8 +235,7 @@ def api_throughput(quick: bool) -> dict[str, Any]:
                 def med(runs: list[dict[str, Any]], key: str) -> float:
                     return statistics.median(x[key] for x in runs)
 
-                row = {"endpoint": f"{method} /experiments" + ("/{id}" if method == "GET" else ""),
-                       "clients": clients}
+                row = {"endpoint": f"{method} /experiments" + ("/{id}" if method == "GET" else ""), "clients": clients}
                 for key in ("rps", "p50_ms", "p99_ms"):
                     row[key] = med(ours, key)
                     row[f"bare_{key}"] = med(bare_runs, key)
@@ -223,10 +243,13 @@ def api_throughput(quick: bool) -> dict[str, Any]:
                 row["errors"] = sum(x["errors"] for x in ours)
                 row["requests"] = sum(x["requests"] for x in ours)
                 rows.append(row)
-                print(f"{row['endpoint']:<24} {clients:>3} clients: {row['rps']:.0f} req/s "
-                      f"(x{row['rps_ratio']:.2f} of bare {row['bare_rps']:.0f}), p50 {row['p50_ms']:.1f} ms "
-                      f"(x{row['p50_ms_ratio']:.1f}), p99 {row['p99_ms']:.1f} ms (x{row['p99_ms_ratio']:.1f}), "
-                      f"errors {row['errors']}", flush=True)
+                print(
+                    f"{row['endpoint']:<24} {clients:>3} clients: {row['rps']:.0f} req/s "
+                    f"(x{row['rps_ratio']:.2f} of bare {row['bare_rps']:.0f}), p50 {row['p50_ms']:.1f} ms "
+                    f"(x{row['p50_ms_ratio']:.1f}), p99 {row['p99_ms']:.1f} ms (x{row['p99_ms_ratio']:.1f}), "
+                    f"errors {row['errors']}",
+                    flush=True,
+                )
         return {"rows": rows, "seconds_per_run": seconds, "rounds": rounds, "loadavg": loads, "raw": raw}
     finally:
         procs.stop()
@@ -250,9 +273,15 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
         procs.wait_http(f"{url}/healthz", api, "api.log")
         procs.spawn([sys.executable, "-m", "server.cli", "worker", "--loglevel", "WARNING"], env, "worker.log")
         spec = {
-            "name": f"noop annealing x{trials}", "entrypoint": "bench.tasks.noop", "algorithm": "annealing",
-            "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "base_algo": "l1",
-            "start_temperature": 100, "stop_temperature": 1, "cool_down_rate": 0.9, "max_trials": trials,
+            "name": f"noop annealing x{trials}",
+            "entrypoint": "bench.tasks.noop",
+            "algorithm": "annealing",
+            "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+            "base_algo": "l1",
+            "start_temperature": 100,
+            "stop_temperature": 1,
+            "cool_down_rate": 0.9,
+            "max_trials": trials,
         }
         headers = {"Authorization": f"Bearer {_api_key(home, env)}"}
         with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
@@ -280,8 +309,12 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
                 if not cursor:
                     break
         if body.get("status") != "succeeded":
-            return {"backend": backend, "status": body.get("status"), "error": body.get("error"),
-                    "log": (home / "worker.log").read_text(errors="replace")[-2000:]}
+            return {
+                "backend": backend,
+                "status": body.get("status"),
+                "error": body.get("error"),
+                "log": (home / "worker.log").read_text(errors="replace")[-2000:],
+            }
         from datetime import datetime
 
         started = datetime.fromisoformat(body["started_at"])
@@ -290,14 +323,22 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
         n = len(items)
         trial_sum = sum(float(t.get("duration_s") or 0.0) for t in items)
         result = {
-            "backend": backend, "status": "succeeded", "trials": n, "experiment_wall_s": wall,
-            "sum_trial_s": trial_sum, "overhead_per_trial_ms": (wall - trial_sum) / n * 1e3 if n else None,
-            "wall_per_trial_ms": wall / n * 1e3 if n else None, "trial_mean_ms": trial_sum / n * 1e3 if n else None,
+            "backend": backend,
+            "status": "succeeded",
+            "trials": n,
+            "experiment_wall_s": wall,
+            "sum_trial_s": trial_sum,
+            "overhead_per_trial_ms": (wall - trial_sum) / n * 1e3 if n else None,
+            "wall_per_trial_ms": wall / n * 1e3 if n else None,
+            "trial_mean_ms": trial_sum / n * 1e3 if n else None,
             "submit_to_done_s": client_wall,
         }
-        print(f"orchestration ({backend}): {n} trials, experiment {wall:.1f} s, trials {trial_sum:.1f} s → "
-              f"overhead {result['overhead_per_trial_ms']:.0f} ms/trial, wall {result['wall_per_trial_ms']:.0f} "
-              f"ms/trial (submit→done {client_wall:.1f} s)", flush=True)
+        print(
+            f"orchestration ({backend}): {n} trials, experiment {wall:.1f} s, trials {trial_sum:.1f} s → "
+            f"overhead {result['overhead_per_trial_ms']:.0f} ms/trial, wall {result['wall_per_trial_ms']:.0f} "
+            f"ms/trial (submit→done {client_wall:.1f} s)",
+            flush=True,
+        )
         return result
     finally:
         procs.stop()

@@ -2,7 +2,7 @@
 
 Models (random weights; timing does not depend on them): the digits CNN (``examples.digits``, 1x8x8), a
 ResNet-18-shaped and a MobileNetV2-shaped network (``bench/models.py``; 3x224x224 at batch 1, and batch 64 at the
-resolution in ``--b64-res``, 112 by default, to keep the run short on two cores). Variants at 30/50/70% sparsity:
+resolution in ``--b64-res``: 224 in the full run, 64 with ``--quick``). Variants at 30/50/70% sparsity:
 
 * filter (structured, l1 on every Conv2d): *masked* (full-shape weights, zeroed channels, prunehub's masks) and
   *shrunk* (channels physically removed by ``pruning.shrink``);
@@ -70,8 +70,9 @@ def _variants(dense: nn.Module, x: torch.Tensor, sparsities: tuple[float, ...]) 
     return out
 
 
-def bench_model(name: str, batch: int, shape: tuple[int, ...], sparsities: tuple[float, ...], rounds: int,
-                repeat: int) -> dict[str, Any]:
+def bench_model(
+    name: str, batch: int, shape: tuple[int, ...], sparsities: tuple[float, ...], rounds: int, repeat: int
+) -> dict[str, Any]:
     make = MODELS[name][0]
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     dense = randomise(make())
@@ -92,17 +93,19 @@ def bench_model(name: str, batch: int, shape: tuple[int, ...], sparsities: tuple
         else:
             _, flops = count_params_flops(model, x[:1])
             params = count_nonzero(model) if v["kind"] != "dense" else dense_params
-        rows.append({
-            "kind": v["kind"],
-            "sparsity": v["sparsity"],
-            "latency_ms": statistics.median(t) * 1e3,
-            "latency_ratio": statistics.median(ratios),
-            "latency_ratio_min": min(ratios),
-            "latency_ratio_max": max(ratios),
-            "speedup": 1 / statistics.median(ratios),
-            "flops_ratio": flops / dense_flops,
-            "params_ratio": params / dense_params,
-        })
+        rows.append(
+            {
+                "kind": v["kind"],
+                "sparsity": v["sparsity"],
+                "latency_ms": statistics.median(t) * 1e3,
+                "latency_ratio": statistics.median(ratios),
+                "latency_ratio_min": min(ratios),
+                "latency_ratio_max": max(ratios),
+                "speedup": 1 / statistics.median(ratios),
+                "flops_ratio": flops / dense_flops,
+                "params_ratio": params / dense_params,
+            }
+        )
     return {
         "model": name,
         "batch": batch,
@@ -116,10 +119,13 @@ def bench_model(name: str, batch: int, shape: tuple[int, ...], sparsities: tuple
     }
 
 
-def run(quick: bool = False, b64_res: int | None = None) -> dict[str, Any]:
+def run(quick: bool = False, b64_res: int | None = None, threads: int | None = None) -> dict[str, Any]:
     started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     sparsities = (0.5,) if quick else (0.3, 0.5, 0.7)
-    res64 = b64_res or (64 if quick else 112)
+    res64 = b64_res or (64 if quick else 224)
     rounds = 3 if quick else 5
     results = []
     for name, (_, shape1, shape64) in MODELS.items():
@@ -129,15 +135,21 @@ def run(quick: bool = False, b64_res: int | None = None) -> dict[str, Any]:
         shape = shape64 or (shape1[0], res64, res64)
         results.append(bench_model(name, 64, shape, sparsities, rounds, 1 if big else 10))
         print(_format(results[-1]), flush=True)
-    return {"results": results, "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - started}
+    used = torch.get_num_threads()
+    torch.set_num_threads(previous_threads)
+    return {"results": results, "threads": used, "wall_s": time.perf_counter() - started}
 
 
 def _format(r: dict[str, Any]) -> str:
-    lines = [f"\n{r['model']} batch {r['batch']} input {r['input']}: dense {r['dense_params'] / 1e6:.2f} M params, "
-             f"{r['dense_macs'] / 1e6:.1f} M MACs/sample"]
+    lines = [
+        f"\n{r['model']} batch {r['batch']} input {r['input']}: dense {r['dense_params'] / 1e6:.2f} M params, "
+        f"{r['dense_macs'] / 1e6:.1f} M MACs/sample"
+    ]
     for row in r["rows"]:
-        lines.append(f"  {row['kind']:<15} {row['sparsity']:>4.0%}  latency x{row['latency_ratio']:.2f} "
-                     f"({row['latency_ms']:.2f} ms)  speed-up {row['speedup']:.2f}  FLOPs x{row['flops_ratio']:.2f}")
+        lines.append(
+            f"  {row['kind']:<15} {row['sparsity']:>4.0%}  latency x{row['latency_ratio']:.2f} "
+            f"({row['latency_ms']:.2f} ms)  speed-up {row['speedup']:.2f}  FLOPs x{row['flops_ratio']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -145,9 +157,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--b64-res", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = run(args.quick, args.b64_res)
+    result = run(args.quick, args.b64_res, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

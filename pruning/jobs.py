@@ -152,11 +152,17 @@ def _check_achieved(pruning: PruningProblem, requested: dict[str, float], achiev
         if layer.name not in requested:
             continue
         unit = pruning.unit(layer.unit)
-        n = unit.channels if pruning.structured and unit.channels else layer.weight_count
+        if pruning.structured and unit.channels:
+            n, what = unit.channels, "channel"
+        elif unit.block is not None:
+            # Block sparsity prunes whole blocks: the request rounds to a whole number of them.
+            n, what = max(1, layer.weight_count // (unit.block[0] * unit.block[1])), "block"
+        else:
+            n, what = layer.weight_count, "element"
         if abs(requested[layer.name] - achieved.get(layer.name, 0.0)) * n > 1.0 + 1e-6:
             return (
                 f"layer {layer.name}: requested sparsity {requested[layer.name]:.4f} but achieved "
-                f"{achieved.get(layer.name, 0.0):.4f} (more than one {'channel' if pruning.structured else 'element'})"
+                f"{achieved.get(layer.name, 0.0):.4f} (more than one {what})"
             )
     return None
 

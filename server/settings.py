@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
     reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
     device: str = "cpu"
+    reuse_task_process: bool = Field(
+        default=True, description="keep the task process between experiments of the same entrypoint"
+    )
     job_timeout_s: float | None = Field(default=None, gt=0, description="kill a job's process after this long")
     job_memory_limit_mb: int | None = Field(default=None, gt=0, description="address-space limit of user code")
 

@@ -93,6 +93,7 @@ class JobProcess:
         self.device = device
         self.memory_limit_mb = memory_limit_mb
         self.poll_interval = poll_interval
+        self.reuse_key: Any = None  # set by the runner that may park this process between experiments
         self._process: subprocess.Popen[bytes] | None = None
         self._to_child: Any = None
         self._from_child: Any = None

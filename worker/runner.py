@@ -204,14 +204,8 @@ def _run(
         with session_factory() as session:
             return runs.cancel_requested(session, experiment_id)
 
-    child = JobProcess(
-        entrypoint,
-        list(settings.allowed_entrypoints),
-        artifacts_dir=str(settings.artifacts_dir),
-        device=settings.device,
-        memory_limit_mb=settings.job_memory_limit_mb,
-    )
-    with child:
+    child = _task_process(entrypoint, settings)
+    with _keep_if_healthy(child, settings):
         if stored_problem is not None:
             problem = SearchProblem.model_validate(stored_problem)
         else:
@@ -329,6 +323,53 @@ def _run(
             return _final_status(state, str(spent), last_error)
         _ensure_model(experiment_id, state.best_key, session_factory, execute)
     return _final_status(state, state.stop_reason, last_error)
+
+
+# One idle task process per worker process, kept between experiments of the same entrypoint so a queue of
+# small experiments does not pay an interpreter and torch import each (PRUNEHUB_REUSE_TASK_PROCESS=false: never).
+_idle_child: Any = None
+
+
+def _task_process(entrypoint: str, settings: Settings) -> Any:
+    from worker.isolation import JobProcess
+
+    global _idle_child
+    key = (entrypoint, tuple(settings.allowed_entrypoints), str(settings.artifacts_dir), settings.device,
+           settings.job_memory_limit_mb)
+    if _idle_child is not None:
+        cached, cached_key = _idle_child
+        _idle_child = None
+        if cached_key == key and cached.pid is not None:
+            return cached
+        cached.close()
+    child = JobProcess(
+        entrypoint,
+        list(settings.allowed_entrypoints),
+        artifacts_dir=str(settings.artifacts_dir),
+        device=settings.device,
+        memory_limit_mb=settings.job_memory_limit_mb,
+    )
+    child.reuse_key = key
+    return child
+
+
+class _keep_if_healthy:  # noqa: N801 - used as a context manager, named like one
+    """Closes the task process at the end of an experiment, or parks it for the next one when reuse is on and
+    the run ended normally (a cancel, a timeout or a crash already killed it)."""
+
+    def __init__(self, child: Any, settings: Settings) -> None:
+        self.child = child
+        self.reuse = settings.reuse_task_process
+
+    def __enter__(self) -> Any:
+        return self.child
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        global _idle_child
+        if self.reuse and exc_type is None and self.child.pid is not None:
+            _idle_child = (self.child, self.child.reuse_key)
+        else:
+            self.child.close()
 
 
 def _ensure_model(

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from server.services.auth import Principal, authenticate
 from server.services.dispatch import Dispatcher
 from server.settings import Settings
 
-__all__ = ["DispatcherDep", "PrincipalDep", "SessionDep", "SettingsDep"]
+__all__ = ["DispatcherDep", "ExperimentId", "PrincipalDep", "SessionDep", "SettingsDep"]
+
+# Ids are 32-bit integers in every database we run on; a larger number is a 422, not a driver overflow.
+ExperimentId = Annotated[int, Path(ge=1, le=2_147_483_647, description="the experiment's id")]
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -143,6 +143,10 @@ def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
 def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     """Store a job's :class:`~pruning.search.base.Result` on its trial and log it."""
     trial.status = TrialStatus.succeeded.value if result.status == "succeeded" else TrialStatus.failed.value
+    emerged = result.extra.get("distribution")
+    if isinstance(emerged, dict) and emerged:
+        # Global ranking: the per-unit split emerged from the weights; the job only fixed the overall target.
+        trial.distribution = {str(k): float(v) for k, v in emerged.items()}
     trial.score = result.score
     trial.requested = result.requested or None
     trial.achieved = result.achieved or None

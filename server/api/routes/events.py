@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.deps import PrincipalDep, SessionDep
+from server.api.deps import ExperimentId, PrincipalDep, SessionDep
 from server.api.schemas import ErrorPublic
 from server.db.models import Event, Experiment, ExperimentStatus
 from server.services import experiments as service
@@ -47,7 +47,7 @@ def format_event(event: Event) -> str:
 
 
 def _poll(
-    session_factory: sessionmaker[Session], experiment_id: int, floor: int | None, cursor: int | None
+    session_factory: sessionmaker[Session], experiment_id: ExperimentId, floor: int | None, cursor: int | None
 ) -> tuple[list[tuple[int, str]], bool]:
     """([(id, message)], terminal) from one short-lived session, closed before returning.
 
@@ -81,7 +81,7 @@ def _parse_last_id(header: str | None, query: int | None) -> int | None:
     response_class=StreamingResponse,
 )
 async def stream_events(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     request: Request,
     session: SessionDep,
     principal: PrincipalDep,

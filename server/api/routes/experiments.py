@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pruning.search.configs import parse_algorithm_config
-from server.api.deps import DispatcherDep, PrincipalDep, SessionDep, SettingsDep
+from server.api.deps import DispatcherDep, ExperimentId, PrincipalDep, SessionDep, SettingsDep
 from server.api.schemas import (
     BestPublic,
     BestSummary,
@@ -152,14 +152,14 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
-def get_experiment(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
+def get_experiment(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
     """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
     return _public(session, service.get_experiment(session, experiment_id, principal.scope), detail=True)
 
 
 @router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
 def list_trials(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     session: SessionDep,
     principal: PrincipalDep,
     status_: str | None = Query(None, alias="status", max_length=20),
@@ -192,7 +192,7 @@ def list_trials(
 
 @router.get("/{experiment_id}/best", response_model=BestPublic, responses=_ERRORS)
 def get_best(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     session: SessionDep,
     principal: PrincipalDep,
     objective: Literal["score", "flops", "params"] = "score",
@@ -230,7 +230,7 @@ def get_best(
 
 
 @router.get("/{experiment_id}/pareto", response_model=ParetoPublic, responses=_ERRORS)
-def get_pareto(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ParetoPublic:
+def get_pareto(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> ParetoPublic:
     """Non-dominated trials: best score for fewer FLOPs, and for fewer params (every strategy)."""
     experiment = service.get_experiment(session, experiment_id, principal.scope)
 
@@ -256,7 +256,9 @@ def get_pareto(experiment_id: int, session: SessionDep, principal: PrincipalDep)
     responses={200: {"content": {"application/zip": {}}}, **_ERRORS},
     response_class=Response,
 )
-def download_model(experiment_id: int, session: SessionDep, settings: SettingsDep, principal: PrincipalDep) -> Response:
+def download_model(
+    experiment_id: ExperimentId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> Response:
     """The best pruned model as a zip: ``model.safetensors`` (shrunk weights) and ``recipe.json`` (rebuilds the
     shape from the task's ``model()``; load with ``pruning.load_pruned(task, files)``). No pickles."""
     from pruning.artifacts import ArtifactNotFound, ArtifactStore
@@ -282,7 +284,7 @@ def download_model(experiment_id: int, session: SessionDep, settings: SettingsDe
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentPublic, responses=_ERRORS)
-def cancel_experiment(experiment_id: int, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
+def cancel_experiment(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
     """A queued experiment is cancelled at once; a running one goes ``cancelling`` then ``cancelled``."""
     experiment = service.get_experiment(session, experiment_id, principal.scope, for_update=True)
     service.cancel_experiment(session, experiment)
