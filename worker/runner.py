@@ -185,7 +185,7 @@ def _run(
     from pruning.search import make_strategy
     from pruning.search.base import Job, Result, SearchProblem
     from pruning.search.configs import parse_algorithm_config
-    from worker.isolation import ChildDied, ChildError, JobCancelled, JobProcess, JobTimedOut
+    from worker.isolation import ChildDied, ChildError, JobCancelled, JobTimedOut
 
     with session_factory() as session:
         experiment = session.get(Experiment, experiment_id)
