@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--step", type=float, default=0.05, help="NetAdapt: sparsity_per_iteration")
     parser.add_argument("--candidate-epochs", type=int, default=0, help="SA: fine-tune each candidate this long")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -113,7 +114,7 @@ def main() -> None:
                 short_term_fine_tuner=fine_tuner,
                 evaluator=evaluator,
                 base_algo=args.base,
-                sparsity_per_iteration=0.05,
+                sparsity_per_iteration=args.step,
                 experiment_data_dir=data_dir,
             )
             pruner.compress()

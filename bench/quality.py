@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,9 @@ KEEP_WEIGHTS = {"netadapt", "admm", "autocompress"}
 # Budgets: search_quality's configs, with candidate fine-tuning per task (the residual net scores at chance when
 # pruned without any fine-tuning, for every pruner: its candidates get one epoch, NNI's too).
 CANDIDATE_EPOCHS = {"examples.digits": 0, "bench.tasks.residual_digits": 1}
+# NetAdapt's step (prunehub's initial_reduction with no decay; NNI's sparsity_per_iteration): 0.05 is both defaults;
+# the residual net, where every candidate costs a training epoch, takes bigger steps to fit the run in minutes.
+NETADAPT_STEP = {"examples.digits": 0.05, "bench.tasks.residual_digits": 0.15}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,7 @@ FULL = Plan(
     bases={"examples.digits": ("l1", "fpgm"), "bench.tasks.residual_digits": ("l1", "fpgm")},
     sparsities=(0.5, 0.7),
     strategies=tuple(search_quality.STRATEGIES),
-    seeds=3,
+    seeds=2,
     nni=("sa", "netadapt"),
     nni_seeds=2,
     final_epochs=2,
@@ -96,6 +100,9 @@ def _config(name: str, plan: Plan, task_name: str, base: str, sparsity: float, s
         config["finetune_epochs"] = CANDIDATE_EPOCHS[task_name]
     if name == "optuna":
         config["num_trials"] = plan.optuna_trials
+    if name == "netadapt":
+        config["initial_reduction"] = NETADAPT_STEP[task_name]
+        config["reduction_decay"] = 1.0
     return config
 
 
@@ -183,6 +190,8 @@ def run_nni(
         out,
         "--candidate-epochs",
         str(CANDIDATE_EPOCHS.get(task_name, 0)),
+        "--step",
+        str(NETADAPT_STEP.get(task_name, 0.05)),
     ]
     started = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -233,68 +242,80 @@ def run_nni(
     return record
 
 
-def run(quick: bool = False, home: str | None = None) -> dict[str, Any]:
-    plan = QUICK if quick else FULL
+def _combo(plan: Plan, task_name: str, base: str, sparsity: float, home: str) -> list[dict[str, Any]]:
+    """Every method on one (task, base algorithm, target): runs in a worker process with one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["PRUNEHUB_HOME"] = home
+    store = ArtifactStore(tempfile.mkdtemp(prefix="prunehub-bench-quality-"))
+    task = load_task(task_name)
+    dense_score = task.evaluate(task.model())
+    config_list = [{"sparsity": sparsity, "op_types": ["Conv2d"]}]
+    pruning = resolve_config_list(task.model(), config_list, base, task.dummy_input())
+    uniform_params: float | None = None
+    runs: list[dict[str, Any]] = []
+    common = {"task": task_name, "base": base, "target": sparsity, "dense_score": dense_score}
+    for name in plan.strategies:
+        for seed in range(plan.seeds if name in STOCHASTIC else 1):
+            problem = SearchProblem(pruning=pruning, seed=seed)
+            config = _config(name, plan, task_name, base, sparsity, seed)
+            if name == "netadapt":
+                config["target_resource_ratio"] = uniform_params or 1 - sparsity
+            t_row = time.perf_counter()
+            try:
+                row = run_prunehub(name, config, task, problem, store, plan.final_epochs)
+            except Exception as exc:  # a strategy that crashes is a result too
+                row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            row["total_s"] = time.perf_counter() - t_row
+            if name == "uniform" and row.get("status") == "succeeded":
+                uniform_params = row["params_ratio"]
+            runs.append({**common, "method": name, "seed": seed, "source": "prunehub", **row})
+            _print_row(runs[-1])
+    for algo in plan.nni:
+        for seed in range(1 if algo == "netadapt" else plan.nni_seeds):
+            t_row = time.perf_counter()
+            try:
+                row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home)
+            except Exception as exc:
+                row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            row["total_s"] = time.perf_counter() - t_row
+            runs.append({**common, "method": f"nni-{algo}", "seed": seed, "source": "nni", **row})
+            _print_row(runs[-1])
+    shutil.rmtree(store.root, ignore_errors=True)
+    return runs
+
+
+def run(quick: bool = False, home: str | None = None, plan: Plan | None = None, jobs: int = 2) -> dict[str, Any]:
+    """All combinations of the plan, `jobs` at a time (one process and one torch thread each: these models are too
+    small for intra-op threads to help, and two processes use the machine's two cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    plan = plan or (QUICK if quick else FULL)
     home = home or os.environ.get("PRUNEHUB_HOME") or str(ROOT / ".prunehub")
     os.environ["PRUNEHUB_HOME"] = home
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # NNI's subprocesses too
     started = time.perf_counter()
-    store = ArtifactStore(tempfile.mkdtemp(prefix="prunehub-bench-quality-"))
-    runs: list[dict[str, Any]] = []
     loads = [loadavg()]
     for task_name in plan.tasks:
-        task = load_task(task_name)
-        dense = task.model()  # trains and caches the dense model once, outside the timings
-        dense_score = task.evaluate(dense)
-        for base in plan.bases[task_name]:
-            for sparsity in plan.sparsities:
-                config_list = [{"sparsity": sparsity, "op_types": ["Conv2d"]}]
-                pruning = resolve_config_list(task.model(), config_list, base, task.dummy_input())
-                uniform_params: float | None = None
-                for name in plan.strategies:
-                    seeds = plan.seeds if name in STOCHASTIC else 1
-                    for seed in range(seeds):
-                        problem = SearchProblem(pruning=pruning, seed=seed)
-                        config = _config(name, plan, task_name, base, sparsity, seed)
-                        if name == "netadapt":
-                            config["target_resource_ratio"] = uniform_params or 1 - sparsity
-                        key = {
-                            "task": task_name,
-                            "base": base,
-                            "target": sparsity,
-                            "method": name,
-                            "seed": seed,
-                            "source": "prunehub",
-                            "dense_score": dense_score,
-                        }
-                        try:
-                            row = run_prunehub(name, config, task, problem, store, plan.final_epochs)
-                        except Exception as exc:  # a strategy that crashes is a result too
-                            row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                        if name == "uniform" and row.get("status") == "succeeded":
-                            uniform_params = row["params_ratio"]
-                        runs.append({**key, **row})
-                        _print_row(runs[-1])
-                for algo in plan.nni:
-                    seeds = 1 if algo == "netadapt" else plan.nni_seeds
-                    for seed in range(seeds):
-                        key = {
-                            "task": task_name,
-                            "base": base,
-                            "target": sparsity,
-                            "method": f"nni-{algo}",
-                            "seed": seed,
-                            "source": "nni",
-                            "dense_score": dense_score,
-                        }
-                        try:
-                            row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home)
-                        except Exception as exc:
-                            row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                        runs.append({**key, **row})
-                        _print_row(runs[-1])
-                loads.append(loadavg())
-    # NNI's ADMM once, to record what its weights look like
-    admm = {"status": "skipped"}
+        load_task(task_name).model()  # trains and caches each dense model once, before the workers start
+    combos = [(t, b, s) for t in plan.tasks for b in plan.bases[t] for s in plan.sparsities]
+    # most expensive first (the residual net, the higher target) so two workers finish together
+    combos.sort(key=lambda c: (c[0] != "bench.tasks.residual_digits", -c[2]))
+    runs: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(combos))), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_combo, plan, t, b, s, home) for t, b, s in combos]
+        for (t, b, s), future in zip(combos, futures, strict=True):
+            try:
+                runs += future.result()
+            except Exception as exc:  # a crashed worker is recorded, never hidden
+                runs.append({"task": t, "base": b, "target": s, "method": "(all)", "seed": 0, "source": "prunehub",
+                             "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            loads.append(loadavg())
+    order = {(t, b, s): i for i, (t, b, s) in enumerate(sorted(combos, key=lambda c: (plan.tasks.index(c[0]), c)))}
+    runs.sort(key=lambda r: order.get((r["task"], r["base"], r["target"]), 0))
+    admm = {"status": "skipped"}  # NNI's ADMM once, to record what its weights look like
     if not quick:
         try:
             admm = run_nni_admm(home)
@@ -302,6 +323,7 @@ def run(quick: bool = False, home: str | None = None) -> dict[str, Any]:
             admm = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     return {
         "plan": dataclasses.asdict(plan),
+        "parallel_jobs": jobs,
         "runs": runs,
         "summary": summarize(runs),
         "nni_admm": admm,
@@ -375,7 +397,8 @@ def _print_row(r: dict[str, Any]) -> None:
     print(
         f"{r['task']:<28} {r['base']:<4} {r['target']:.1f} {r['method']:<13} s{r['seed']} "
         f"acc {r['score']:.4f} FLOPs {r['flops_ratio']:.3f} params {r['params_ratio']:.3f} "
-        f"conv-removed {r['conv_removed']:.3f} evals {r.get('evals')} wall {r.get('wall_s', 0):.1f}s",
+        f"conv-removed {r['conv_removed']:.3f} evals {r.get('evals')} wall {r.get('wall_s', 0):.1f}s "
+        f"total {r.get('total_s', 0):.1f}s",
         flush=True,
     )
 
@@ -384,8 +407,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="write the raw figures here")
+    parser.add_argument("--task", nargs="*", default=None, help="restrict to these tasks")
+    parser.add_argument("--base", nargs="*", default=None, help="restrict to these base algorithms")
+    parser.add_argument("--sparsity", type=float, nargs="*", default=None, help="restrict to these targets")
+    parser.add_argument("--only", nargs="*", default=None, help="restrict to these methods (nni-sa, nni-netadapt too)")
     args = parser.parse_args()
-    result = run(quick=args.quick)
+    plan = QUICK if args.quick else FULL
+    tasks = tuple(args.task or plan.tasks)
+    plan = dataclasses.replace(
+        plan,
+        tasks=tasks,
+        bases={t: tuple(args.base or plan.bases.get(t, ("l1",))) for t in tasks},
+        sparsities=tuple(args.sparsity or plan.sparsities),
+        strategies=tuple(m for m in plan.strategies if not args.only or m in args.only),
+        nni=tuple(a for a in plan.nni if not args.only or f"nni-{a}" in args.only),
+    )
+    result = run(quick=args.quick, plan=plan)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     print(f"(ran in {result['wall_s']:.0f} s)", file=sys.stderr)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
     reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
     device: str = "cpu"
+    runner: Literal["inprocess", "distributed"] = Field(
+        default="inprocess",
+        description="inprocess: one worker runs a whole search; distributed: each job is its own task on the "
+        "evaluations queue (one worker per GPU)",
+    )
     reuse_task_process: bool = Field(
         default=True, description="keep the task process between experiments of the same entrypoint"
     )

@@ -105,8 +105,9 @@ class LiveService:
             time.sleep(0.2)
         raise RuntimeError("API did not start in 60 s")
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        worker = self._spawn(["worker", "--loglevel", "INFO"], f"worker{len(self.workers)}.log")
+    def start_worker(self, queues: str | None = None) -> subprocess.Popen[bytes]:
+        args = ["worker", "--loglevel", "INFO"] + (["--queues", queues] if queues else [])
+        worker = self._spawn(args, f"worker{len(self.workers)}.log")
         self.workers.append(worker)
         return worker
 

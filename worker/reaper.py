@@ -13,9 +13,9 @@ import threading
 from celery import Celery
 
 from server.services import runs
-from worker.celery_app import EXPERIMENTS_QUEUE
+from worker.celery_app import EVALUATIONS_QUEUE, EXPERIMENTS_QUEUE
 from worker.signals import get_context
-from worker.tasks import RUN_EXPERIMENT
+from worker.tasks import EVALUATE, RUN_EXPERIMENT
 
 __all__ = ["reap_once", "start_reaper"]
 
@@ -27,10 +27,13 @@ def reap_once(app: Celery) -> list[int]:
     context = get_context()
     with context.session_factory() as session:
         ids = runs.experiments_to_requeue(session, context.settings.lease_grace_s)
+        trial_ids = runs.trials_to_requeue(session, context.settings.lease_grace_s)
     for experiment_id in ids:
         app.send_task(RUN_EXPERIMENT, args=[experiment_id], queue=EXPERIMENTS_QUEUE)
-    if ids:
-        log.warning("re-enqueued experiments %s (stale lease or lost message)", ids)
+    for trial_id in trial_ids:
+        app.send_task(EVALUATE, args=[trial_id], queue=EVALUATIONS_QUEUE)
+    if ids or trial_ids:
+        log.warning("re-enqueued experiments %s and jobs %s (stale lease or lost message)", ids, trial_ids)
     return ids
 
 

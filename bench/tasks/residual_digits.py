@@ -21,7 +21,7 @@ from torch import nn
 SEED = 0
 EPOCHS = 15
 BATCH_SIZE = 32
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"
 
 
 class _Block(nn.Module):
@@ -41,15 +41,15 @@ class _Block(nn.Module):
 
 
 class ResidualDigits(nn.Module):
-    """stem 3x3 (24) → 2 blocks at 24 ch, 8x8 → 2 blocks at 48 ch, 4x4 (projection skip) → pool → fc."""
+    """stem 3x3 (16) → 2 blocks at 16 ch, 8x8 → 2 blocks at 32 ch, 4x4 (projection skip) → pool → fc."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 24, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        self.layer1 = nn.Sequential(_Block(24, 24, 1), _Block(24, 24, 1))
-        self.layer2 = nn.Sequential(_Block(24, 48, 2), _Block(48, 48, 1))
-        self.fc = nn.Linear(48, 10)
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(_Block(16, 16, 1), _Block(16, 16, 1))
+        self.layer2 = nn.Sequential(_Block(16, 32, 2), _Block(32, 32, 1))
+        self.fc = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))

@@ -85,6 +85,7 @@ class Experiment(Base):
     search_state: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     state_version: Mapped[int] = mapped_column(Integer, default=0)
     problem: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)  # distributed runner: asks done so far
     best_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     best_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -113,6 +114,11 @@ class Trial(Base):
     job_key: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20), default=TrialStatus.pending.value)
+    # Distributed runner: the ask that produced this job, and the evaluation worker's lease on it.
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     distribution: Mapped[dict[str, float]] = mapped_column(JSONType)  # requested, per unit
     requested: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer
     achieved: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer

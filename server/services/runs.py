@@ -6,7 +6,7 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -22,6 +22,8 @@ __all__ = [
     "experiments_to_requeue",
     "heartbeat",
     "lease_is_live",
+    "lease_is_live_at",
+    "trials_to_requeue",
     "finish_experiment",
     "record_decisions",
     "record_result",
@@ -33,9 +35,16 @@ __all__ = [
 
 def lease_is_live(experiment: Experiment, grace_s: float) -> bool:
     """Whether another worker holds the experiment: a lease whose heartbeat is younger than ``grace_s``."""
-    if experiment.lease_owner is None or experiment.heartbeat_at is None:
+    if experiment.lease_owner is None:
         return False
-    beat = experiment.heartbeat_at
+    return lease_is_live_at(experiment.heartbeat_at, grace_s)
+
+
+def lease_is_live_at(heartbeat_at: datetime | None, grace_s: float) -> bool:
+    """Whether a heartbeat is younger than ``grace_s``."""
+    if heartbeat_at is None:
+        return False
+    beat = heartbeat_at
     if beat.tzinfo is None:  # SQLite gives naive datetimes back (stored as UTC)
         beat = beat.replace(tzinfo=UTC)
     return (utcnow() - beat).total_seconds() < grace_s
@@ -99,6 +108,25 @@ def experiments_to_requeue(session: Session, grace_s: float) -> list[int]:
         Experiment.status == ExperimentStatus.queued.value, Experiment.created_at < cutoff
     )
     return sorted(set(session.scalars(stale)) | set(session.scalars(waiting)))
+
+
+def trials_to_requeue(session: Session, grace_s: float) -> list[int]:
+    """Distributed runner: trials whose evaluation worker died (running, stale lease) and pending trials whose
+    message seems lost (pending much longer than a job could wait behind a busy queue)."""
+    stale = utcnow() - timedelta(seconds=grace_s)
+    lost = utcnow() - timedelta(seconds=max(grace_s * 10, 300.0))
+    active = select(Experiment.id).where(
+        Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value))
+    )
+    running = select(Trial.id).where(
+        Trial.experiment_id.in_(active),
+        Trial.status == TrialStatus.running.value,
+        (Trial.heartbeat_at.is_(None)) | (Trial.heartbeat_at < stale),
+    )
+    waiting = select(Trial.id).where(
+        Trial.experiment_id.in_(active), Trial.status == TrialStatus.pending.value, Trial.created_at < lost
+    )
+    return sorted(set(session.scalars(running)) | set(session.scalars(waiting)))
 
 
 def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:

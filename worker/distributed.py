@@ -1,0 +1,456 @@
+"""The distributed runner: one search across many GPUs, coordinated through the database.
+
+Two kinds of Celery task, on two queues:
+
+* ``experiments.run`` (queue ``experiments``, cheap, no user code): **advance** one step. Lock the experiment row;
+  if every job of the current step has finished, ``tell`` the strategy their results; ``ask`` the next jobs; insert
+  them as ``pending`` trials (unique job keys) with the state after the ask; commit; then enqueue one
+  ``evaluations.run`` task per job. It never waits for a job.
+* ``evaluations.run`` (queue ``evaluations``, one process per GPU): take one trial's lease, execute its job in the
+  supervised task process, record the result, and — when the database says it was the last unfinished job of its
+  step — enqueue the next advance. A failed job is retried once (on whichever worker takes it next), then recorded
+  as a failed trial; the strategy decides what a step with failures means.
+
+``evaluations.resolve`` builds the pruning problem (the user's ``model()`` is traced there, not in the coordinator)
+and ``evaluations.export`` rebuilds the best trial's model for download before the experiment ends. Two advances
+racing for one step are harmless: the second finds the step already asked (row lock on PostgreSQL; unique job keys
+everywhere). Weights travel through the shared artifact store; messages carry ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.services import runs
+from server.services.events import add_event
+from server.settings import Settings
+from worker.runner import (
+    _decisions,
+    _elapsed_minutes_since,
+    _keep_if_healthy,
+    _task_process,
+    transact,
+    trial_to_result,
+)
+
+__all__ = ["ADVANCE", "EVALUATE", "EXPORT", "RESOLVE", "advance", "evaluate", "export_best", "resolve"]
+
+log = logging.getLogger(__name__)
+
+ADVANCE = "experiments.run"
+EVALUATE = "evaluations.run"
+RESOLVE = "evaluations.resolve"
+EXPORT = "evaluations.export"
+MAX_JOB_ATTEMPTS = 2  # a job is retried once, then recorded as failed
+_UNFINISHED = (TrialStatus.pending.value, TrialStatus.running.value)
+
+Send = Callable[[str, int], None]  # (task name, id) -> enqueue on the task's queue
+
+
+def _load(settings: Settings, experiment: Experiment) -> tuple[Any, Any, Any]:
+    from pruning.search import make_strategy, state_type
+    from pruning.search.base import SearchProblem
+    from pruning.search.configs import parse_algorithm_config
+
+    config = parse_algorithm_config(experiment.config)
+    problem = SearchProblem.model_validate(experiment.problem)
+    strategy = make_strategy(config)
+    state = (
+        state_type(experiment.algorithm).model_validate(experiment.search_state)
+        if experiment.search_state is not None
+        else strategy.start(problem)
+    )
+    return config, strategy, state
+
+
+def advance(experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, send: Send) -> str:
+    """Advance the experiment by at most one step; returns what happened (for logs and tests)."""
+    outbox: list[tuple[str, int]] = []
+
+    def work(session: Session) -> str:
+        outbox.clear()
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        if experiment is None:
+            return "missing"
+        status = ExperimentStatus(experiment.status)
+        if status.terminal:
+            return "terminal"
+        unfinished = session.scalar(
+            select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(_UNFINISHED))
+        )
+        if status is ExperimentStatus.cancelling:
+            if unfinished:
+                return "waiting for jobs to stop"
+            runs.finish_experiment(session, experiment, ExperimentStatus.cancelled)
+            return "cancelled"
+        if status is ExperimentStatus.queued:
+            experiment.status = ExperimentStatus.running.value
+            experiment.started_at = experiment.started_at or utcnow()
+            experiment.attempts += 1
+            add_event(session, experiment_id, "status", status="running", attempt=experiment.attempts)
+        experiment.heartbeat_at = utcnow()
+        if experiment.problem is None:
+            if experiment.phase != "resolving the problem":
+                experiment.phase = "resolving the problem"
+                outbox.append((RESOLVE, experiment_id))
+            return "resolving"
+        if unfinished:
+            return "step still running"
+        return _advance_step(session, experiment, settings, outbox)
+
+    try:
+        outcome = transact(session_factory, work, give_up_after_s=settings.db_retry_s)
+    except IntegrityError:
+        return "another advance won"  # it inserted this step's jobs first
+    for name, target in outbox:  # commit, then enqueue
+        send(name, target)
+    return outcome
+
+
+def _advance_step(session: Session, experiment: Experiment, settings: Settings, outbox: list[tuple[str, int]]) -> str:
+    config, strategy, state = _load(settings, experiment)
+    experiment_id = experiment.id
+    if experiment.step > 0:
+        step_trials = select(Trial).where(Trial.experiment_id == experiment_id, Trial.step == experiment.step)
+        trials = list(session.scalars(step_trials.order_by(Trial.seq)))
+        state = strategy.tell(state, [trial_to_result(t) for t in trials])
+        state_json = state.model_dump(mode="json")
+        decisions = _decisions(state_json, {t.job_key for t in trials})
+        if decisions:
+            runs.record_decisions(session, experiment_id, decisions)
+        finished = _finished(session, experiment_id)
+        runs.save_progress(
+            session,
+            experiment,
+            state=state_json,
+            progress=state.progress if state.progress is not None else float(finished),
+            progress_total=state.progress_total
+            if state.progress_total is not None
+            else (float(config.max_trials) if config.max_trials else None),
+            phase=state.phase or f"{experiment.algorithm}: {finished} trial(s)",
+            best_key=state.best_key,
+        )
+    finished = _finished(session, experiment_id)
+    stop_reason = None
+    if config.max_minutes is not None and _elapsed_minutes_since(experiment.started_at) >= config.max_minutes:
+        stop_reason = f"stopped after max_minutes={config.max_minutes}"
+    state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
+    if jobs and config.max_trials is not None and finished >= config.max_trials:
+        stop_reason, jobs = f"stopped after max_trials={config.max_trials}", []
+    if not jobs:
+        return _finish(session, experiment, state, stop_reason or state.stop_reason, outbox)
+    next_step = experiment.step + 1
+    seq = session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0
+    for job in jobs:
+        seq += 1
+        trial = Trial(
+            experiment_id=experiment_id,
+            seq=seq,
+            step=next_step,
+            job_key=job.key,
+            kind=job.kind,
+            status=TrialStatus.pending.value,
+            distribution=dict(job.distribution),
+            context=dict(job.context),
+            extra={"job": job.model_dump(mode="json")},
+        )
+        session.add(trial)
+        session.flush()  # a job key asked twice (a racing advance) fails here, before anything is sent
+        outbox.append((EVALUATE, trial.id))
+    experiment.search_state = state.model_dump(mode="json")  # the state after ask: tell continues from it
+    experiment.state_version += 1
+    experiment.step = next_step
+    experiment.phase = f"step {next_step}: {len(jobs)} job(s)"
+    add_event(session, experiment_id, "step", step=next_step, jobs=len(jobs))
+    return f"step {next_step}: {len(jobs)} job(s)"
+
+
+def _finish(
+    session: Session, experiment: Experiment, state: Any, reason: str | None, outbox: list[tuple[str, int]]
+) -> str:
+    experiment.search_state = state.model_dump(mode="json")
+    if state.best_key is None:
+        failed = session.scalar(
+            select(Trial.error)
+            .where(Trial.experiment_id == experiment.id, Trial.status == TrialStatus.failed.value)
+            .order_by(Trial.seq.desc())
+            .limit(1)
+        )
+        reasons = [r for r in (reason, f"last failure: {failed}" if failed else None) if r]
+        runs.finish_experiment(
+            session,
+            experiment,
+            ExperimentStatus.failed,
+            error="; ".join(reasons) or "the search produced no successful trial",
+        )
+        return "failed"
+    best = runs.trial_by_key(session, experiment.id, state.best_key)
+    if best is not None and not (best.extra or {}).get("model_artifact") and best.kind in (
+        "evaluate",
+        "finetune_and_evaluate",
+    ):
+        if experiment.phase != "saving the best pruned model":
+            experiment.phase = "saving the best pruned model"
+            if reason:
+                add_event(session, experiment.id, "note", text=reason)
+            outbox.append((EXPORT, experiment.id))
+        return "exporting"
+    runs.finish_experiment(session, experiment, ExperimentStatus.succeeded)
+    if reason:
+        experiment.phase = f"succeeded: {reason}"
+    return "succeeded"
+
+
+def _finished(session: Session, experiment_id: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                Trial.experiment_id == experiment_id,
+                Trial.status.in_((TrialStatus.succeeded.value, TrialStatus.failed.value)),
+            )
+        )
+        or 0
+    )
+
+
+class _TrialHeartbeat:
+    """Renews an evaluation's lease on its trial while the job runs."""
+
+    def __init__(self, trial_id: int, worker_id: str, session_factory: sessionmaker[Session], interval: float):
+        self.stop_event = threading.Event()
+
+        def loop() -> None:
+            while not self.stop_event.wait(interval):
+                try:
+                    with session_factory() as session:
+                        trial = session.get(Trial, trial_id)
+                        if trial is not None and trial.lease_owner == worker_id:
+                            trial.heartbeat_at = utcnow()
+                            session.commit()
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                    log.warning("heartbeat of trial %s failed", trial_id, exc_info=True)
+
+        self.thread = threading.Thread(target=loop, name=f"trial-lease-{trial_id}", daemon=True)
+
+    def __enter__(self) -> _TrialHeartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+
+def evaluate(
+    trial_id: int, *, session_factory: sessionmaker[Session], settings: Settings, worker_id: str, send: Send
+) -> str:
+    """Run one trial's job on this worker (lease, execute, record); enqueue the advance after a step's last job."""
+    from pruning.search.base import Job, Result
+    from worker.isolation import ChildDied, ChildError, JobCancelled, JobTimedOut
+
+    def claim(session: Session) -> tuple[str, Any] | None:
+        trial = session.get(Trial, trial_id, with_for_update=True)
+        if trial is None:
+            return None
+        experiment = session.get(Experiment, trial.experiment_id)
+        assert experiment is not None
+        if trial.status in (TrialStatus.succeeded.value, TrialStatus.failed.value):
+            return ("done", experiment.id)
+        if trial.status == TrialStatus.running.value and trial.lease_owner != worker_id:
+            if runs.lease_is_live_at(trial.heartbeat_at, settings.lease_grace_s):
+                return None  # a duplicate delivery: another worker holds the job
+        if experiment.status in (ExperimentStatus.cancelling.value, ExperimentStatus.cancelled.value):
+            _record(session, trial, Result(key=trial.job_key, status="failed", error="cancelled before it ran"))
+            return ("cancelled", experiment.id)
+        if trial.attempts >= MAX_JOB_ATTEMPTS:
+            _record(
+                session,
+                trial,
+                Result(key=trial.job_key, status="failed", error=f"the job was started {trial.attempts} times "
+                       "without finishing; its workers died"),
+            )
+            return ("gave up", experiment.id)
+        trial.status = TrialStatus.running.value
+        trial.lease_owner = worker_id
+        trial.heartbeat_at = utcnow()
+        trial.attempts += 1
+        return ("run", (experiment.id, experiment.entrypoint, experiment.problem, trial.extra["job"], trial.attempts))
+
+    claimed = transact(session_factory, claim, give_up_after_s=settings.db_retry_s)
+    if claimed is None:
+        return "skipped"
+    outcome, payload = claimed
+    if outcome != "run":
+        _after_job(trial_id, session_factory, settings, send)
+        return outcome
+    experiment_id, entrypoint, problem_json, job_json, attempt = payload
+    job = Job.model_validate(job_json)
+
+    def cancelled() -> bool:
+        with session_factory() as session:
+            return runs.cancel_requested(session, experiment_id)
+
+    deadline = time.monotonic() + settings.job_timeout_s if settings.job_timeout_s else None
+    child = _task_process(entrypoint, settings)
+    retry = False
+    try:
+        with _keep_if_healthy(child, settings), _TrialHeartbeat(
+            trial_id, worker_id, session_factory, settings.worker_heartbeat_s
+        ):
+            answer = child.request(
+                "job", {"problem": problem_json, "job": job_json}, should_stop=cancelled, deadline=deadline
+            )
+            result = Result.model_validate(answer["result"])
+    except ChildError as exc:
+        result = Result(key=job.key, status="failed", error=str(exc), extra={"traceback": exc.traceback})
+        retry = not exc.fatal
+    except ChildDied as exc:
+        result, retry = Result(key=job.key, status="failed", error=str(exc)), True
+    except JobTimedOut:
+        result = Result(key=job.key, status="failed", error=f"job exceeded job_timeout={settings.job_timeout_s}s")
+        retry = True
+    except JobCancelled as exc:
+        result = Result(key=job.key, status="failed", error=str(exc))
+    if result.status == "failed" and retry and attempt < MAX_JOB_ATTEMPTS and not cancelled():
+        # Retried once, by whichever evaluation worker takes the message next.
+        def release(session: Session) -> None:
+            trial = session.get(Trial, trial_id)
+            if trial is not None and trial.lease_owner == worker_id:
+                trial.status, trial.lease_owner = TrialStatus.pending.value, None
+                add_event(session, trial.experiment_id, "note", text=f"retrying {trial.job_key}: {result.error}")
+
+        transact(session_factory, release, give_up_after_s=settings.db_retry_s)
+        send(EVALUATE, trial_id)
+        return "retrying"
+
+    def record(session: Session) -> None:
+        trial = session.get(Trial, trial_id)
+        assert trial is not None
+        if trial.lease_owner == worker_id or trial.status == TrialStatus.running.value:
+            _record(session, trial, result)
+
+    transact(session_factory, record, give_up_after_s=settings.db_retry_s)
+    _after_job(trial_id, session_factory, settings, send)
+    return result.status
+
+
+def _record(session: Session, trial: Trial, result: Any) -> None:
+    runs.record_result(session, trial, result)
+    trial.lease_owner = None
+
+
+def _after_job(trial_id: int, session_factory: sessionmaker[Session], settings: Settings, send: Send) -> None:
+    """Enqueue the next advance when no job of this trial's step is unfinished (decided in the database after
+    this job's result was committed, so at least one of the step's last finishers sees zero)."""
+
+    def remaining(session: Session) -> tuple[int, int] | None:
+        trial = session.get(Trial, trial_id)
+        if trial is None:
+            return None
+        left = session.scalar(
+            select(func.count()).where(
+                Trial.experiment_id == trial.experiment_id, Trial.step == trial.step, Trial.status.in_(_UNFINISHED)
+            )
+        )
+        return trial.experiment_id, int(left or 0)
+
+    found = transact(session_factory, remaining, give_up_after_s=settings.db_retry_s)
+    if found is not None and found[1] == 0:
+        send(ADVANCE, found[0])
+
+
+def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, send: Send) -> str:
+    """Build the experiment's pruning problem in a task process (user code), store it, and advance."""
+    from worker.isolation import ChildDied, ChildError, JobTimedOut
+
+    with session_factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None or ExperimentStatus(experiment.status).terminal:
+            return "skipped"
+        if experiment.problem is not None:
+            send(ADVANCE, experiment_id)
+            return "already resolved"
+        entrypoint, config = experiment.entrypoint, experiment.config
+    child = _task_process(entrypoint, settings)
+    error: str | None = None
+    problem: Any = None
+    try:
+        with _keep_if_healthy(child, settings):
+            problem = child.request("resolve", {"config": config}, deadline=None)["problem"]
+    except (ChildError, ChildDied, JobTimedOut) as exc:
+        error = str(exc) if isinstance(exc, ChildError) else f"{exc} while loading the task"
+
+    def store(session: Session) -> None:
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        assert experiment is not None
+        if ExperimentStatus(experiment.status).terminal:
+            return
+        if error is not None:
+            runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error)
+            return
+        experiment.problem = problem
+        experiment.phase = "problem resolved"
+        add_event(session, experiment_id, "problem", units=len(problem["pruning"]["units"]),
+                  target_sparsity=problem["pruning"]["target_sparsity"])
+
+    transact(session_factory, store, give_up_after_s=settings.db_retry_s)
+    if error is None:
+        send(ADVANCE, experiment_id)
+    return "failed" if error else "resolved"
+
+
+def export_best(
+    experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, send: Send
+) -> str:
+    """Rebuild the best trial's job with ``save_artifact`` so it downloads, then end the experiment."""
+    from pruning.search.base import Job, Result
+    from worker.isolation import ChildDied, ChildError, JobTimedOut
+
+    with session_factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None or ExperimentStatus(experiment.status).terminal or experiment.best_trial_id is None:
+            return "skipped"
+        best = session.get(Trial, experiment.best_trial_id)
+        assert best is not None
+        entrypoint, problem_json, job_json, best_id = (
+            experiment.entrypoint, experiment.problem, best.extra["job"], best.id,
+        )
+    job = Job.model_validate(job_json).model_copy(update={"save_artifact": True})
+    child = _task_process(entrypoint, settings)
+    try:
+        with _keep_if_healthy(child, settings):
+            answer = child.request("job", {"problem": problem_json, "job": job.model_dump(mode="json")})
+            result = Result.model_validate(answer["result"])
+    except (ChildError, ChildDied, JobTimedOut) as exc:
+        result = Result(key=job.key, status="failed", error=str(exc))
+
+    def finish(session: Session) -> None:
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        assert experiment is not None
+        if ExperimentStatus(experiment.status).terminal:
+            return
+        trial = session.get(Trial, best_id)
+        assert trial is not None
+        artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
+        if artifact:
+            runs.attach_model(session, trial, artifact, result.score)
+        else:
+            add_event(session, experiment_id, "note", text=f"could not save the best model: {result.error}")
+        final = (
+            ExperimentStatus.cancelled
+            if experiment.status == ExperimentStatus.cancelling.value
+            else ExperimentStatus.succeeded
+        )
+        runs.finish_experiment(session, experiment, final)
+
+    transact(session_factory, finish, give_up_after_s=settings.db_retry_s)
+    return "exported"
