@@ -445,7 +445,8 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
     else:
         lines += [
             f"Each cell: median over {api['rounds']} rounds of {api['seconds_per_run']:.0f} s per server, "
-            "prunehub and bare alternating. The load generator (one asyncio process) shares the 2 cores with "
+            "prunehub and bare alternating; the API key is sent as on every real request. The load generator (one "
+                "asyncio process, a minimal keep-alive HTTP/1.1 client) shares the 2 cores with "
             "both servers and with other engineers' jobs, so absolute numbers are floors; the ratios compare "
             "like with like.",
             "",

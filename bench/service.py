@@ -4,8 +4,8 @@ per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worke
 1. API: ``prunehub serve`` on PostgreSQL (database ``prunehub_bench``) and Redis (db 5), and
    ``uvicorn bench.bare_app:app`` (same framework, no database or broker) run side by side on this machine.
    ``GET /experiments/{id}`` and ``POST /experiments`` (the digits example's body) are driven by 16 and 64
-   concurrent keep-alive clients (one asyncio process, httpx) for a fixed time each, alternating prunehub and bare
-   in every round. Reported: requests/s and p50/p99 latency, and each as a ratio to the bare endpoint. The load
+   concurrent keep-alive connections (one asyncio process, a minimal HTTP/1.1 client) for a fixed time each,
+   alternating prunehub and bare in every round. Reported: requests/s and p50/p99 latency, and each as a ratio to the bare endpoint. The load
    generator shares the two cores with the servers, so absolute numbers are a floor; the ratios are the claim.
    No worker runs during this part: POSTed experiments stay queued (db 5 is flushed afterwards).
 2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis) run
@@ -143,46 +143,72 @@ def _flush_redis() -> None:
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    """Send one prepared HTTP/1.1 request on a keep-alive connection; return the status after reading the body."""
+    writer.write(raw)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+def _raw_request(url: str, method: str, headers: dict[str, str]) -> tuple[str, int, bytes]:
+    parsed = httpx.URL(url)
+    body = json.dumps(BODY).encode() if method == "POST" else b""
+    lines = [f"{method} {parsed.raw_path.decode()} HTTP/1.1", f"Host: {parsed.host}:{parsed.port}",
+             "Connection: keep-alive", *(f"{k}: {v}" for k, v in headers.items())]
+    if method == "POST":
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return parsed.host, int(parsed.port or 80), ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 async def _drive(url: str, method: str, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    """`clients` keep-alive connections, each sending its next request when the previous answer arrived.
+
+    A minimal asyncio HTTP/1.1 client (prepared request bytes, Content-Length bodies) instead of httpx: on two
+    shared cores the load generator must cost far less than the servers it measures.
+    """
+    host, port, raw = _raw_request(url, method, headers)
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
 
-        async def worker() -> None:
-            nonlocal errors
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
             while time.perf_counter() < stop_at:
                 start = time.perf_counter()
                 try:
-                    if method == "GET":
-                        response = await client.get(url)
-                    else:
-                        response = await client.post(url, json=BODY)
-                    if response.status_code >= 400:
-                        errors += 1
-                        continue
-                except httpx.HTTPError:
+                    status = await _request(reader, writer, raw)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                if status >= 400:
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - start)
+        finally:
+            writer.close()
 
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - began
     latencies.sort()
-    pick = (
-        (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3)
-        if latencies
-        else (lambda q: float("nan"))
-    )
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "rps": len(latencies) / elapsed,
-        "p50_ms": pick(0.5),
-        "p99_ms": pick(0.99),
-    }
+
+    def pick(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else float("nan")
+
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99)}
 
 
 def api_throughput(quick: bool) -> dict[str, Any]:

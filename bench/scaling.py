@@ -1,0 +1,218 @@
+"""Scaling with evaluation workers: the distributed runner against real Redis and PostgreSQL.
+
+For 1, 2 and 4 evaluation worker processes (one coordinator besides), a NetAdapt search and a batched annealing
+search (``batch_size`` 4) run on ``bench.tasks.sleepy``, whose evaluator sleeps a fixed time in place of GPU work.
+Reported: wall time from submission to the end of the experiment, speed-up against one worker, and efficiency
+(speed-up / workers). Then the orchestration overhead per job with a no-op evaluator (sleep 0): wall time per
+job and (wall − time inside jobs) / jobs, which is what prunehub itself costs per job (two broker hops, database
+writes, the supervised task process, pruning and measuring a tiny model).
+
+Every configuration runs in the same invocation, one after another, on this machine (2 cores shared with other
+work): absolute times are noisy; the ratios are the claim.
+
+    python -m bench.scaling [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import ROOT, loadavg
+
+PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("PRUNEHUB_BENCH_SCALING_DATABASE_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/prunehub_scaling")
+REDIS_URL = os.environ.get("PRUNEHUB_BENCH_SCALING_REDIS_URL", "redis://127.0.0.1:6379/6")
+SLEEP_S = 2.0  # long enough that the sleep, not the 2 shared cores, is what parallel workers divide
+BASE = {"entrypoint": "bench.tasks.sleepy", "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+        "base_algo": "l1", "seed": 0}
+SEARCHES = {
+    "netadapt": {**BASE, "algorithm": "netadapt", "target_resource_ratio": 0.6, "initial_reduction": 0.1,
+                 "short_term_finetune_epochs": 0, "resource": "flops"},
+    "annealing x4": {**BASE, "algorithm": "annealing", "batch_size": 4, "start_temperature": 100,
+                     "stop_temperature": 30, "cool_down_rate": 0.8},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _reset_database() -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = make_url(PG_URL).database
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+class _Cluster:
+    """API + one coordinator + N evaluation workers, distributed runner, on PostgreSQL and Redis."""
+
+    def __init__(self, home: Path, evaluation_workers: int, sleep_s: float) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
+        self.env.update({
+            "PRUNEHUB_HOME": str(home),
+            "PRUNEHUB_DATABASE_URL": PG_URL,
+            "PRUNEHUB_BROKER_URL": REDIS_URL,
+            "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
+            "PRUNEHUB_ALLOWED_ENTRYPOINTS": "bench.",
+            "PRUNEHUB_RUNNER": "distributed",
+            "PRUNEHUB_BENCH_SLEEP": str(sleep_s),
+            "PYTHONPATH": str(ROOT),
+        })
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.evaluation_workers = evaluation_workers
+
+    def _spawn(self, *args: str) -> None:
+        log = open(self.home / f"p{len(self.processes)}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.processes.append(subprocess.Popen([sys.executable, "-m", "server.cli", *args], env=self.env,
+                                               cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+
+    def __enter__(self) -> _Cluster:
+        _reset_database()
+        self._spawn("serve", "--port", str(self.port))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not start")
+            time.sleep(0.2)
+        self._spawn("worker", "--queues", "experiments", "--loglevel", "WARNING")
+        for _ in range(self.evaluation_workers):
+            self._spawn("worker", "--queues", "evaluations", "--loglevel", "WARNING")
+        time.sleep(3)  # workers connect and import before the clock starts
+        key = (self.home / "api-key").read_text().strip()
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
+                                   headers={"Authorization": f"Bearer {key}"})
+        return self
+
+    def run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        experiment = self.client.post("/experiments", json={**spec, "name": spec["algorithm"]}).json()
+        while True:
+            state = self.client.get(f"/experiments/{experiment['id']}").json()
+            if state["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        trials = self.client.get(f"/experiments/{experiment['id']}/trials", params={"limit": 1000}).json()
+        items = trials["items"]
+        inside = sum(t["duration_s"] or 0.0 for t in items)
+        # The searching span: from the first job's creation to the last job's end (without start-up: spawning
+        # the task process and tracing the model once).
+        from datetime import datetime
+
+        first = min(datetime.fromisoformat(t["created_at"]) for t in items)
+        last = max(datetime.fromisoformat(t["finished_at"]) for t in items if t["finished_at"])
+        return {"status": state["status"], "wall_s": wall, "span_s": (last - first).total_seconds(),
+                "jobs": trials["total"], "inside_jobs_s": inside, "best": state["best_score"],
+                "keys": [t["job_key"] for t in items]}
+
+    def __exit__(self, *_exc: object) -> None:
+        self.client.close()
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    counts = (1, 2) if quick else (1, 2, 4)
+    sleep_s = 1.0 if quick else SLEEP_S
+    searches = {"netadapt": SEARCHES["netadapt"]} if quick else SEARCHES
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="prunehub-scaling-") as tmp:
+        for name, spec in searches.items():
+            baseline = None
+            for workers in counts:
+                home = Path(tmp) / f"{name.replace(' ', '_')}-{workers}"
+                home.mkdir()
+                with _Cluster(home, workers, sleep_s) as cluster:
+                    result = cluster.run(spec)
+                baseline = baseline or result
+                speedup = baseline["wall_s"] / result["wall_s"]
+                rows.append({"search": name, "workers": workers, "wall_s": round(result["wall_s"], 2),
+                             "span_s": round(result["span_s"], 2),
+                             "jobs": result["jobs"], "speedup": round(speedup, 2),
+                             "efficiency": round(speedup / workers, 2), "status": result["status"],
+                             "same_jobs_as_1_worker": result["keys"] == baseline["keys"],
+                             "load": loadavg()})
+                print(json.dumps(rows[-1]), flush=True)
+        overhead_home = Path(tmp) / "overhead"
+        overhead_home.mkdir()
+        with _Cluster(overhead_home, 1, 0.0) as cluster:
+            result = cluster.run({**SEARCHES["annealing x4"], "batch_size": 1, "cool_down_rate": 0.95})
+        jobs = max(result["jobs"], 1)
+        overhead = {
+            "jobs": result["jobs"],
+            "wall_per_job_ms": round(1000 * result["wall_s"] / jobs, 1),
+            "inside_job_ms": round(1000 * result["inside_jobs_s"] / jobs, 1),
+            "orchestration_per_job_ms": round(1000 * (result["wall_s"] - result["inside_jobs_s"]) / jobs, 1),
+            "steady_orchestration_per_job_ms": round(1000 * (result["span_s"] - result["inside_jobs_s"]) / jobs, 1),
+            "load": loadavg(),
+        }
+        print(json.dumps(overhead), flush=True)
+    return {"rows": rows, "overhead": overhead, "sleep_s": sleep_s, "markdown": _markdown(rows, overhead, sleep_s)}
+
+
+def _markdown(rows: list[dict[str, Any]], overhead: dict[str, Any], sleep_s: float) -> str:
+    lines = [
+        "Made by `bench/scaling.py` (`python -m bench.scaling`): the distributed runner on PostgreSQL + Redis, one "
+        f"coordinator and N evaluation workers; the evaluator sleeps {sleep_s}s in place of GPU work. Wall time "
+        "runs from submission to the end of the experiment.",
+        "",
+        "| search | evaluation workers | jobs | wall s | speed-up | speed-up / workers | same jobs as 1 worker |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['search']} | {r['workers']} | {r['jobs']} | {r['wall_s']} | {r['speedup']} | "
+                     f"{r['efficiency']} | {r['same_jobs_as_1_worker']} |")
+    lines += [
+        "",
+        f"Orchestration with a no-op evaluator (1 worker, {overhead['jobs']} jobs): {overhead['wall_per_job_ms']} ms "
+        f"wall per job, of which {overhead['inside_job_ms']} ms inside the job (pruning, shrinking and measuring "
+        f"the model in the task process) and {overhead['orchestration_per_job_ms']} ms in prunehub around it, "
+        f"start-up included; {overhead['steady_orchestration_per_job_ms']} ms per job once the search runs (the "
+        "advance, two broker hops, the database writes). Machine load during the run is in the JSON.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(run(quick=args.quick)["markdown"])
