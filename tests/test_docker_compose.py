@@ -18,13 +18,20 @@ def _compose() -> dict:
 
 def test_services_and_healthchecks() -> None:
     services = _compose()["services"]
-    assert {"api", "worker", "redis", "postgres", "migrate"} <= set(services)
+    assert {"api", "worker", "worker-gpu-0", "worker-gpu-1", "redis", "postgres", "migrate"} <= set(services)
     for name in ("api", "redis", "postgres"):
         assert "healthcheck" in services[name], name
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert services["worker"]["command"][2:4] == ["--queues", "experiments"]  # the coordinator: no GPU
+    for index in (0, 1):
+        gpu = services[f"worker-gpu-{index}"]
+        assert gpu["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert gpu["command"][-4:] == ["--queues", "evaluations", "--gpu", str(index)]
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["device_ids"] == [str(index)]
+        assert "gpu" in devices[0]["capabilities"]
+        assert "artifacts:/var/lib/prunehub/artifacts" in gpu["volumes"]  # one store shared by every worker
     for volume in ("postgres-data", "artifacts"):
         assert volume in _compose()["volumes"]
 
@@ -39,6 +46,7 @@ def test_environment_names_what_the_settings_read() -> None:
     assert api_env["PRUNEHUB_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert api_env["PRUNEHUB_BROKER_URL"].startswith("redis://")
     assert api_env["PRUNEHUB_BOOTSTRAP_LOCAL_KEY"] == "false"  # production requires real keys
+    assert api_env["PRUNEHUB_RUNNER"] == "distributed"
 
 
 def test_commands_are_cli_commands() -> None:
