@@ -1,4 +1,6 @@
-"""NNI 2.10.1 reference runs for ``bench/quality.py`` — runs under NNI's own virtual environment (``.venv/nni``, made by ``make bench``).
+"""NNI 2.10.1 reference runs for ``bench/quality.py``.
+
+Runs under NNI's own virtual environment (``.venv/nni``, made by ``make bench``).
 
 Imports torch, nni, scikit-learn, safetensors and the task module only (never prunehub). One run per call:
 

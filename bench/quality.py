@@ -63,6 +63,8 @@ class Plan:
     nni_seeds: int
     final_epochs: int
     optuna_trials: int
+    skip: tuple[tuple[str, str, float], ...] = ()  # (task, base, target) left out to keep the run in budget
+    nni_timeout_s: float = 150.0  # an NNI run past this is recorded as not finished
 
 
 FULL = Plan(
@@ -75,6 +77,9 @@ FULL = Plan(
     nni_seeds=2,
     final_epochs=2,
     optuna_trials=20,
+    # fpgm at 70% on the residual net is the one combination left out: make bench must stay under 20 minutes
+    skip=(("bench.tasks.residual_digits", "fpgm", 0.7),),
+    nni_timeout_s=150.0,
 )
 QUICK = Plan(
     tasks=("examples.digits",),
@@ -159,7 +164,14 @@ def _conv_removed_ratio(task: Task, pruning: Any, achieved_per_layer: dict[str, 
 
 
 def run_nni(
-    algo: str, task_name: str, base: str, sparsity: float, seed: int, final_epochs: int, home: str
+    algo: str,
+    task_name: str,
+    base: str,
+    sparsity: float,
+    seed: int,
+    final_epochs: int,
+    home: str,
+    timeout_s: float = 900.0,
 ) -> dict[str, Any]:
     """One NNI run in its own interpreter, then fine-tuned, shrunk and counted here."""
     import torch
@@ -194,7 +206,14 @@ def run_nni(
         str(NETADAPT_STEP.get(task_name, 0.05)),
     ]
     started = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {
+            "status": "failed",
+            "error": f"did not finish within the {timeout_s:.0f} s budget given to one NNI run (killed)",
+            "wall_s": time.perf_counter() - started,
+        }
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {
@@ -276,7 +295,7 @@ def _combo(plan: Plan, task_name: str, base: str, sparsity: float, home: str) ->
         for seed in range(1 if algo == "netadapt" else plan.nni_seeds):
             t_row = time.perf_counter()
             try:
-                row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home)
+                row = run_nni(algo, task_name, base, sparsity, seed, plan.final_epochs, home, plan.nni_timeout_s)
             except Exception as exc:
                 row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             row["total_s"] = time.perf_counter() - t_row
@@ -300,7 +319,9 @@ def run(quick: bool = False, home: str | None = None, plan: Plan | None = None, 
     loads = [loadavg()]
     for task_name in plan.tasks:
         load_task(task_name).model()  # trains and caches each dense model once, before the workers start
-    combos = [(t, b, s) for t in plan.tasks for b in plan.bases[t] for s in plan.sparsities]
+    combos = [
+        (t, b, s) for t in plan.tasks for b in plan.bases[t] for s in plan.sparsities if (t, b, s) not in plan.skip
+    ]
     # most expensive first (the residual net, the higher target) so two workers finish together
     combos.sort(key=lambda c: (c[0] != "bench.tasks.residual_digits", -c[2]))
     runs: list[dict[str, Any]] = []
@@ -310,8 +331,18 @@ def run(quick: bool = False, home: str | None = None, plan: Plan | None = None, 
             try:
                 runs += future.result()
             except Exception as exc:  # a crashed worker is recorded, never hidden
-                runs.append({"task": t, "base": b, "target": s, "method": "(all)", "seed": 0, "source": "prunehub",
-                             "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                runs.append(
+                    {
+                        "task": t,
+                        "base": b,
+                        "target": s,
+                        "method": "(all)",
+                        "seed": 0,
+                        "source": "prunehub",
+                        "status": "failed",
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
             loads.append(loadavg())
     order = {(t, b, s): i for i, (t, b, s) in enumerate(sorted(combos, key=lambda c: (plan.tasks.index(c[0]), c)))}
     runs.sort(key=lambda r: order.get((r["task"], r["base"], r["target"]), 0))

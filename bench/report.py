@@ -227,6 +227,14 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
                 f"`{str(r.get('error'))[:400]}`"
             )
         lines.append("")
+    if any(r.get("method") == "nni-netadapt" and "budget" in str(r.get("error")) for r in nni_failed):
+        lines += [
+            "Why NNI's NetAdapt runs out of time: each iteration asks every layer to absorb "
+            "`sparsity_per_iteration` × *all* Conv/Linear weights; when no single layer is big enough, it halves the "
+            "step and evaluates every layer again, while its progress counter adds the nominal step whatever was "
+            "pruned. On a network of many small layers this repeats for a long time.",
+            "",
+        ]
     nni_scores = [r for r in q.get("runs", []) if r.get("method") == "nni-sa" and r.get("status") == "succeeded"]
     if nni_scores:
         blind = sum(1 for r in nni_scores if r.get("search_score") is not None and r["search_score"] < 0.2)
@@ -303,9 +311,9 @@ def speedup_md(sp: dict[str, Any], img: Path) -> list[str]:
     if sp.get("status") == "failed":
         return [f"**The speed-up benchmark failed:** `{sp.get('error')}`", ""]
     lines = [
-        f"torch {sp.get('threads')} threads. Latency ratio = median over rounds of (variant / dense in the "
-        "same round); speed-up = 1 / ratio. FLOPs of masked and fine-grained models are those of dense kernels "
-        "(they compute on zeros).",
+        f"torch {sp.get('threads')} threads. In each round every variant's latency is the fastest of a few "
+        "passes; latency ratio = median over rounds of (variant / dense in the same round); speed-up = 1 / ratio. "
+        "FLOPs of masked and fine-grained models are those of dense kernels (they compute on zeros).",
         "",
         f"![speed-up](img/{plot_speedup(sp, img)})",
         "",
@@ -446,7 +454,7 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
         lines += [
             f"Each cell: median over {api['rounds']} rounds of {api['seconds_per_run']:.0f} s per server, "
             "prunehub and bare alternating; the API key is sent as on every real request. The load generator (one "
-                "asyncio process, a minimal keep-alive HTTP/1.1 client) shares the 2 cores with "
+            "asyncio process, a minimal keep-alive HTTP/1.1 client) shares the 2 cores with "
             "both servers and with other engineers' jobs, so absolute numbers are floors; the ratios compare "
             "like with like.",
             "",

@@ -5,8 +5,9 @@ per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worke
    ``uvicorn bench.bare_app:app`` (same framework, no database or broker) run side by side on this machine.
    ``GET /experiments/{id}`` and ``POST /experiments`` (the digits example's body) are driven by 16 and 64
    concurrent keep-alive connections (one asyncio process, a minimal HTTP/1.1 client) for a fixed time each,
-   alternating prunehub and bare in every round. Reported: requests/s and p50/p99 latency, and each as a ratio to the bare endpoint. The load
-   generator shares the two cores with the servers, so absolute numbers are a floor; the ratios are the claim.
+   alternating prunehub and bare in every round. Reported: requests/s and p50/p99 latency, and each as a ratio to
+   the bare endpoint. The load generator shares the two cores with the servers, so absolute numbers are a floor;
+   the ratios are the claim.
    No worker runs during this part: POSTed experiments stay queued (db 5 is flushed afterwards).
 2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis) run
    ``annealing`` on ``bench.tasks.noop`` (a tiny model whose evaluator returns a constant at once) for N trials.
@@ -161,8 +162,12 @@ async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
 def _raw_request(url: str, method: str, headers: dict[str, str]) -> tuple[str, int, bytes]:
     parsed = httpx.URL(url)
     body = json.dumps(BODY).encode() if method == "POST" else b""
-    lines = [f"{method} {parsed.raw_path.decode()} HTTP/1.1", f"Host: {parsed.host}:{parsed.port}",
-             "Connection: keep-alive", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"{method} {parsed.raw_path.decode()} HTTP/1.1",
+        f"Host: {parsed.host}:{parsed.port}",
+        "Connection: keep-alive",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     if method == "POST":
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return parsed.host, int(parsed.port or 80), ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -207,8 +212,13 @@ async def _drive(url: str, method: str, clients: int, seconds: float, headers: d
     def pick(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else float("nan")
 
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5),
-            "p99_ms": pick(0.99)}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": pick(0.5),
+        "p99_ms": pick(0.99),
+    }
 
 
 def api_throughput(quick: bool) -> dict[str, Any]:

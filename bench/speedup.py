@@ -9,8 +9,9 @@ resolution in ``--b64-res``: 224 in the full run, 64 with ``--quick``). Variants
 * fine-grained (``level`` on Conv2d + Linear): *masked* (parametrized) and *stripped* (zeros folded into dense
   weights) — dense kernels do the same work on zeros, so there is no speed-up to expect.
 
-Every variant of one model and batch is timed in the same rounds, in rotating order; a ratio is the median over
-rounds of (variant latency / dense latency in that round).
+Every variant of one model and batch is timed in the same rounds, in rotating order; in a round a variant's latency
+is the fastest of a few passes (load from other processes only adds time); a ratio is the median over rounds of
+(variant latency / dense latency in that round).
 
     python -m bench.speedup [--quick]
 """
@@ -32,7 +33,7 @@ from bench.common import interleaved, loadavg
 from bench.models import MobileNetV2, ResNet18, randomise
 from pruning.config import initial_distribution, resolve_config_list
 from pruning.masks import strip
-from pruning.metrics import count_nonzero, count_params_flops, measure_latency
+from pruning.metrics import count_nonzero, count_params_flops
 from pruning.pruner import prune
 from pruning.shrink import shrink
 
@@ -70,6 +71,20 @@ def _variants(dense: nn.Module, x: torch.Tensor, sparsities: tuple[float, ...]) 
     return out
 
 
+def _min_latency(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
+    """Fastest of `repeat` timed forward passes after one untimed one: load from other processes only ever adds
+    time, so the minimum is the least disturbed measurement (timeit's rule)."""
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bench_model(
     name: str, batch: int, shape: tuple[int, ...], sparsities: tuple[float, ...], rounds: int, repeat: int
 ) -> dict[str, Any]:
@@ -81,7 +96,7 @@ def bench_model(
     for v in variants:  # one untimed pass each at the real batch (allocator warm-up)
         with torch.inference_mode():
             v["model"](x)
-    fns = [lambda m=v["model"]: measure_latency(m, x, warmup=1, repeat=repeat) for v in variants]
+    fns = [lambda m=v["model"]: _min_latency(m, x, repeat) for v in variants]
     load_before = loadavg()
     times = interleaved(fns, rounds)
     rows = []
@@ -130,10 +145,10 @@ def run(quick: bool = False, b64_res: int | None = None, threads: int | None = N
     results = []
     for name, (_, shape1, shape64) in MODELS.items():
         big = name != "digits CNN"
-        results.append(bench_model(name, 1, shape1, sparsities, rounds, 3 if big else 30))
+        results.append(bench_model(name, 1, shape1, sparsities, rounds + 2, 5 if big else 30))
         print(_format(results[-1]), flush=True)
         shape = shape64 or (shape1[0], res64, res64)
-        results.append(bench_model(name, 64, shape, sparsities, rounds, 1 if big else 10))
+        results.append(bench_model(name, 64, shape, sparsities, 3 if big else rounds, 2 if big else 10))
         print(_format(results[-1]), flush=True)
     used = torch.get_num_threads()
     torch.set_num_threads(previous_threads)

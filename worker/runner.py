@@ -236,8 +236,9 @@ def _run(
         problem_json = problem.model_dump(mode="json")
         last_error: str | None = None  # the latest failed trial's reason, reported if nothing succeeds
 
-        def execute(job: Job) -> Result:
-            deadline = experiment_deadline
+        def execute(job: Job, within_budget: bool = True) -> Result:
+            # The best model's rebuild after the budget ran out is not held to max_minutes (only job_timeout).
+            deadline = experiment_deadline if within_budget else None
             if settings.job_timeout_s is not None:
                 job_deadline = time.monotonic() + settings.job_timeout_s
                 deadline = job_deadline if deadline is None else min(deadline, job_deadline)
@@ -253,7 +254,7 @@ def _run(
             except JobCancelled as exc:
                 raise _Stop(ExperimentStatus.cancelled, "cancelled by request") from exc
             except JobTimedOut as exc:
-                if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
+                if within_budget and experiment_deadline is not None and time.monotonic() >= experiment_deadline:
                     raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}") from exc
                 return Result(key=job.key, status="failed", error=f"job exceeded job_timeout={settings.job_timeout_s}s")
             return Result.model_validate(answer["result"])
@@ -376,7 +377,7 @@ def _ensure_model(
     experiment_id: int,
     best_key: str | None,
     session_factory: sessionmaker[Session],
-    execute: Callable[[Any], Any],
+    execute: Callable[..., Any],
 ) -> None:
     """Make the best trial downloadable: strategies keep weights only where they need them, so a best trial
     without a pruned-model artifact is executed once more, the same job with ``save_artifact``."""
@@ -396,7 +397,7 @@ def _ensure_model(
         session.commit()
     if job.kind not in ("evaluate", "finetune_and_evaluate"):
         return
-    result = execute(job.model_copy(update={"save_artifact": True}))
+    result = execute(job.model_copy(update={"save_artifact": True}), False)
     artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
     with session_factory() as session:
         trial = session.get(Trial, trial_id)
