@@ -184,6 +184,9 @@ class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
     admm_iterations: int = Field(default=3, ge=1, le=1000, description="ADMM iterations per round")
     retrain_epochs: int = Field(default=0, ge=0, le=1000, description="masked retraining after each round")
     final_finetune_epochs: int = Field(default=1, ge=0, le=1000)
+    batch_size: int = Field(
+        default=1, ge=1, le=256, description="annealing proposals per step, evaluated independently (one GPU each)"
+    )
 
 
 class OptunaConfig(SearchCommon):

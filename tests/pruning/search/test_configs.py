@@ -64,3 +64,23 @@ def test_configs_import_no_torch() -> None:
         "sorted(m for m in sys.modules if m.startswith(('torch', 'optuna')))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_autocompress_fans_out_its_annealing_phase() -> None:
+    """AutoCompress's annealing proposals are independent jobs: ``batch_size`` of them per step."""
+    from pruning.search import make_strategy
+    from pruning.search.configs import parse_algorithm_config
+    from tests.pruning.search.fakes import FakeExecutor, fake_problem
+
+    config = parse_algorithm_config(
+        {"algorithm": "autocompress", "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "batch_size": 3}
+    )
+    strategy = make_strategy(config)
+    problem = fake_problem()
+    executor = FakeExecutor()
+    state = strategy.start(problem)
+    state, jobs = strategy.ask(state)
+    assert len(jobs) == 1  # the starting point first
+    state = strategy.tell(state, [executor(problem, job) for job in jobs])
+    state, jobs = strategy.ask(state)
+    assert len(jobs) == 3 and len({job.key for job in jobs}) == 3
