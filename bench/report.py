@@ -26,6 +26,10 @@ COLORS = {
     "optuna": "#17becf",
     "nni-sa": "#d62728",
     "nni-netadapt": "#ff7f0e",
+    "uniform-global": "#999999",
+    "agp": "#bcbd22",
+    "iterative": "#e377c2",
+    "lottery_ticket": "#7f7f00",
 }
 
 
@@ -73,6 +77,25 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
                     f"×{nni['params_ratio']['mean']:.2f} (its nominal 50% removed "
                     f"{nni['conv_removed']['mean']:.0%} of conv filters physically)"
                 )
+            settings = {(s["task"], s["base"], s["target"]) for s in summary}
+            wins = 0
+            for key in settings:
+                group = [s for s in summary if (s["task"], s["base"], s["target"]) == key and s["score"]]
+                base_row = next((s for s in group if s["method"] == "uniform"), None)
+                if base_row is None:
+                    continue
+                if any(
+                    s["score"]["mean"] > base_row["score"]["mean"]
+                    and s["flops_ratio"]["mean"] <= base_row["flops_ratio"]["mean"] * 1.02
+                    for s in group
+                    if s["method"] not in ("uniform", "uniform-global") and not s["method"].startswith("nni")
+                ):
+                    wins += 1
+            text += (
+                f". In {wins} of the {len(settings)} settings measured (task × l1/fpgm × target), some prunehub search "
+                "beat uniform's accuracy at no more FLOPs; no single strategy wins everywhere, and the ones that train "
+                "during the search (admm here) have seen more epochs (section 1)"
+            )
             out["quality"] = text + "."
     sp = sections.get("speedup", {})
     for r in sp.get("results") or []:
@@ -189,7 +212,11 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
         "the physically shrunk model to the dense one; *masked* is the fraction of selected conv filters' weights "
         "the pruner masked (its nominal sparsity), *removed* the fraction physically gone after shrinking "
         "(a channel of a coupled group goes only when every member gave it up). *evals*: evaluator calls during the "
-        "search; *wall*: search time (NNI's measured inside its own process, without interpreter start).",
+        "search; *wall*: search time (NNI's measured inside its own process, without interpreter start). Strategies "
+        "that train during the search (netadapt, admm, autocompress, agp, iterative, lottery_ticket; NNI's NetAdapt) "
+        "reach the final fine-tuning with more training behind them than uniform, annealing, optuna and NNI's SA: "
+        "their budgets are their configs in `bench/search_quality.py`, and the score column is after, not at, equal "
+        "total epochs.",
         "",
     ]
     for name in plot_quality(q, img):
@@ -203,6 +230,12 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in [s for s in summary if s["task"] == task]:
+            if s.get("not_applicable") and not s["runs"]:
+                lines.append(
+                    f"| {s['base']} | {s['target']:.0%} | {s['method']} | 0 | n/a: {s['not_applicable'][:160]} "
+                    "| | | | | | |"
+                )
+                continue
             if not s["score"]:
                 lines.append(
                     f"| {s['base']} | {s['target']:.0%} | {s['method']} | {s['runs']} | failed: "
@@ -237,13 +270,24 @@ def quality_md(q: dict[str, Any], img: Path) -> list[str]:
         ]
     nni_scores = [r for r in q.get("runs", []) if r.get("method") == "nni-sa" and r.get("status") == "succeeded"]
     if nni_scores:
-        blind = sum(1 for r in nni_scores if r.get("search_score") is not None and r["search_score"] < 0.2)
+        blind = [r for r in nni_scores if r.get("search_score") is not None and r["search_score"] < 0.2]
+        tasks = ", ".join(sorted({TASK_TITLES.get(r["task"], r["task"]) for r in blind})) or "none"
         lines += [
             f"NNI's SA scored its own best candidate (before our fine-tuning) at chance level (< 20%) in "
-            f"{blind} of {len(nni_scores)} runs: NNI masks a convolution's weight and bias but not the "
+            f"{len(blind)} of {len(nni_scores)} runs (tasks: {tasks}; there, candidates are scored without "
+            "fine-tuning, as NNI's SA does by default): NNI masks a convolution's weight and bias but not the "
             "BatchNorm after it, so a masked channel still emits BatchNorm's bias and every candidate it "
             "evaluates is damaged alike — its search compares near-equal scores. prunehub masks the whole "
             "channel group (conv, BatchNorm, coupled convs).",
+            "",
+        ]
+    sa_groups: dict[tuple[Any, ...], set[tuple[float, float]]] = {}
+    for r in nni_scores:
+        sa_groups.setdefault((r["task"], r["base"], r["target"]), set()).add((r["score"], r["flops_ratio"]))
+    if sa_groups and all(len(v) == 1 for v in sa_groups.values()):
+        lines += [
+            "NNI's SA returned the same result for every seed in every setting (its random generators were seeded "
+            "per run): its best was the distribution it started from.",
             "",
         ]
     admm = q.get("nni_admm") or {}
@@ -311,8 +355,9 @@ def speedup_md(sp: dict[str, Any], img: Path) -> list[str]:
     if sp.get("status") == "failed":
         return [f"**The speed-up benchmark failed:** `{sp.get('error')}`", ""]
     lines = [
-        f"torch {sp.get('threads')} threads. In each round every variant's latency is the fastest of a few "
-        "passes; latency ratio = median over rounds of (variant / dense in the same round); speed-up = 1 / ratio. "
+        f"torch {sp.get('threads')} threads. Each variant is timed right after the dense model (pairs in rotating "
+        "order, several rounds); each latency is the fastest of a few passes; latency ratio = median over rounds of "
+        "(variant / the dense latency just before it); speed-up = 1 / ratio. "
         "FLOPs of masked and fine-grained models are those of dense kernels (they compute on zeros).",
         "",
         f"![speed-up](img/{plot_speedup(sp, img)})",
@@ -418,7 +463,9 @@ def filesize_md(fs: dict[str, Any], img: Path) -> list[str]:
         + ", ".join(f"{r['model']} {r['dense_bytes'] / 1e6:.2f} MB" for r in fs["results"])
         + ". The format picks per tensor the smallest of dense, bitmask (1 bit per entry + values) and index "
         "(int32 position + value), so it is never larger than dense — at 10% the TF reference file is 75% "
-        "larger than its dense model.",
+        "larger than its dense model. A generic compressor gets as far: gzip of the dense file with its zeros is "
+        "within a few percent of the compact file (smaller at low sparsity); the compact file needs no "
+        "decompression pass and loads tensor by tensor.",
         "",
     ]
     return lines
@@ -556,8 +603,9 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         lines += [sc.get("markdown") or f"```\n{json.dumps(sc, indent=1, default=str)[:4000]}\n```", ""]
     else:
         lines += [
-            "*This section comes from `bench/scaling.py`* (the distributed runner's benchmark, not written yet); "
-            "it is one line in `bench/run_all.py`'s `SECTIONS`.",
+            "*This section comes from `bench/scaling.py`* (the distributed runner's benchmark, owned by the lead); "
+            'it was not part of this run. Enabling it is one line: uncomment `("scaling", "bench.scaling")` in '
+            "`bench/run_all.py`'s `SECTIONS`, and its `markdown` appears here.",
             "",
         ]
     (out / "benchmarks.md").write_text("\n".join(lines))

@@ -2,16 +2,17 @@
 
 Models (random weights; timing does not depend on them): the digits CNN (``examples.digits``, 1x8x8), a
 ResNet-18-shaped and a MobileNetV2-shaped network (``bench/models.py``; 3x224x224 at batch 1, and batch 64 at the
-resolution in ``--b64-res``: 224 in the full run, 64 with ``--quick``). Variants at 30/50/70% sparsity:
+resolution in ``--b64-res``: 112 in the full run, 64 with ``--quick``; at 224 one dense ResNet-18 pass of batch 64
+takes 3.5 s on this machine). Variants at 30/50/70% sparsity:
 
 * filter (structured, l1 on every Conv2d): *masked* (full-shape weights, zeroed channels, prunehub's masks) and
   *shrunk* (channels physically removed by ``pruning.shrink``);
 * fine-grained (``level`` on Conv2d + Linear): *masked* (parametrized) and *stripped* (zeros folded into dense
   weights) — dense kernels do the same work on zeros, so there is no speed-up to expect.
 
-Every variant of one model and batch is timed in the same rounds, in rotating order; in a round a variant's latency
-is the fastest of a few passes (load from other processes only adds time); a ratio is the median over rounds of
-(variant latency / dense latency in that round).
+Every variant of one model and batch is timed right after the dense model, pairs in rotating order, over several
+rounds; each latency is the fastest of a few passes (load from other processes only adds time); a ratio is the
+median over rounds of (variant latency / the dense latency just before it).
 
     python -m bench.speedup [--quick]
 """
@@ -96,12 +97,19 @@ def bench_model(
     for v in variants:  # one untimed pass each at the real batch (allocator warm-up)
         with torch.inference_mode():
             v["model"](x)
-    fns = [lambda m=v["model"]: _min_latency(m, x, repeat) for v in variants]
     load_before = loadavg()
-    times = interleaved(fns, rounds)
+    # Paired: every variant is timed right after the dense model, in rotating order, so each ratio compares two
+    # measurements seconds apart (load from other processes drifts over a round of big models).
+    dense_model = variants[0]["model"]
+    fns = [
+        lambda m=v["model"]: (_min_latency(dense_model, x, repeat), _min_latency(m, x, repeat)) for v in variants[1:]
+    ]
+    pairs = interleaved(fns, rounds)  # type: ignore[arg-type]
+    dense_times = [d for per_variant in pairs for d, _ in per_variant]
+    times = [dense_times] + [[t for _, t in per_variant] for per_variant in pairs]
+    ratio_lists = [[1.0] * len(dense_times)] + [[t / d for d, t in per_variant] for per_variant in pairs]
     rows = []
-    for v, t in zip(variants, times, strict=True):
-        ratios = [a / b for a, b in zip(t, times[0], strict=True)]
+    for v, t, ratios in zip(variants, times, ratio_lists, strict=True):
         model = v["model"]
         if v["kind"] == "filter shrunk":
             params, flops = count_params_flops(model, x[:1])
@@ -140,7 +148,7 @@ def run(quick: bool = False, b64_res: int | None = None, threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     sparsities = (0.5,) if quick else (0.3, 0.5, 0.7)
-    res64 = b64_res or (64 if quick else 224)
+    res64 = b64_res or (64 if quick else 112)
     rounds = 3 if quick else 5
     results = []
     for name, (_, shape1, shape64) in MODELS.items():
@@ -148,7 +156,7 @@ def run(quick: bool = False, b64_res: int | None = None, threads: int | None = N
         results.append(bench_model(name, 1, shape1, sparsities, rounds + 2, 5 if big else 30))
         print(_format(results[-1]), flush=True)
         shape = shape64 or (shape1[0], res64, res64)
-        results.append(bench_model(name, 64, shape, sparsities, 3 if big else rounds, 2 if big else 10))
+        results.append(bench_model(name, 64, shape, sparsities, 3 if big else rounds, 1 if big else 10))
         print(_format(results[-1]), flush=True)
     used = torch.get_num_threads()
     torch.set_num_threads(previous_threads)
