@@ -30,7 +30,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("filesize", "bench.filesize"),
     ("quality", "bench.quality"),
     ("service", "bench.service"),
-    # ("scaling", "bench.scaling"),  # evaluation-worker scaling: the lead adds bench/scaling.py (distributed runner)
+    ("scaling", "bench.scaling"),
 ]
 
 

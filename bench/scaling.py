@@ -133,9 +133,12 @@ class _Cluster:
 
         first = min(datetime.fromisoformat(t["created_at"]) for t in items)
         last = max(datetime.fromisoformat(t["finished_at"]) for t in items if t["finished_at"])
+        steps: dict[int, int] = {}
+        for t in items:
+            steps[t["step"]] = steps.get(t["step"], 0) + 1
         return {"status": state["status"], "wall_s": wall, "span_s": (last - first).total_seconds(),
                 "jobs": trials["total"], "inside_jobs_s": inside, "best": state["best_score"],
-                "keys": [t["job_key"] for t in items]}
+                "keys": [t["job_key"] for t in items], "step_sizes": [steps[k] for k in sorted(steps)]}
 
     def __exit__(self, *_exc: object) -> None:
         self.client.close()
@@ -164,10 +167,16 @@ def run(quick: bool = False) -> dict[str, Any]:
                     result = cluster.run(spec)
                 baseline = baseline or result
                 speedup = baseline["wall_s"] / result["wall_s"]
+                # A step's jobs run in parallel, steps one after another: with W workers a step of n jobs takes
+                # ceil(n / W) job times at best, so the search's own structure bounds the speed-up.
+                rounds = sum(-(-n // workers) for n in result["step_sizes"])
+                ideal = sum(result["step_sizes"]) / rounds
                 rows.append({"search": name, "workers": workers, "wall_s": round(result["wall_s"], 2),
                              "span_s": round(result["span_s"], 2),
                              "jobs": result["jobs"], "speedup": round(speedup, 2),
                              "efficiency": round(speedup / workers, 2), "status": result["status"],
+                             "ideal_speedup": round(ideal, 2), "of_ideal": round(speedup / ideal, 2),
+                             "step_sizes": result["step_sizes"],
                              "same_jobs_as_1_worker": result["keys"] == baseline["keys"],
                              "load": loadavg()})
                 print(json.dumps(rows[-1]), flush=True)
@@ -194,12 +203,24 @@ def _markdown(rows: list[dict[str, Any]], overhead: dict[str, Any], sleep_s: flo
         f"coordinator and N evaluation workers; the evaluator sleeps {sleep_s}s in place of GPU work. Wall time "
         "runs from submission to the end of the experiment.",
         "",
-        "| search | evaluation workers | jobs | wall s | speed-up | speed-up / workers | same jobs as 1 worker |",
-        "|---|---|---|---|---|---|---|",
+        "*Ideal* is the best a search's own structure allows: the jobs of one step run in parallel, steps one after",
+        "another, so with W workers a step of n jobs takes ceil(n / W) job times at least.",
+        "",
+        "| search | evaluation workers | jobs (per step) | wall s | speed-up | speed-up / workers | ideal speed-up | "
+        "speed-up / ideal | same jobs as 1 worker |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['search']} | {r['workers']} | {r['jobs']} | {r['wall_s']} | {r['speedup']} | "
-                     f"{r['efficiency']} | {r['same_jobs_as_1_worker']} |")
+        sizes = "+".join(str(n) for n in r["step_sizes"])
+        lines.append(f"| {r['search']} | {r['workers']} | {r['jobs']} ({sizes}) | {r['wall_s']} | {r['speedup']} | "
+                     f"{r['efficiency']} | {r['ideal_speedup']} | {r['of_ideal']} | {r['same_jobs_as_1_worker']} |")
+    lines += [
+        "",
+        "The evaluator's sleep parallelises perfectly; what does not is the CPU work inside each job (NetAdapt's "
+        "candidate search shrinks and measures the model several times) and the coordinator, API and database, "
+        "which all share this machine's 2 cores with the evaluation workers. On GPU nodes that CPU work is spread "
+        "over one host per few GPUs; here it is what keeps the speed-up below the ideal.",
+    ]
     lines += [
         "",
         f"Orchestration with a no-op evaluator (1 worker, {overhead['jobs']} jobs): {overhead['wall_per_job_ms']} ms "

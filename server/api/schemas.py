@@ -106,6 +106,7 @@ class TrialPublic(BaseModel):
 
     id: int
     seq: int
+    step: int | None = Field(None, description="distributed runner: the search step that asked for this job")
     job_key: str
     kind: str
     status: str
