@@ -34,10 +34,10 @@ from server.services import runs
 from server.services.events import add_event
 from server.settings import Settings
 from worker.runner import (
-    _decisions,
     _elapsed_minutes_since,
     _keep_if_healthy,
     _task_process,
+    persist_told_state,
     transact,
     trial_to_result,
 )
@@ -123,22 +123,7 @@ def _advance_step(session: Session, experiment: Experiment, settings: Settings, 
         step_trials = select(Trial).where(Trial.experiment_id == experiment_id, Trial.step == experiment.step)
         trials = list(session.scalars(step_trials.order_by(Trial.seq)))
         state = strategy.tell(state, [trial_to_result(t) for t in trials])
-        state_json = state.model_dump(mode="json")
-        decisions = _decisions(state_json, {t.job_key for t in trials})
-        if decisions:
-            runs.record_decisions(session, experiment_id, decisions)
-        finished = _finished(session, experiment_id)
-        runs.save_progress(
-            session,
-            experiment,
-            state=state_json,
-            progress=state.progress if state.progress is not None else float(finished),
-            progress_total=state.progress_total
-            if state.progress_total is not None
-            else (float(config.max_trials) if config.max_trials else None),
-            phase=state.phase or f"{experiment.algorithm}: {finished} trial(s)",
-            best_key=state.best_key,
-        )
+        persist_told_state(session, experiment, state, {t.job_key for t in trials}, config.max_trials)
     finished = _finished(session, experiment_id)
     stop_reason = None
     if config.max_minutes is not None and _elapsed_minutes_since(experiment.started_at) >= config.max_minutes:

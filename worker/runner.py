@@ -24,7 +24,7 @@ from server.services import runs
 from server.services.events import add_event
 from server.settings import Settings
 
-__all__ = ["run_experiment", "transact", "trial_to_result"]
+__all__ = ["persist_told_state", "run_experiment", "transact", "trial_to_result"]
 
 log = logging.getLogger(__name__)
 
@@ -298,26 +298,10 @@ def _run(
                     if result.status == "failed":
                         last_error = f"trial {job.key} failed: {result.error}"
                 state = strategy.tell(state, results)
-                state_json = state.model_dump(mode="json")
                 with session_factory() as session:
                     experiment = session.get(Experiment, experiment_id)
                     assert experiment is not None
-                    # Accepted/rejected/chosen is known only after tell: copy it onto the batch's trials.
-                    decisions = _decisions(state_json, {job.key for job in jobs})
-                    if decisions:
-                        runs.record_decisions(session, experiment_id, decisions)
-                    done_count = _finished_trials(session, experiment_id)
-                    runs.save_progress(
-                        session,
-                        experiment,
-                        state=state_json,
-                        progress=state.progress if state.progress is not None else float(done_count),
-                        progress_total=state.progress_total
-                        if state.progress_total is not None
-                        else (float(config.max_trials) if config.max_trials else None),
-                        phase=state.phase or f"{raw_config['algorithm']}: {done_count} trial(s)",
-                        best_key=state.best_key,
-                    )
+                    persist_told_state(session, experiment, state, {job.key for job in jobs}, config.max_trials)
                     session.commit()
         except _BudgetSpent as spent:
             _ensure_model(experiment_id, state.best_key, session_factory, execute)
@@ -407,6 +391,29 @@ def _ensure_model(
         else:
             add_event(session, experiment_id, "note", text=f"could not save the best model: {result.error}")
         session.commit()
+
+
+def persist_told_state(
+    session: Session, experiment: Experiment, state: Any, keys: set[str], max_trials: int | None
+) -> None:
+    """After a tell: copy the strategy's decisions onto the step's trials (accepted, rejected and chosen are known
+    only now), then save the state, the progress and the best so far. Shared by both runners."""
+    state_json = state.model_dump(mode="json")
+    decisions = _decisions(state_json, keys)
+    if decisions:
+        runs.record_decisions(session, experiment.id, decisions)
+    finished = _finished_trials(session, experiment.id)
+    runs.save_progress(
+        session,
+        experiment,
+        state=state_json,
+        progress=state.progress if state.progress is not None else float(finished),
+        progress_total=state.progress_total
+        if state.progress_total is not None
+        else (float(max_trials) if max_trials else None),
+        phase=state.phase or f"{experiment.algorithm}: {finished} trial(s)",
+        best_key=state.best_key,
+    )
 
 
 def _decisions(node: Any, keys: set[str]) -> dict[str, str]:
