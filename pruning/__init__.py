@@ -7,7 +7,8 @@ process can ``import pruning.config`` (pydantic only) without importing torch.
 >>> config = [{"sparsity": 0.5, "op_types": ["default"]}]
 >>> problem = pruning.resolve_config_list(model, config, "l1", x)  # doctest: +SKIP
 >>> masks = pruning.prune(model, problem, pruning.initial_distribution(problem))  # doctest: +SKIP
->>> recipe = pruning.shrink(model, masks, x)  # doctest: +SKIP
+>>> from pruning.shrink import shrink  # the package attribute ``shrink`` is the module once it is imported
+>>> recipe = shrink(model, masks, x)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -59,44 +60,28 @@ __all__ = [
     "validate_config_list",
 ]
 
-_HOME = {
-    **dict.fromkeys(
-        [
-            "BASE_ALGOS",
-            "STRUCTURED_ALGOS",
-            "BaseAlgo",
-            "ConfigEntry",
-            "Distribution",
-            "PrunableLayer",
-            "PruningProblem",
-            "PruningUnit",
-            "SparsityDistribution",
-            "initial_distribution",
-            "is_structured",
-            "layer_distribution",
-            "overall_sparsity",
-            "pruned_count",
-            "rescale",
-            "resolve_config_list",
-            "validate_config_list",
-        ],
-        "pruning.config",
-    ),
-    **dict.fromkeys(["Importance", "get_importance"], "pruning.importance"),
-    **dict.fromkeys(["compute_masks", "global_distribution", "prune"], "pruning.pruner"),
-    **dict.fromkeys(["achieved_sparsity", "apply_masks", "masks_of", "strip"], "pruning.masks"),
-    **dict.fromkeys(["ShrinkRecipe", "apply_recipe", "predict_params_flops", "shrink"], "pruning.shrink"),
-    **dict.fromkeys(["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"], "pruning.metrics"),
-    **dict.fromkeys(["load_compact", "save_compact", "state_dict_for_export"], "pruning.export"),
-    **dict.fromkeys(["GradualPruner", "agp_sparsity"], "pruning.schedule"),
-    **dict.fromkeys(["load_pruned"], "pruning.jobs"),
-    **dict.fromkeys(["load_task"], "pruning.task"),
-}
+# Where the names above live. A name is looked up in each module's ``__all__`` in this order, torch-free modules
+# first, so reaching a config or task name never imports torch.
+_MODULES = (
+    "pruning.config",
+    "pruning.task",
+    "pruning.importance",
+    "pruning.pruner",
+    "pruning.masks",
+    "pruning.shrink",
+    "pruning.metrics",
+    "pruning.export",
+    "pruning.schedule",
+    "pruning.jobs",
+)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
+    if name in __all__:
+        for module_name in _MODULES:
+            module = importlib.import_module(module_name)
+            if name in module.__all__:
+                return getattr(module, name)
     raise AttributeError(f"module 'pruning' has no attribute {name!r}")
 
 

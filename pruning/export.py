@@ -11,11 +11,13 @@ tensor (shape, dtype, layout) is a JSON document in the safetensors metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["FORMAT", "load_compact", "save_compact", "state_dict_for_export"]
@@ -84,31 +86,27 @@ def save_compact(state_dict: dict[str, Tensor], path: str | os.PathLike[str]) ->
             tensors[name] = t.clone()
         elif layout == "bitmask":
             tensors[f"{name}::bits"] = _pack_bits(bits)
-            tensors[f"{name}::values"] = flat[bits].clone()
+            tensors[f"{name}::values"] = flat[bits]
         else:
             tensors[f"{name}::index"] = torch.nonzero(bits).flatten().to(index_dtype)
-            tensors[f"{name}::values"] = flat[bits].clone()
+            tensors[f"{name}::values"] = flat[bits]
     save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "layout": json.dumps(header)})
     return {k: v["layout"] for k, v in header.items()}
 
 
 def load_compact(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Load a file written by `save_compact`; every tensor is bit-identical to the one saved."""
-    from safetensors import safe_open
-
     with safe_open(os.fspath(path), framework="pt") as f:
         metadata = f.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file")
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        stored = {key: f.get_tensor(key) for key in f.keys()}
     header: dict[str, dict[str, Any]] = json.loads(metadata["layout"])
-    stored = load_file(os.fspath(path))
     out: dict[str, Tensor] = {}
     for name, info in header.items():
         dtype = getattr(torch, info["dtype"])
         shape = tuple(info["shape"])
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if info["layout"] == "dense":
             out[name] = stored[name]
             continue

@@ -24,6 +24,7 @@ from typing import Any
 
 from pruning.artifacts import ArtifactStore
 from pruning.config import PruningProblem, layer_distribution, overall_sparsity
+from pruning.search import EXECUTORS
 from pruning.search.base import Job, Result, SearchProblem
 from pruning.task import Task
 
@@ -41,16 +42,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "prunehub.masked/1"
 MODEL_FORMAT = "prunehub.pruned/1"
-
-# Job kinds that one strategy owns: kind -> module exposing ``execute(task, problem, job, store, device)``.
-STRATEGY_KINDS = {
-    "admm_train": "pruning.search.admm",
-    "netadapt_candidate": "pruning.search.netadapt",
-    "agp_step": "pruning.search.schedules",
-    "iterative_round": "pruning.search.schedules",
-    "lottery_round": "pruning.search.schedules",
-}
-
 
 class JobFailed(RuntimeError):
     """A job could not produce a valid result; the message is the trial's error."""
@@ -169,20 +160,19 @@ def _check_achieved(pruning: PruningProblem, requested: dict[str, float], achiev
 
 def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store: ArtifactStore, device: str) -> Result:
     from pruning.masks import achieved_sparsity, apply_masks, strip
-    from pruning.pruner import compute_masks
+    from pruning.pruner import compute_masks, global_distribution
 
     pruning = problem.pruning
+    # Pruning is monotonic: what the parent removed (`previous`) ranks first and stays removed.
     model, previous = load_checkpoint(task, store, job.parent_artifact)
     distribution = job.distribution
+    extra: dict[str, Any] = {}
     if job.params.get("ranking") == "global":
-        from pruning.pruner import global_distribution
-
         # One threshold across all units at the requested overall sparsity: the per-unit split emerges here.
-        distribution = global_distribution(model, pruning, overall_sparsity(distribution, pruning), task=task)
-    masks = compute_masks(model, pruning, distribution, task=task)
-    if previous:
-        # Pruning is monotonic: what the parent removed stays removed.
-        masks = {name: mask * previous[name] if name in previous else mask for name, mask in masks.items()}
+        target = overall_sparsity(distribution, pruning)
+        distribution = global_distribution(model, pruning, target, task=task, previous=previous)
+        extra["distribution"] = distribution
+    masks = compute_masks(model, pruning, distribution, task=task, previous=previous)
     apply_masks(model, masks, structured=pruning.structured)
     if job.finetune_epochs:
         task.fine_tune(model, job.finetune_epochs)
@@ -198,7 +188,7 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         requested=requested,
         achieved=achieved,
         overall_sparsity=overall_sparsity(distribution, pruning),
-        extra={"distribution": distribution} if distribution is not job.distribution else {},
+        extra=extra,
         **metrics,
     )
     mismatch = _check_achieved(pruning, requested, achieved)
@@ -209,9 +199,7 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         model_id = save_pruned_model(
             store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score
         )
-        result = result.model_copy(
-            update={"artifact": checkpoint, "extra": {**result.extra, "model_artifact": model_id}}
-        )
+        result = result.model_copy(update={"artifact": checkpoint, "extra": {**extra, "model_artifact": model_id}})
     return result
 
 
@@ -227,8 +215,8 @@ def execute_job(task: Task, problem: SearchProblem, job: Job, store: ArtifactSto
     try:
         if job.kind in ("evaluate", "finetune_and_evaluate"):
             result = _prune_finetune_evaluate(task, problem, job, store, device)
-        elif job.kind in STRATEGY_KINDS:
-            module = importlib.import_module(STRATEGY_KINDS[job.kind])
+        elif job.kind in EXECUTORS:  # kinds one strategy owns are executed by its module
+            module = importlib.import_module(EXECUTORS[job.kind])
             result = module.execute(task, problem, job, store, device)
         else:
             raise JobFailed(f"no executor for job kind {job.kind!r}")

@@ -105,17 +105,53 @@ def unit_scores(model: nn.Module, unit: PruningUnit, importance: Importance, nor
         count.index_add_(0, idx, torch.ones_like(scores))
     if bool((count == 0).any()):
         raise ValueError(
-            f"{type(importance).__name__} scores no layer of unit {unit.name!r} (members {unit.members}); "
-            + ("slim needs a BatchNorm in every channel group" if "Slim" in type(importance).__name__ else "")
+            f"{_criterion_name(importance)} scores no layer of unit {unit.name!r} (members {unit.members}); "
+            + ("slim needs a BatchNorm in every channel group" if "Slim" in _criterion_name(importance) else "")
         )
     return total / count
 
 
-def _collect(model: nn.Module, problem: PruningProblem, importance: Importance, task: Any) -> None:
+class _SurvivorsFirst(Importance):
+    """`inner`'s scores with what the `previous` masks removed scored just below every survivor of its layer, so
+    a ranking re-selects the removed entries first (for any criterion, not only those that score zeros lowest).
+    The offset is tiny, so a member's mean (structured normalisation) barely moves."""
+
+    def __init__(self, inner: Importance, previous: dict[str, Tensor], channels: bool) -> None:
+        self.inner = inner
+        self.removed = {
+            name: (mask.reshape(mask.shape[0], -1).amax(dim=1) == 0) if channels else (mask == 0)
+            for name, mask in previous.items()
+        }
+
+    def __call__(self, name: str, module: nn.Module) -> Tensor | None:
+        scores = self.inner(name, module)
+        gone = self.removed.get(name)
+        if scores is None or gone is None or not bool(gone.any()):
+            return scores
+        low = min(0.0, float(scores.min()))
+        floor = low - 1e-6 * (abs(float(scores.max())) + abs(low) + 1.0)
+        return torch.where(gone.to(scores.device).reshape(scores.shape), torch.full_like(scores, floor), scores)
+
+
+def _criterion_name(importance: Importance) -> str:
+    return type(importance.inner if isinstance(importance, _SurvivorsFirst) else importance).__name__
+
+
+def _ready_importance(
+    model: nn.Module,
+    problem: PruningProblem,
+    importance: Importance | None,
+    task: Any,
+    previous: dict[str, Tensor] | None,
+) -> Importance:
+    """The criterion to rank with: `problem`'s unless given, its statistics collected, survivors first over
+    `previous`."""
+    importance = importance or get_importance(problem.base_algo)
     if importance.requires_task:
         if task is None:
             raise ValueError(f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics")
         importance.collect(model, [m for u in problem.units for m in u.members], task)
+    return _SurvivorsFirst(importance, previous, problem.structured) if previous else importance
 
 
 def compute_masks(
@@ -124,6 +160,8 @@ def compute_masks(
     distribution: dict[str, float],
     task: Any = None,
     importance: Importance | None = None,
+    *,
+    previous: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Masks (layer name → 0/1 tensor shaped like its weight) realising `distribution` on `model`.
 
@@ -131,10 +169,13 @@ def compute_masks(
     lowest-scored channels, one channel mask shared by every member. Statistics criteria read `task`
     (see `pruning.importance`). `importance` overrides the criterion of ``problem.base_algo``. The
     model is not modified.
+
+    `previous` (masks of an earlier step, as this function returns them) makes pruning monotonic: what they
+    removed ranks just below every survivor, so it goes first and each count stays exact, and it stays removed
+    even where the new sparsity is lower.
     """
     _check_keys(distribution, problem)
-    importance = importance or get_importance(problem.base_algo)
-    _collect(model, problem, importance, task)
+    importance = _ready_importance(model, problem, importance, task, previous)
     modules = _modules(model)
     masks: dict[str, Tensor] = {}
     for unit in problem.units:
@@ -146,7 +187,7 @@ def compute_masks(
             weight = weight_of(module)
             scores = importance(unit.name, module)
             if scores is None:
-                raise ValueError(f"{type(importance).__name__} cannot score layer {unit.name!r}")
+                raise ValueError(f"{_criterion_name(importance)} cannot score layer {unit.name!r}")
             if unit.block is not None:
                 blocks = block_scores(scores, unit.block, unit.block_pooling)
                 keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(blocks.shape)
@@ -162,6 +203,8 @@ def compute_masks(
                 per_channel = channel_keep[idx].to(dtype=weight.dtype, device=weight.device)
                 shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
                 masks[member] = per_channel.view(shape).expand_as(weight).contiguous()
+    if previous:
+        masks = {name: mask * previous[name].to(mask) if name in previous else mask for name, mask in masks.items()}
     return masks
 
 
@@ -186,6 +229,7 @@ def global_distribution(
     importance: Importance | None = None,
     *,
     normalize: bool | None = None,
+    previous: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """The distribution that one global ranking implies: one threshold across all selected layers.
 
@@ -199,14 +243,14 @@ def global_distribution(
     Scores are compared raw for element magnitudes (``level``, as ``torch.nn.utils.prune.global_unstructured``
     does) and BatchNorm scales (``slim``, Network Slimming's rule); with other structured criteria each member's
     channel scores are divided by their mean first (`normalize`; Torch-Pruning's default for global pruning),
-    because raw filter norms grow with fan-in and would empty the first layer.
+    because raw filter norms grow with fan-in and would empty the first layer. With `previous`, what those masks
+    removed ranks first, as in `compute_masks` (pass the same masks to both).
     """
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
-    importance = importance or get_importance(problem.base_algo)
+    importance = _ready_importance(model, problem, importance, task, previous)
     if normalize is None:
         normalize = problem.structured and problem.base_algo != "slim"
-    _collect(model, problem, importance, task)
     modules = _modules(model)
     scores: list[Tensor] = []
     weights: list[Tensor] = []
@@ -220,7 +264,7 @@ def global_distribution(
             module = modules[unit.name]
             element_scores = importance(unit.name, module)
             if element_scores is None:
-                raise ValueError(f"{type(importance).__name__} cannot score layer {unit.name!r}")
+                raise ValueError(f"{_criterion_name(importance)} cannot score layer {unit.name!r}")
             if unit.block is not None:
                 element_scores = block_scores(element_scores, unit.block, unit.block_pooling)
             candidates = element_scores.detach().reshape(-1).double().cpu()

@@ -104,6 +104,9 @@ class GradualPruner:
         on_grid = (t - self.begin_step) % self.frequency == 0
         if t < self.begin_step or t > self.end_step or not (on_grid or t == self.end_step):
             return False
-        self.masks = compute_masks(self.model, self.problem, self.distribution_at(t), task=self.task)
+        # Monotonic: each update removes a superset of the last one's (exact counts, for any criterion).
+        self.masks = compute_masks(
+            self.model, self.problem, self.distribution_at(t), task=self.task, previous=self.masks
+        )
         apply_masks(self.model, self.masks, structured=self.problem.structured)
         return True

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.config import PruningProblem, PruningUnit, initial_distribution, pruned_count, resolve_config_list
+from pruning.config import (
+    PruningProblem,
+    PruningUnit,
+    initial_distribution,
+    overall_sparsity,
+    pruned_count,
+    resolve_config_list,
+)
 from pruning.importance import (
     APoZImportance,
     FPGMImportance,
@@ -216,20 +223,40 @@ def test_slim_global_distribution_follows_the_global_ranking() -> None:
     model = seeded(ResNetTiny())
     problem = resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "slim", torch.randn(2, 3, 8, 8))
     with torch.no_grad():  # make one unit's BatchNorm scales tiny: the global ranking must empty it first
-        for name in ("layer1.bn1",):
-            dict(model.named_modules())[name].weight.mul_(1e-3)  # type: ignore[operator]
+        model.layer1.bn1.weight.mul_(1e-3)  # type: ignore[operator]
     dist = global_distribution(model, problem, 0.05)
     assert dist["layer1.conv1"] > 0 and max(v for k, v in dist.items() if k != "layer1.conv1") == 0.0
     dist = global_distribution(model, problem, 0.5)
-    assert (
-        abs(
-            sum(dist[u.name] * u.weight_count for u in problem.units) / sum(u.weight_count for u in problem.units) - 0.5
-        )
-        < 0.05
-    )
+    assert overall_sparsity(dist, problem) == pytest.approx(0.5, abs=0.05)
 
 
 def test_get_importance() -> None:
     assert isinstance(get_importance("taylorfo", batches=2), TaylorFOImportance)
     with pytest.raises(ValueError, match="unknown base algorithm"):
         get_importance("magic")
+
+
+class _ZerosHighest(LevelImportance):
+    """A criterion that ranks zeroed weights *highest*: without `previous`, a step would revive them."""
+
+    def __call__(self, name: str, module: nn.Module) -> torch.Tensor | None:
+        scores = super().__call__(name, module)
+        return None if scores is None else torch.where(scores == 0, torch.full_like(scores, 1e9), scores)
+
+
+@pytest.mark.parametrize("algo", ["level", "l1"])
+def test_previous_masks_make_pruning_monotonic_with_exact_counts(algo: str) -> None:
+    model = seeded(PlainCNN())
+    problem = resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["Conv2d"]}], algo, torch.randn(2, 3, 8, 8))
+    importance = _ZerosHighest() if algo == "level" else None
+    first = compute_masks(model, problem, {n: 0.3 for n in problem.unit_names()}, importance=importance)
+    with torch.no_grad():  # the parent's weights, as a checkpoint holds them: pruned entries zero
+        for name, mask in first.items():
+            dict(model.named_modules())[name].weight.mul_(mask)  # type: ignore[operator]
+    dist = {n: 0.6 for n in problem.unit_names()}
+    second = compute_masks(model, problem, dist, importance=importance, previous=first)
+    for name, mask in second.items():
+        assert torch.all(mask[first[name] == 0] == 0), name  # what the parent removed stays removed
+        size = mask.shape[0] if algo == "l1" else mask.numel()
+        removed = int((mask.reshape(size, -1).amax(1) == 0).sum()) if algo == "l1" else int((mask == 0).sum())
+        assert removed == pruned_count(0.6, size), name

@@ -42,11 +42,8 @@ def test_gradual_pruner_from_a_trainer_loop() -> None:
 
     def callback() -> None:
         if pruner.step():
-            seen.append(
-                overall_sparsity(
-                    {n: achieved_sparsity(pruner.masks, problem)[n] for n in problem.unit_names()}, problem
-                )
-            )
+            achieved = achieved_sparsity(pruner.masks, problem)
+            seen.append(overall_sparsity({n: achieved[n] for n in problem.unit_names()}, problem))
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for epoch in range(2):
