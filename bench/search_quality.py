@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import tempfile
 import time
 from typing import Any
 
 from pruning.artifacts import ArtifactStore
 from pruning.config import overall_sparsity, resolve_config_list
-from pruning.jobs import STRATEGY_KINDS, execute_job
-from pruning.search import EXECUTORS, make_strategy
+from pruning.jobs import execute_job
+from pruning.search import make_strategy
 from pruning.search.base import Job, Result, SearchProblem
 from pruning.task import Task, load_task
 
@@ -61,8 +60,6 @@ def counting(task: Task) -> tuple[Task, list[int]]:
 
 def executor(task: Task, problem: SearchProblem, store: ArtifactStore):  # type: ignore[no-untyped-def]
     def execute(job: Job) -> Result:
-        if job.kind in EXECUTORS and job.kind not in STRATEGY_KINDS:
-            return importlib.import_module(EXECUTORS[job.kind]).execute(task, problem, job, store, "cpu")
         return execute_job(task, problem, job, store, "cpu")
 
     return execute

@@ -7,6 +7,7 @@ Job kinds that belong to one strategy are executed by that strategy's module (:d
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, Strategy, better
@@ -63,6 +64,21 @@ EXECUTORS: dict[str, str] = {
 }
 
 
+# algorithm -> (module, search class, state class); imported on use so that importing the package (the API
+# does) stays light.
+_STRATEGIES: dict[str, tuple[str, str, str]] = {
+    "uniform": ("pruning.search.uniform", "UniformSearch", "UniformState"),
+    "annealing": ("pruning.search.annealing", "AnnealingSearch", "AnnealingState"),
+    "netadapt": ("pruning.search.netadapt", "NetAdaptSearch", "NetAdaptState"),
+    "admm": ("pruning.search.admm", "ADMMSearch", "ADMMState"),
+    "autocompress": ("pruning.search.autocompress", "AutoCompressSearch", "AutoCompressState"),
+    "optuna": ("pruning.search.optuna_search", "OptunaSearch", "OptunaState"),
+    "agp": ("pruning.search.schedules", "AGPSearch", "AGPState"),
+    "iterative": ("pruning.search.schedules", "IterativeSearch", "IterativeState"),
+    "lottery_ticket": ("pruning.search.schedules", "LotteryTicketSearch", "LotteryTicketState"),
+}
+
+
 def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
     """The strategy for ``config`` (a validated config, or a raw dict validated here).
 
@@ -74,60 +90,15 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
     """
     if isinstance(config, dict):
         config = parse_algorithm_config(config)
-    # Imported here so that importing the package (the API does) stays light.
-    if isinstance(config, UniformConfig):
-        from pruning.search.uniform import UniformSearch
-
-        return UniformSearch(config)  # type: ignore[return-value]
-    if isinstance(config, AnnealingConfig):
-        from pruning.search.annealing import AnnealingSearch
-
-        return AnnealingSearch(config)  # type: ignore[return-value]
-    if isinstance(config, NetAdaptConfig):
-        from pruning.search.netadapt import NetAdaptSearch
-
-        return NetAdaptSearch(config)  # type: ignore[return-value]
-    if isinstance(config, ADMMConfig):
-        from pruning.search.admm import ADMMSearch
-
-        return ADMMSearch(config)  # type: ignore[return-value]
-    if isinstance(config, AutoCompressConfig):
-        from pruning.search.autocompress import AutoCompressSearch
-
-        return AutoCompressSearch(config)  # type: ignore[return-value]
-    if isinstance(config, OptunaConfig):
-        from pruning.search.optuna_search import OptunaSearch
-
-        return OptunaSearch(config)  # type: ignore[return-value]
-    if isinstance(config, AGPConfig):
-        from pruning.search.schedules import AGPSearch
-
-        return AGPSearch(config)  # type: ignore[return-value]
-    if isinstance(config, IterativeConfig):
-        from pruning.search.schedules import IterativeSearch
-
-        return IterativeSearch(config)  # type: ignore[return-value]
-    if isinstance(config, LotteryTicketConfig):
-        from pruning.search.schedules import LotteryTicketSearch
-
-        return LotteryTicketSearch(config)  # type: ignore[return-value]
-    raise ValueError(f"no strategy for algorithm {getattr(config, 'algorithm', None)!r}; known: {ALGORITHMS}")
+    algorithm = getattr(config, "algorithm", None)
+    if algorithm not in _STRATEGIES:
+        raise ValueError(f"no strategy for algorithm {algorithm!r}; known: {ALGORITHMS}")
+    module, search, _ = _STRATEGIES[algorithm]
+    return getattr(import_module(module), search)(config)  # type: ignore[no-any-return]
 
 
 def state_type(algorithm: str) -> type[SearchState]:
     """The state class of ``algorithm``, to reload a persisted state:
     ``state_type(algorithm).model_validate_json(text)``."""
-    from importlib import import_module
-
-    module, name = {
-        "uniform": ("pruning.search.uniform", "UniformState"),
-        "annealing": ("pruning.search.annealing", "AnnealingState"),
-        "netadapt": ("pruning.search.netadapt", "NetAdaptState"),
-        "admm": ("pruning.search.admm", "ADMMState"),
-        "autocompress": ("pruning.search.autocompress", "AutoCompressState"),
-        "optuna": ("pruning.search.optuna_search", "OptunaState"),
-        "agp": ("pruning.search.schedules", "AGPState"),
-        "iterative": ("pruning.search.schedules", "IterativeState"),
-        "lottery_ticket": ("pruning.search.schedules", "LotteryTicketState"),
-    }[algorithm]
-    return getattr(import_module(module), name)  # type: ignore[no-any-return]
+    module, _, state = _STRATEGIES[algorithm]
+    return getattr(import_module(module), state)  # type: ignore[no-any-return]

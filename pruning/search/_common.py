@@ -18,12 +18,14 @@ __all__ = [
     "SPARSITY_TOLERANCE",
     "RunningStats",
     "TrialRecord",
+    "achieved_units",
     "direction",
     "feasible_sparsity",
     "lift",
     "rescale_above",
-    "rounding_slack",
     "resource_value",
+    "rounding_slack",
+    "rounding_tolerance",
     "trial_budget",
 ]
 
@@ -63,19 +65,6 @@ class TrialRecord(BaseModel):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
-def rounding_tolerance(problem: Any) -> float:
-    """How far a measured overall sparsity may fall below the requested one from rounding alone: each unit
-    prunes a whole number of channels (structured) or elements, so it can land half a channel short."""
-    total = sum(unit.weight_count for unit in problem.units)
-    if not total:
-        return SPARSITY_TOLERANCE
-    slack = 0.0
-    for unit in problem.units:
-        count = unit.channels if problem.structured and unit.channels else unit.weight_count
-        slack += unit.weight_count * 0.5 / max(count, 1)
-    return max(SPARSITY_TOLERANCE, slack / total)
-
-
 def trial_budget(*limits: int | None) -> int | None:
     """The tightest of the given trial limits (``None`` = unlimited)."""
     given = [limit for limit in limits if limit is not None]
@@ -111,6 +100,23 @@ def rounding_slack(problem: PruningProblem) -> float:
     if total == 0:
         return 0.0
     return sum(unit.weight_count * 0.5 / unit.channels for unit in problem.units if unit.channels) / total
+
+
+def rounding_tolerance(problem: PruningProblem) -> float:
+    """How far a measured overall sparsity may fall below the requested one and still count as reaching it:
+    the contract's tolerance, or what rounding to whole channels can lose when that is more."""
+    return max(SPARSITY_TOLERANCE, rounding_slack(problem))
+
+
+def achieved_units(result: Result, problem: PruningProblem, requested: dict[str, float]) -> dict[str, float]:
+    """Per-unit achieved sparsity from a result's per-layer ``achieved`` (a unit's members share one value;
+    the mean guards against a member reported differently); ``requested`` for a unit none of whose members
+    was reported (every unit when the result reports none)."""
+    out = {}
+    for unit in problem.units:
+        values = [result.achieved[m] for m in unit.members if m in result.achieved]
+        out[unit.name] = sum(values) / len(values) if values else requested[unit.name]
+    return out
 
 
 def lift(fractions: dict[str, float], floor: dict[str, float]) -> dict[str, float]:

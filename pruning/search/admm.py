@@ -27,7 +27,7 @@ from pruning.search._common import TrialRecord, feasible_sparsity, trial_budget
 from pruning.search.base import Job, Result, SearchProblem, SearchState
 from pruning.search.configs import ADMMConfig
 
-__all__ = ["ADMMSearch", "ADMMState", "admm_job", "execute"]
+__all__ = ["ADMMSearch", "ADMMState", "admm_artifacts", "admm_job", "execute"]
 
 ADMM_FORMAT = "prunehub.admm/1"
 
@@ -76,6 +76,11 @@ def admm_job(
         },
         context={**(context or {}), "iteration": iteration, "rho": float(config.rho) * factor},
     )
+
+
+def admm_artifacts(result: Result) -> dict[str, str | None]:
+    """The W, Z and U artifact ids an ``admm_train`` result hands to the next iteration (state field names)."""
+    return {"w_artifact": result.artifact, "z_artifact": result.extra.get("z"), "u_artifact": result.extra.get("u")}
 
 
 class ADMMSearch:
@@ -150,9 +155,7 @@ class ADMMSearch:
             return state.model_copy(
                 update={
                     "iteration": iteration,
-                    "w_artifact": result.artifact,
-                    "z_artifact": result.extra.get("z"),
-                    "u_artifact": result.extra.get("u"),
+                    **admm_artifacts(result),
                     "residuals": [*state.residuals, residual],
                     "history": [*state.history, record],
                     "phase": "admm" if iteration < state.iterations else "retrain",

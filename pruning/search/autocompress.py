@@ -21,14 +21,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pruning.config import PruningProblem, overall_sparsity
-from pruning.search._common import TrialRecord, rounding_tolerance, trial_budget
-from pruning.search.admm import admm_job
+from pruning.config import overall_sparsity
+from pruning.search._common import TrialRecord, achieved_units, rescale_above, rounding_tolerance, trial_budget
+from pruning.search.admm import admm_artifacts, admm_job
 from pruning.search.annealing import AnnealingRun, anneal_ask, anneal_start, anneal_tell
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AutoCompressConfig
 
-__all__ = ["AutoCompressSearch", "AutoCompressState", "RoundRecord", "achieved_units"]
+__all__ = ["AutoCompressSearch", "AutoCompressState", "RoundRecord"]
 
 
 class RoundRecord(BaseModel):
@@ -68,16 +68,6 @@ class AutoCompressState(SearchState):
     final_round: int | None = None
     pending: list[Job] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
-
-
-def achieved_units(result: Result, problem: PruningProblem) -> dict[str, float]:
-    """Per-unit achieved sparsity from a result's per-layer ``achieved`` (a unit's members share one value;
-    the mean guards against a member reported differently)."""
-    out = {}
-    for unit in problem.units:
-        values = [result.achieved[m] for m in unit.members if m in result.achieved]
-        out[unit.name] = sum(values) / len(values) if values else 0.0
-    return out
 
 
 class AutoCompressSearch:
@@ -215,8 +205,6 @@ class AutoCompressSearch:
 
     def _finish_search(self, state: AutoCompressState) -> AutoCompressState:
         """The round's search is over: ADMM enforces its best distribution (its start if nothing evaluated)."""
-        from pruning.search._common import rescale_above
-
         run = state.run
         assert run is not None
         distribution = run.best_distribution
@@ -253,9 +241,7 @@ class AutoCompressSearch:
             return state.model_copy(
                 update={
                     "admm_iteration": iteration,
-                    "w_artifact": result.artifact,
-                    "z_artifact": result.extra.get("z"),
-                    "u_artifact": result.extra.get("u"),
+                    **admm_artifacts(result),
                     "residuals": [*state.residuals, float(result.extra.get("primal_residual", float("nan")))],
                     "phase": "admm" if iteration < self.config.admm_iterations else "prune",
                 }
@@ -273,7 +259,7 @@ class AutoCompressSearch:
         if result is None or result.status != "succeeded" or result.score is None or result.artifact is None:
             error = "no result" if result is None else result.error
             return self._fail(state, f"round {state.round}: pruning to the searched distribution failed: {error}")
-        achieved = achieved_units(result, pruning) if result.achieved else dict(job.distribution)
+        achieved = achieved_units(result, pruning, job.distribution)
         measured = overall_sparsity(achieved, pruning)
         record = RoundRecord(
             round=state.round,
@@ -306,9 +292,9 @@ class AutoCompressSearch:
     def _choose_final(self, state: AutoCompressState) -> AutoCompressState:
         target = state.problem.pruning.target_sparsity
         mode = state.problem.optimize_mode
+        tolerance = rounding_tolerance(state.problem.pruning)
         chosen: RoundRecord | None = None
         for record in state.rounds:
-            tolerance = rounding_tolerance(state.problem.pruning)
             meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - tolerance
             if meets and record.score is not None and (chosen is None or better(record.score, chosen.score, mode)):
                 chosen = record

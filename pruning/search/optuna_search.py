@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from pruning.config import overall_sparsity, rescale
 from pruning.search._common import (
     SPARSITY_TOLERANCE,
+    achieved_units,
     direction,
     resource_value,
     rounding_slack,
@@ -155,6 +156,8 @@ class OptunaSearch:
         pruning = state.problem.pruning
         trials = list(state.trials)
         best_key, best_score, best_distribution = state.best_key, state.best_score, state.best_distribution
+        # Feasible unless the achieved sparsity fell short by more than per-unit rounding can explain.
+        floor = pruning.target_sparsity - SPARSITY_TOLERANCE - rounding_slack(pruning)
         for index, trial in enumerate(trials):
             if trial.state != "running":
                 continue
@@ -163,9 +166,8 @@ class OptunaSearch:
             if result is None or values is None:
                 trials[index] = trial.model_copy(update={"state": "fail"})
                 continue
-            achieved = _achieved_overall(result, trial.distribution, pruning)
-            # Feasible unless the achieved sparsity fell short by more than per-unit rounding can explain.
-            constraint = (pruning.target_sparsity - SPARSITY_TOLERANCE - rounding_slack(pruning)) - achieved
+            achieved = overall_sparsity(achieved_units(result, pruning, trial.distribution), pruning)
+            constraint = floor - achieved
             trials[index] = trial.model_copy(update={"state": "complete", "values": values, "constraint": constraint})
             if constraint <= 0 and better(values[0], best_score, state.problem.optimize_mode):
                 best_key, best_score, best_distribution = trial.key, values[0], dict(trial.distribution)
@@ -191,17 +193,6 @@ class OptunaSearch:
                 return None
             values.append(measured)
         return values
-
-
-def _achieved_overall(result: Result, distribution: dict[str, float], pruning: Any) -> float:
-    """Overall sparsity the job achieved (from per-layer achieved values), else what it requested."""
-    if result.achieved:
-        units = {}
-        for unit in pruning.units:
-            values = [result.achieved[m] for m in unit.members if m in result.achieved]
-            units[unit.name] = sum(values) / len(values) if values else distribution[unit.name]
-        return overall_sparsity(units, pruning)
-    return overall_sparsity(distribution, pruning)
 
 
 def _pareto(trials: list[OptunaTrial], mode: str, objectives: int) -> list[str]:

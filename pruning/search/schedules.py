@@ -32,7 +32,7 @@ Job kinds ``agp_step``, ``iterative_round`` and ``lottery_round`` are executed b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -99,13 +99,18 @@ class LotteryTicketState(_ScheduleState):
     pass
 
 
-class _ScheduleSearch:
+ConfigT = TypeVar("ConfigT", bound=AGPConfig | IterativeConfig | LotteryTicketConfig)
+
+
+class _ScheduleSearch(Generic[ConfigT]):
     """Shared ask/tell of the schedules: run the steps in order, each from the previous step's weights."""
 
     kind: JobKind
     algorithm: str
     state_class: type[_ScheduleState]
-    config: AGPConfig | IterativeConfig | LotteryTicketConfig
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
 
     def total_steps(self) -> int:
         raise NotImplementedError
@@ -235,7 +240,7 @@ def _record(job: Job, result: Result | None, decision: str) -> TrialRecord:
     )
 
 
-class AGPSearch(_ScheduleSearch):
+class AGPSearch(_ScheduleSearch[AGPConfig]):
     """Automated gradual pruning: one ``agp_step`` job per pruning epoch (see the module docstring).
 
     Example::
@@ -249,11 +254,6 @@ class AGPSearch(_ScheduleSearch):
     kind: JobKind = "agp_step"
     algorithm = "agp"
     state_class = AGPState
-
-    config: AGPConfig
-
-    def __init__(self, config: AGPConfig) -> None:
-        self.config = config
 
     def epochs(self) -> list[int]:
         """The pruning epochs: ``begin_step + k * frequency`` up to ``end_step``, and ``end_step`` itself."""
@@ -278,8 +278,9 @@ class AGPSearch(_ScheduleSearch):
         t = grid[index]
 
         def at(final: float) -> float:
-            return agp_sparsity(t, min(c.initial_sparsity, final), final, c.begin_step, c.end_step, c.frequency,
-                                c.exponent)
+            return agp_sparsity(
+                t, min(c.initial_sparsity, final), final, c.begin_step, c.end_step, c.frequency, c.exponent
+            )
 
         last = index == len(grid) - 1
         return self.make_step(
@@ -295,17 +296,12 @@ class AGPSearch(_ScheduleSearch):
         )
 
 
-class IterativeSearch(_ScheduleSearch):
+class IterativeSearch(_ScheduleSearch[IterativeConfig]):
     """Iterative pruning and retraining (Han et al.): one ``iterative_round`` job per round."""
 
     kind: JobKind = "iterative_round"
     algorithm = "iterative"
     state_class = IterativeState
-
-    config: IterativeConfig
-
-    def __init__(self, config: IterativeConfig) -> None:
-        self.config = config
 
     def total_steps(self) -> int:
         return self.config.rounds
@@ -324,17 +320,12 @@ class IterativeSearch(_ScheduleSearch):
         )
 
 
-class LotteryTicketSearch(_ScheduleSearch):
+class LotteryTicketSearch(_ScheduleSearch[LotteryTicketConfig]):
     """Lottery tickets: one ``lottery_round`` job for the dense round 0 and one per pruning round."""
 
     kind: JobKind = "lottery_round"
     algorithm = "lottery_ticket"
     state_class = LotteryTicketState
-
-    config: LotteryTicketConfig
-
-    def __init__(self, config: LotteryTicketConfig) -> None:
-        self.config = config
 
     def total_steps(self) -> int:
         return self.config.prune_iterations + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,24 +20,25 @@ def real_problem(task, base_algo: str = "l1", sparsity: float = 0.5, **fields) -
     return SearchProblem(pruning=pruning, **fields)
 
 
+def executor(task, store) -> RealExecute:  # type: ignore[no-untyped-def]
+    """An executor like the runner's: every job kind through :func:`pruning.jobs.execute_job`."""
+    from pruning.jobs import execute_job
+
+    def execute(problem: SearchProblem, job: Job) -> Result:
+        return execute_job(task, problem, job, store, "cpu")
+
+    execute.store = store  # type: ignore[attr-defined]
+    return execute
+
+
 @pytest.fixture
-def make_executor(tmp_path: Path) -> Callable[..., RealExecute]:
-    """An executor like the runner's: generic kinds through :func:`pruning.jobs.execute_job`, strategy kinds
-    through the module :data:`pruning.search.EXECUTORS` names (until the lead's dispatch lists them all)."""
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
     from pruning.artifacts import ArtifactStore
-    from pruning.jobs import STRATEGY_KINDS, execute_job
-    from pruning.search import EXECUTORS
 
-    store = ArtifactStore(tmp_path / "artifacts")
+    return ArtifactStore(tmp_path / "artifacts")
 
-    def factory(task) -> RealExecute:  # type: ignore[no-untyped-def]
-        def execute(problem: SearchProblem, job: Job) -> Result:
-            if job.kind in EXECUTORS and job.kind not in STRATEGY_KINDS:
-                result = importlib.import_module(EXECUTORS[job.kind]).execute(task, problem, job, store, "cpu")
-                return result
-            return execute_job(task, problem, job, store, "cpu")
 
-        execute.store = store  # type: ignore[attr-defined]
-        return execute
-
-    return factory
+@pytest.fixture
+def make_executor(store) -> Callable[..., RealExecute]:  # type: ignore[no-untyped-def]
+    """:func:`executor` of a task on this test's artifact store (``execute.store``)."""
+    return lambda task: executor(task, store)

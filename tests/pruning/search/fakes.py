@@ -119,16 +119,7 @@ class FakeExecutor:
         self.calls.append(job)
         sign = 1.0 if problem.optimize_mode == "maximize" else -1.0
         if job.kind in ("evaluate", "finetune_and_evaluate"):
-            quality = self.quality(job.distribution, job.finetune_epochs)
-            return Result(
-                key=job.key,
-                score=sign * self.scale * quality + self.offset,
-                requested=layer_distribution(job.distribution, problem.pruning),
-                achieved=self.achieved(problem, job.distribution),
-                overall_sparsity=overall_sparsity(job.distribution, problem.pruning),
-                artifact=_hex(job.key) if job.save_artifact else None,
-                **self.measure(problem, job.distribution),
-            )
+            return self._evaluated(problem, job, sign, artifact=_hex(job.key) if job.save_artifact else None)
         if job.kind == "admm_train":
             return Result(
                 key=job.key,
@@ -143,23 +134,28 @@ class FakeExecutor:
             return self._netadapt(problem, job, sign)
         if job.kind in ("agp_step", "iterative_round", "lottery_round"):
             # A schedule step: the nominal distribution stands in for a global ranking's.
-            quality = self.quality(job.distribution, job.finetune_epochs)
             extra: dict[str, Any] = {"distribution": dict(job.distribution)}
             if job.params.get("save_rewind"):
                 extra["rewind_artifact"] = _hex(job.key + "rewind")
             if job.save_artifact:
                 extra["model_artifact"] = _hex(job.key + "model")
-            return Result(
-                key=job.key,
-                score=sign * self.scale * quality + self.offset,
-                requested=layer_distribution(job.distribution, problem.pruning),
-                achieved=self.achieved(problem, job.distribution),
-                overall_sparsity=overall_sparsity(job.distribution, problem.pruning),
-                artifact=_hex(job.key),
-                extra=extra,
-                **self.measure(problem, job.distribution),
-            )
+            return self._evaluated(problem, job, sign, artifact=_hex(job.key), extra=extra)
         raise AssertionError(f"unexpected job kind {job.kind}")
+
+    def _evaluated(
+        self, problem: SearchProblem, job: Job, sign: float, artifact: str | None, extra: dict[str, Any] | None = None
+    ) -> Result:
+        """The result of pruning to ``job.distribution`` exactly, fine-tuning and evaluating."""
+        return Result(
+            key=job.key,
+            score=sign * self.scale * self.quality(job.distribution, job.finetune_epochs) + self.offset,
+            requested=layer_distribution(job.distribution, problem.pruning),
+            achieved=self.achieved(problem, job.distribution),
+            overall_sparsity=overall_sparsity(job.distribution, problem.pruning),
+            artifact=artifact,
+            extra=extra or {},
+            **self.measure(problem, job.distribution),
+        )
 
     def _netadapt(self, problem: SearchProblem, job: Job, sign: float) -> Result:
         unit = problem.pruning.unit(job.params["unit"])

@@ -8,8 +8,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from pruning.search import ALGORITHMS, make_strategy
+from pruning.search import ALGORITHMS, make_strategy, state_type
 from pruning.search.configs import parse_algorithm_config
+from tests.pruning.search.fakes import fake_problem
 
 CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]
 
@@ -18,7 +19,8 @@ CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d"]}]
 def test_defaults_validate_and_build_a_strategy(algorithm: str) -> None:
     config = parse_algorithm_config({"algorithm": algorithm, "config_list": CONFIG_LIST})
     assert config.algorithm == algorithm  # type: ignore[attr-defined]
-    assert make_strategy(config) is not None
+    # The strategy starts the state class a persisted state is reloaded as.
+    assert type(make_strategy(config).start(fake_problem())) is state_type(algorithm)
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ from pruning.jobs import execute_job, load_checkpoint
 from pruning.schedule import agp_sparsity
 from pruning.search import make_strategy, state_type
 from pruning.search._common import rounding_slack
-from pruning.search.base import Job, Result, SearchProblem
+from pruning.search.base import Result, SearchProblem
 from pruning.search.configs import parse_algorithm_config
 from pruning.task import Task, TaskError
-from tests.pruning.search.conftest import real_problem
+from tests.pruning.search.conftest import executor, real_problem
 from tests.pruning.search.digits_task import PlainDigitsCNN, make_task
 from tests.pruning.search.driver import drive
 
@@ -38,20 +38,6 @@ def init_model() -> torch.nn.Module:
 
 def lottery_task(**changes: Any) -> Task:
     return dataclasses.replace(make_task("plain"), init_model=init_model, **changes)
-
-
-def executor(task: Task, store: Any):  # type: ignore[no-untyped-def]
-    def execute(problem: SearchProblem, job: Job) -> Result:
-        return execute_job(task, problem, job, store, "cpu")
-
-    return execute
-
-
-@pytest.fixture
-def store(tmp_path):  # type: ignore[no-untyped-def]
-    from pruning.artifacts import ArtifactStore
-
-    return ArtifactStore(tmp_path / "artifacts")
 
 
 def expected_layers(problem: PruningProblem, distribution: dict[str, float]) -> dict[str, float]:
@@ -148,7 +134,9 @@ def test_iterative_rounds_compound_to_the_target_and_only_add_pruning(store) -> 
     task = make_task("plain")
     problem = real_problem(task, base_algo="level")
     run = drive(
-        run_config("iterative", base_algo="level", rounds=3, retrain_epochs=1), problem, executor(task, store),
+        run_config("iterative", base_algo="level", rounds=3, retrain_epochs=1),
+        problem,
+        executor(task, store),
         check_resume=False,
     )
     assert run.state.best_key == "iterative-round3"
@@ -175,8 +163,11 @@ def test_lottery_rounds_rewind_survivors_to_the_initial_weights(store) -> None: 
 
     def recording_trainer(model, optimizer, criterion, epoch, callback=None):  # type: ignore[no-untyped-def]
         # What the network starts the epoch with (masked weights as the forward pass sees them, and buffers).
-        state = {f"{name}.weight": module.weight.detach().clone() for name, module in model.named_modules()
-                 if isinstance(getattr(module, "weight", None), torch.Tensor)}
+        state = {
+            f"{name}.weight": module.weight.detach().clone()
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor)
+        }
         state.update({name: value.clone() for name, value in model.named_buffers() if "running" in name})
         seen.append((epoch, state))
         base.trainer(model, optimizer, criterion, epoch, callback)  # type: ignore[misc]
@@ -184,15 +175,20 @@ def test_lottery_rounds_rewind_survivors_to_the_initial_weights(store) -> None: 
     task = dataclasses.replace(base, trainer=recording_trainer)
     problem = real_problem(task, base_algo="level")
     run = drive(
-        run_config("lottery_ticket", base_algo="level", prune_iterations=2, epochs=1), problem, executor(task, store),
+        run_config("lottery_ticket", base_algo="level", prune_iterations=2, epochs=1),
+        problem,
+        executor(task, store),
         check_resume=False,
     )
     assert [job.context["round"] for job in run.jobs] == [0, 1, 2]
     assert run.state.best_key == "lottery-round2"
     assert len(seen) == 3  # one epoch per round
     initial = init_model()
-    init_weights = {f"{n}.weight": m.weight.detach() for n, m in initial.named_modules()
-                    if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    init_weights = {
+        f"{n}.weight": m.weight.detach()
+        for n, m in initial.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     init_buffers = {name: value for name, value in initial.named_buffers() if "running" in name}
     for r, job in enumerate(run.jobs):
         result = run.results[job.key]
@@ -217,7 +213,9 @@ def test_lottery_rewind_epoch_rewinds_to_the_weights_after_k_epochs(store) -> No
     task = lottery_task()
     problem = real_problem(task, base_algo="l1")
     run = drive(
-        run_config("lottery_ticket", prune_iterations=1, epochs=1, rewind_epoch=1), problem, executor(task, store),
+        run_config("lottery_ticket", prune_iterations=1, epochs=1, rewind_epoch=1),
+        problem,
+        executor(task, store),
         check_resume=False,
     )
     assert run.state.best_key == "lottery-round1", run.state.stop_reason
@@ -228,9 +226,7 @@ def test_lottery_rewind_epoch_rewinds_to_the_weights_after_k_epochs(store) -> No
     optimizer = task.make_optimizer(expected)
     assert task.trainer is not None
     task.trainer(expected, optimizer, task.make_criterion(), 0)
-    for (name, value), (other, want) in zip(
-        rewound.state_dict().items(), expected.state_dict().items(), strict=True
-    ):
+    for (name, value), (other, want) in zip(rewound.state_dict().items(), expected.state_dict().items(), strict=True):
         assert name == other and torch.equal(value, want), name
 
 
@@ -266,7 +262,7 @@ def test_a_killed_worker_resumes_between_rounds_with_the_same_history(name: str,
     results: list[Result] = []
     state, jobs = strategy.ask(state)
     results += [execute(problem, job) for job in jobs]
-    state = strategy.tell(state, results[-len(jobs):])
+    state = strategy.tell(state, results[-len(jobs) :])
     persisted = state.model_dump_json()  # the runner saves the state after every tell
     state, jobs = strategy.ask(state)  # the worker dies while round 2 runs (before its tell)
     lost = jobs[0].key
@@ -279,7 +275,7 @@ def test_a_killed_worker_resumes_between_rounds_with_the_same_history(name: str,
         if not jobs:
             break
         results += [execute(problem, job) for job in jobs]
-        state = strategy.tell(state, results[-len(jobs):])
+        state = strategy.tell(state, results[-len(jobs) :])
     assert state.model_dump_json() == uninterrupted.state.model_dump_json()
     assert [r.key for r in results] == [j.key for j in uninterrupted.jobs] and lost in [r.key for r in results]
     assert [r.score for r in results] == [uninterrupted.results[r.key].score for r in results]
@@ -293,8 +289,13 @@ def test_global_ranking_gives_a_non_uniform_distribution_at_the_target(base_algo
     task = make_task("plain")
     problem = real_problem(task, base_algo=base_algo, sparsity=0.6)
     pruning = problem.pruning
-    run = drive(run_config("uniform", base_algo=base_algo, ranking="global", config_list=[
-        {"sparsity": 0.6, "op_types": ["Conv2d"]}]), problem, executor(task, store))
+    run = drive(
+        run_config(
+            "uniform", base_algo=base_algo, ranking="global", config_list=[{"sparsity": 0.6, "op_types": ["Conv2d"]}]
+        ),
+        problem,
+        executor(task, store),
+    )
     best = run.results[run.state.best_key]  # type: ignore[index]
     distribution = run.state.best_distribution  # type: ignore[attr-defined]
     assert distribution == best.extra["distribution"]
@@ -355,13 +356,19 @@ def test_every_base_algorithm_follows_the_schedule(base_algo: str, config_list: 
     task = make_task("plain")
     pruning = resolve_config_list(task.model(), config_list, base_algo, task.dummy_input())
     problem = SearchProblem(pruning=pruning)
-    config = {"algorithm": "iterative", "config_list": config_list, "base_algo": base_algo, "rounds": 2,
-              "retrain_epochs": 0}
+    config = {
+        "algorithm": "iterative",
+        "config_list": config_list,
+        "base_algo": base_algo,
+        "rounds": 2,
+        "retrain_epochs": 0,
+    }
     run = drive(config, problem, executor(task, store), check_resume=False)
     assert run.state.best_key == "iterative-round2", run.state.stop_reason
     for r, job in enumerate(run.jobs, start=1):
-        want = {u.name: (1 - (1 - u.initial_sparsity) ** (r / 2)) if r < 2 else u.initial_sparsity
-                for u in pruning.units}
+        want = {
+            u.name: (1 - (1 - u.initial_sparsity) ** (r / 2)) if r < 2 else u.initial_sparsity for u in pruning.units
+        }
         assert same_counts(run.results[job.key].achieved, expected_layers(pruning, want)), (base_algo, r)
     if any(u.block for u in pruning.units):
         _, masks = load_checkpoint(task, store, run.results["iterative-round2"].artifact)
