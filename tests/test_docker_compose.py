@@ -51,9 +51,7 @@ def test_environment_names_what_the_settings_read() -> None:
 
 def test_commands_are_cli_commands() -> None:
     parser = build_parser()
-    images = set()
     for service in _compose()["services"].values():
-        images.add(service.get("image"))
         command = service.get("command")
         if isinstance(command, list) and command and command[0] == "prunehub":
             parser.parse_args(command[1:])  # raises SystemExit on an unknown command or flag

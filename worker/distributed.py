@@ -20,7 +20,6 @@ everywhere). Weights travel through the shared artifact store; messages carry id
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +33,10 @@ from server.services import runs
 from server.services.events import add_event
 from server.settings import Settings
 from worker.runner import (
-    _elapsed_minutes_since,
-    _keep_if_healthy,
-    _task_process,
+    Heartbeat,
+    elapsed_minutes,
+    failure_reason,
+    open_task_process,
     persist_told_state,
     transact,
     trial_to_result,
@@ -124,9 +124,9 @@ def _advance_step(session: Session, experiment: Experiment, settings: Settings, 
         trials = list(session.scalars(step_trials.order_by(Trial.seq)))
         state = strategy.tell(state, [trial_to_result(t) for t in trials])
         persist_told_state(session, experiment, state, {t.job_key for t in trials}, config.max_trials)
-    finished = _finished(session, experiment_id)
+    finished = runs.finished_trials(session, experiment_id)
     stop_reason = None
-    if config.max_minutes is not None and _elapsed_minutes_since(experiment.started_at) >= config.max_minutes:
+    if config.max_minutes is not None and elapsed_minutes(experiment.started_at) >= config.max_minutes:
         stop_reason = f"stopped after max_minutes={config.max_minutes}"
     state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
     if jobs and config.max_trials is not None and finished >= config.max_trials:
@@ -134,22 +134,9 @@ def _advance_step(session: Session, experiment: Experiment, settings: Settings, 
     if not jobs:
         return _finish(session, experiment, state, stop_reason or state.stop_reason, outbox)
     next_step = experiment.step + 1
-    seq = session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0
     for job in jobs:
-        seq += 1
-        trial = Trial(
-            experiment_id=experiment_id,
-            seq=seq,
-            step=next_step,
-            job_key=job.key,
-            kind=job.kind,
-            status=TrialStatus.pending.value,
-            distribution=dict(job.distribution),
-            context=dict(job.context),
-            extra={"job": job.model_dump(mode="json")},
-        )
-        session.add(trial)
-        session.flush()  # a job key asked twice (a racing advance) fails here, before anything is sent
+        # A job key asked twice (a racing advance) fails at the insert, before anything is sent.
+        trial = runs.add_trial(session, experiment_id, job, status=TrialStatus.pending, step=next_step)
         outbox.append((EVALUATE, trial.id))
     experiment.search_state = state.model_dump(mode="json")  # the state after ask: tell continues from it
     experiment.state_version += 1
@@ -164,25 +151,11 @@ def _finish(
 ) -> str:
     experiment.search_state = state.model_dump(mode="json")
     if state.best_key is None:
-        failed = session.scalar(
-            select(Trial.error)
-            .where(Trial.experiment_id == experiment.id, Trial.status == TrialStatus.failed.value)
-            .order_by(Trial.seq.desc())
-            .limit(1)
-        )
-        reasons = [r for r in (reason, f"last failure: {failed}" if failed else None) if r]
-        runs.finish_experiment(
-            session,
-            experiment,
-            ExperimentStatus.failed,
-            error="; ".join(reasons) or "the search produced no successful trial",
-        )
+        error = failure_reason(session, experiment.id, reason)
+        runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error)
         return "failed"
     best = runs.trial_by_key(session, experiment.id, state.best_key)
-    if best is not None and not (best.extra or {}).get("model_artifact") and best.kind in (
-        "evaluate",
-        "finetune_and_evaluate",
-    ):
+    if best is not None and runs.model_rebuild_job(best) is not None:
         if experiment.phase != "saving the best pruned model":
             experiment.phase = "saving the best pruned model"
             if reason:
@@ -193,46 +166,6 @@ def _finish(
     if reason:
         experiment.phase = f"succeeded: {reason}"
     return "succeeded"
-
-
-def _finished(session: Session, experiment_id: int) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).where(
-                Trial.experiment_id == experiment_id,
-                Trial.status.in_((TrialStatus.succeeded.value, TrialStatus.failed.value)),
-            )
-        )
-        or 0
-    )
-
-
-class _TrialHeartbeat:
-    """Renews an evaluation's lease on its trial while the job runs."""
-
-    def __init__(self, trial_id: int, worker_id: str, session_factory: sessionmaker[Session], interval: float):
-        self.stop_event = threading.Event()
-
-        def loop() -> None:
-            while not self.stop_event.wait(interval):
-                try:
-                    with session_factory() as session:
-                        trial = session.get(Trial, trial_id)
-                        if trial is not None and trial.lease_owner == worker_id:
-                            trial.heartbeat_at = utcnow()
-                            session.commit()
-                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
-                    log.warning("heartbeat of trial %s failed", trial_id, exc_info=True)
-
-        self.thread = threading.Thread(target=loop, name=f"trial-lease-{trial_id}", daemon=True)
-
-    def __enter__(self) -> _TrialHeartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join(10)
 
 
 def evaluate(
@@ -284,12 +217,16 @@ def evaluate(
         with session_factory() as session:
             return runs.cancel_requested(session, experiment_id)
 
+    def beat(session: Session) -> None:
+        trial = session.get(Trial, trial_id)
+        if trial is not None and trial.lease_owner == worker_id:
+            trial.heartbeat_at = utcnow()
+
     deadline = time.monotonic() + settings.job_timeout_s if settings.job_timeout_s else None
-    child = _task_process(entrypoint, settings)
     retry = False
     try:
-        with _keep_if_healthy(child, settings), _TrialHeartbeat(
-            trial_id, worker_id, session_factory, settings.worker_heartbeat_s
+        with open_task_process(entrypoint, settings) as child, Heartbeat(
+            beat, session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}"
         ):
             answer = child.request(
                 "job", {"problem": problem_json, "job": job_json}, should_stop=cancelled, deadline=deadline
@@ -365,11 +302,10 @@ def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], setti
             send(ADVANCE, experiment_id)
             return "already resolved"
         entrypoint, config = experiment.entrypoint, experiment.config
-    child = _task_process(entrypoint, settings)
     error: str | None = None
     problem: Any = None
     try:
-        with _keep_if_healthy(child, settings):
+        with open_task_process(entrypoint, settings) as child:
             problem = child.request("resolve", {"config": config}, deadline=None)["problem"]
     except (ChildError, ChildDied, JobTimedOut) as exc:
         error = str(exc) if isinstance(exc, ChildError) else f"{exc} while loading the task"
@@ -382,10 +318,7 @@ def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], setti
         if error is not None:
             runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error)
             return
-        experiment.problem = problem
-        experiment.phase = "problem resolved"
-        add_event(session, experiment_id, "problem", units=len(problem["pruning"]["units"]),
-                  target_sparsity=problem["pruning"]["target_sparsity"])
+        runs.store_problem(session, experiment, problem)
 
     transact(session_factory, store, give_up_after_s=settings.db_retry_s)
     if error is None:
@@ -406,13 +339,13 @@ def export_best(
             return "skipped"
         best = session.get(Trial, experiment.best_trial_id)
         assert best is not None
-        entrypoint, problem_json, job_json, best_id = (
-            experiment.entrypoint, experiment.problem, best.extra["job"], best.id,
-        )
-    job = Job.model_validate(job_json).model_copy(update={"save_artifact": True})
-    child = _task_process(entrypoint, settings)
+        job_json = runs.model_rebuild_job(best)
+        entrypoint, problem_json, best_id = experiment.entrypoint, experiment.problem, best.id
+    if job_json is None:
+        return "skipped"
+    job = Job.model_validate(job_json)
     try:
-        with _keep_if_healthy(child, settings):
+        with open_task_process(entrypoint, settings) as child:
             answer = child.request("job", {"problem": problem_json, "job": job.model_dump(mode="json")})
             result = Result.model_validate(answer["result"])
     except (ChildError, ChildDied, JobTimedOut) as exc:
@@ -425,11 +358,7 @@ def export_best(
             return
         trial = session.get(Trial, best_id)
         assert trial is not None
-        artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
-        if artifact:
-            runs.attach_model(session, trial, artifact, result.score)
-        else:
-            add_event(session, experiment_id, "note", text=f"could not save the best model: {result.error}")
+        runs.attach_model_result(session, trial, result)
         final = (
             ExperimentStatus.cancelled
             if experiment.status == ExperimentStatus.cancelling.value

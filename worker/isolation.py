@@ -20,10 +20,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ChildDied", "ChildError", "JobCancelled", "JobProcess", "JobTimedOut", "describe_exit"]
+__all__ = [
+    "ChildDied",
+    "ChildError",
+    "JobCancelled",
+    "JobProcess",
+    "JobTimedOut",
+    "describe_exit",
+    "task_process",
+]
 
 
 class ChildDied(RuntimeError):
@@ -93,7 +102,6 @@ class JobProcess:
         self.device = device
         self.memory_limit_mb = memory_limit_mb
         self.poll_interval = poll_interval
-        self.reuse_key: Any = None  # set by the runner that may park this process between experiments
         self._process: subprocess.Popen[bytes] | None = None
         self._to_child: Any = None
         self._from_child: Any = None
@@ -229,3 +237,46 @@ class JobProcess:
             timeout = max(timeout, 0.05)  # the rest of a long line follows right away
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
+
+
+# One idle task process per worker process, kept between experiments of the same entrypoint and settings so a
+# queue of small experiments does not pay an interpreter start and a torch import each. Created on first use.
+_idle: tuple[tuple[Any, ...], JobProcess] | None = None
+
+
+@contextmanager
+def task_process(
+    entrypoint: str,
+    allowed_prefixes: list[str],
+    *,
+    artifacts_dir: str,
+    device: str = "cpu",
+    memory_limit_mb: int | None = None,
+    reuse: bool = True,
+) -> Iterator[JobProcess]:
+    """A task process for ``entrypoint``: the parked one when it matches, else a new one. On a normal exit it is
+    parked for the next caller (``reuse``); after an error it is closed (a cancel, timeout or crash killed it
+    already, and a process that saw an unexpected error is not trusted again)."""
+    global _idle
+    key = (entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb)
+    child: JobProcess | None = None
+    if _idle is not None:
+        idle_key, idle_child = _idle
+        _idle = None
+        if idle_key == key and idle_child.pid is not None:
+            child = idle_child
+        else:
+            idle_child.close()
+    if child is None:
+        child = JobProcess(
+            entrypoint, allowed_prefixes, artifacts_dir=artifacts_dir, device=device, memory_limit_mb=memory_limit_mb
+        )
+    try:
+        yield child
+    except BaseException:
+        child.close()
+        raise
+    if reuse and child.pid is not None:
+        _idle = (key, child)
+    else:
+        child.close()

@@ -15,16 +15,23 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc
 from server.services import runs
-from server.services.events import add_event
 from server.settings import Settings
 
-__all__ = ["persist_told_state", "run_experiment", "transact", "trial_to_result"]
+__all__ = [
+    "Heartbeat",
+    "elapsed_minutes",
+    "failure_reason",
+    "open_task_process",
+    "persist_told_state",
+    "run_experiment",
+    "transact",
+    "trial_to_result",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +85,47 @@ def transact(session_factory: sessionmaker[Session], work: Callable[[Session], T
             delay = min(delay * 2, 5.0)
 
 
-class _Heartbeat:
-    """Renews the experiment's lease every ``interval`` seconds from a daemon thread while the search runs, so a
-    duplicate delivery sees a live lease and a dead worker's lease goes stale."""
+class Heartbeat:
+    """Calls ``beat(session)`` (and commits) every ``interval`` seconds from a daemon thread while a lease is held,
+    so a duplicate delivery sees a live lease and a dead worker's lease goes stale."""
 
     def __init__(
-        self, experiment_id: int, worker_id: str, session_factory: sessionmaker[Session], interval: float
+        self, beat: Callable[[Session], object], session_factory: sessionmaker[Session], interval: float, name: str
     ) -> None:
-        self._args = (experiment_id, worker_id)
-        self._session_factory = session_factory
-        self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{experiment_id}", daemon=True)
 
-    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    with session_factory() as session:
+                        beat(session)
+                        session.commit()
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                    log.warning("heartbeat of %s failed", name, exc_info=True)
+
+        self._thread = threading.Thread(target=loop, name=f"lease-{name}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
         self._thread.start()
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                with self._session_factory() as session:
-                    runs.heartbeat(session, *self._args)
-                    session.commit()
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
-                log.warning("heartbeat of experiment %s failed", self._args[0], exc_info=True)
+
+def open_task_process(entrypoint: str, settings: Settings) -> Any:
+    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow)."""
+    from worker.isolation import task_process
+
+    return task_process(
+        entrypoint,
+        list(settings.allowed_entrypoints),
+        artifacts_dir=str(settings.artifacts_dir),
+        device=settings.device,
+        memory_limit_mb=settings.job_memory_limit_mb,
+        reuse=settings.reuse_task_process,
+    )
 
 
 class _Stop(Exception):
@@ -132,18 +152,22 @@ def run_experiment(
 
     if not transact(session_factory, claim, give_up_after_s=settings.db_retry_s):
         return "skipped"
-    beat = _Heartbeat(experiment_id, worker_id, session_factory, settings.worker_heartbeat_s)
-    beat.start()
+    beat = Heartbeat(
+        lambda session: runs.heartbeat(session, experiment_id, worker_id),
+        session_factory,
+        settings.worker_heartbeat_s,
+        name=f"experiment {experiment_id}",
+    )
     try:
-        status, reason = _run_until_done(experiment_id, session_factory, settings)
+        with beat:
+            status, reason = _run_until_done(experiment_id, session_factory, settings)
         tb = None
     except _Stop as stop:
         status, reason, tb = stop.status, stop.reason, None
     except Exception as exc:  # noqa: BLE001 - anything from the user's code ends the experiment, not the worker
         log.exception("experiment %s failed", experiment_id)
         status, reason, tb = ExperimentStatus.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-    finally:
-        beat.stop()
+
     def finish(session: Session) -> ExperimentStatus:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)
         assert experiment is not None
@@ -197,15 +221,14 @@ def _run(
     config = parse_algorithm_config(raw_config)
     experiment_deadline = None
     if config.max_minutes is not None:
-        elapsed_s = _elapsed_minutes_since(started_at) * 60.0
+        elapsed_s = elapsed_minutes(started_at) * 60.0
         experiment_deadline = time.monotonic() + config.max_minutes * 60.0 - elapsed_s
 
     def cancelled() -> bool:
         with session_factory() as session:
             return runs.cancel_requested(session, experiment_id)
 
-    child = _task_process(entrypoint, settings)
-    with _keep_if_healthy(child, settings):
+    with open_task_process(entrypoint, settings) as child:
         if stored_problem is not None:
             problem = SearchProblem.model_validate(stored_problem)
         else:
@@ -224,17 +247,13 @@ def _run(
             with session_factory() as session:
                 row = session.get(Experiment, experiment_id)
                 assert row is not None
-                row.problem = problem.model_dump(mode="json")
-                row.phase = "problem resolved"
-                add_event(session, experiment_id, "problem", units=len(problem.pruning.units),
-                          target_sparsity=problem.pruning.target_sparsity)
+                runs.store_problem(session, row, answer["problem"])
                 session.commit()
 
         strategy = make_strategy(config)
         initial = strategy.start(problem)
         state = type(initial).model_validate(stored_state) if stored_state is not None else initial
         problem_json = problem.model_dump(mode="json")
-        last_error: str | None = None  # the latest failed trial's reason, reported if nothing succeeds
 
         def execute(job: Job, within_budget: bool = True) -> Result:
             # The best model's rebuild after the budget ran out is not held to max_minutes (only job_timeout).
@@ -266,7 +285,7 @@ def _run(
                 if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
                     raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}")
                 with session_factory() as session:
-                    finished = _finished_trials(session, experiment_id)
+                    finished = runs.finished_trials(session, experiment_id)
                 state, jobs = strategy.ask(state)
                 if not jobs:
                     if not state.done:
@@ -278,9 +297,8 @@ def _run(
                 for job in jobs:
                     with session_factory() as session:
                         trial = runs.trial_by_key(session, experiment_id, job.key)
-                        if trial is not None and trial.status in _FINISHED:
+                        if trial is not None and trial.status in runs.FINISHED:
                             results.append(trial_to_result(trial))  # recorded before a restart: replay
-                            last_error = trial.error or last_error
                             continue
                         experiment = session.get(Experiment, experiment_id)
                         assert experiment is not None
@@ -295,66 +313,17 @@ def _run(
                         runs.record_result(session, trial, result)
                         session.commit()
                     results.append(result)
-                    if result.status == "failed":
-                        last_error = f"trial {job.key} failed: {result.error}"
                 state = strategy.tell(state, results)
                 with session_factory() as session:
                     experiment = session.get(Experiment, experiment_id)
                     assert experiment is not None
                     persist_told_state(session, experiment, state, {job.key for job in jobs}, config.max_trials)
                     session.commit()
+            reason = state.stop_reason
         except _BudgetSpent as spent:
-            _ensure_model(experiment_id, state.best_key, session_factory, execute)
-            return _final_status(state, str(spent), last_error)
+            reason = str(spent)
         _ensure_model(experiment_id, state.best_key, session_factory, execute)
-    return _final_status(state, state.stop_reason, last_error)
-
-
-# One idle task process per worker process, kept between experiments of the same entrypoint so a queue of
-# small experiments does not pay an interpreter and torch import each (PRUNEHUB_REUSE_TASK_PROCESS=false: never).
-_idle_child: Any = None
-
-
-def _task_process(entrypoint: str, settings: Settings) -> Any:
-    from worker.isolation import JobProcess
-
-    global _idle_child
-    key = (entrypoint, tuple(settings.allowed_entrypoints), str(settings.artifacts_dir), settings.device,
-           settings.job_memory_limit_mb)
-    if _idle_child is not None:
-        cached, cached_key = _idle_child
-        _idle_child = None
-        if cached_key == key and cached.pid is not None:
-            return cached
-        cached.close()
-    child = JobProcess(
-        entrypoint,
-        list(settings.allowed_entrypoints),
-        artifacts_dir=str(settings.artifacts_dir),
-        device=settings.device,
-        memory_limit_mb=settings.job_memory_limit_mb,
-    )
-    child.reuse_key = key
-    return child
-
-
-class _keep_if_healthy:  # noqa: N801 - used as a context manager, named like one
-    """Closes the task process at the end of an experiment, or parks it for the next one when reuse is on and
-    the run ended normally (a cancel, a timeout or a crash already killed it)."""
-
-    def __init__(self, child: Any, settings: Settings) -> None:
-        self.child = child
-        self.reuse = settings.reuse_task_process
-
-    def __enter__(self) -> Any:
-        return self.child
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        global _idle_child
-        if self.reuse and exc_type is None and self.child.pid is not None:
-            _idle_child = (self.child, self.child.reuse_key)
-        else:
-            self.child.close()
+    return _final_status(experiment_id, session_factory, state, reason)
 
 
 def _ensure_model(
@@ -363,33 +332,26 @@ def _ensure_model(
     session_factory: sessionmaker[Session],
     execute: Callable[..., Any],
 ) -> None:
-    """Make the best trial downloadable: strategies keep weights only where they need them, so a best trial
-    without a pruned-model artifact is executed once more, the same job with ``save_artifact``."""
+    """Make the best trial downloadable (see :func:`server.services.runs.model_rebuild_job`)."""
     from pruning.search.base import Job
 
     if best_key is None:
         return
     with session_factory() as session:
         trial = runs.trial_by_key(session, experiment_id, best_key)
-        if trial is None or (trial.extra or {}).get("model_artifact") or "job" not in (trial.extra or {}):
+        job_json = runs.model_rebuild_job(trial) if trial is not None else None
+        if trial is None or job_json is None:
             return
-        job = Job.model_validate(trial.extra["job"])
         trial_id = trial.id
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None
         experiment.phase = "saving the best pruned model"
         session.commit()
-    if job.kind not in ("evaluate", "finetune_and_evaluate"):
-        return
-    result = execute(job.model_copy(update={"save_artifact": True}), False)
-    artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
+    result = execute(Job.model_validate(job_json), False)
     with session_factory() as session:
         trial = session.get(Trial, trial_id)
         assert trial is not None
-        if artifact:
-            runs.attach_model(session, trial, artifact, result.score)
-        else:
-            add_event(session, experiment_id, "note", text=f"could not save the best model: {result.error}")
+        runs.attach_model_result(session, trial, result)
         session.commit()
 
 
@@ -402,7 +364,7 @@ def persist_told_state(
     decisions = _decisions(state_json, keys)
     if decisions:
         runs.record_decisions(session, experiment.id, decisions)
-    finished = _finished_trials(session, experiment.id)
+    finished = runs.finished_trials(session, experiment.id)
     runs.save_progress(
         session,
         experiment,
@@ -432,36 +394,26 @@ def _decisions(node: Any, keys: set[str]) -> dict[str, str]:
     return found
 
 
-_FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
-
-
 class _BudgetSpent(Exception):
     """max_trials or max_minutes reached: the search ends with what it found."""
 
 
-def _finished_trials(session: Session, experiment_id: int) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).where(
-                Trial.experiment_id == experiment_id,
-                Trial.status.in_((TrialStatus.succeeded.value, TrialStatus.failed.value)),
-            )
-        )
-        or 0
-    )
+def elapsed_minutes(started: datetime | None) -> float:
+    """Minutes since ``started`` (0 before the experiment started)."""
+    return 0.0 if started is None else (datetime.now(UTC) - as_utc(started)).total_seconds() / 60.0
 
 
-def _elapsed_minutes_since(started: datetime | None) -> float:
-    if started is None:
-        return 0.0
-    if started.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-        started = started.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - started).total_seconds() / 60.0
+def failure_reason(session: Session, experiment_id: int, reason: str | None) -> str:
+    """Why a search that produced no successful trial failed: its own stop reason and the last trial failure."""
+    reasons = [r for r in (reason, runs.last_failure(session, experiment_id)) if r]
+    return "; ".join(reasons) or "the search produced no successful trial"
 
 
-def _final_status(state: Any, reason: str | None, last_error: str | None) -> tuple[ExperimentStatus, str | None]:
+def _final_status(
+    experiment_id: int, session_factory: sessionmaker[Session], state: Any, reason: str | None
+) -> tuple[ExperimentStatus, str | None]:
     """Succeeded when the search produced a best result; failed (with the reasons) otherwise."""
     if state.best_key is None:
-        reasons = [r for r in (reason, last_error) if r] or ["the search produced no successful trial"]
-        raise _Stop(ExperimentStatus.failed, "; ".join(reasons))
+        with session_factory() as session:
+            raise _Stop(ExperimentStatus.failed, failure_reason(session, experiment_id, reason))
     return ExperimentStatus.succeeded, reason

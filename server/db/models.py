@@ -21,11 +21,16 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from server.db.base import Base, JSONType
 
-__all__ = ["ApiKey", "Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "utcnow"]
+__all__ = ["ApiKey", "Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "as_utc", "utcnow"]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC datetime: SQLite gives stored (UTC) timestamps back naive."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 class ExperimentStatus(enum.StrEnum):

@@ -122,8 +122,8 @@ def list_experiments(
         rows = list(session.scalars(query.order_by(Experiment.id.desc()).limit(limit + 1)))
         next_cursor = _encode_cursor({"before_id": rows[limit - 1].id}) if len(rows) > limit else None
         return rows[:limit], next_cursor
-    # Best score first; experiments without a score last. Score ordering respects each one's optimize_mode
-    # by ranking on the score as the user sees it (higher is better for maximize).
+    # Only experiments that have a best score, highest first: meant for comparing experiments of one entrypoint,
+    # which share one evaluator (so one scale and one direction).
     offset = int(position.get("offset", 0))
     query = query.where(Experiment.best_score.is_not(None)).order_by(
         Experiment.best_score.desc(), Experiment.id.desc()

@@ -6,19 +6,23 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc, utcnow
 from server.services.events import add_event
 
 __all__ = [
-    "attach_model",
+    "add_trial",
+    "attach_model_result",
     "cancel_requested",
     "claim_experiment",
+    "finished_trials",
+    "last_failure",
+    "model_rebuild_job",
     "experiments_to_requeue",
     "heartbeat",
     "lease_is_live",
@@ -29,6 +33,7 @@ __all__ = [
     "record_result",
     "save_progress",
     "start_trial",
+    "store_problem",
     "trial_by_key",
 ]
 
@@ -44,10 +49,7 @@ def lease_is_live_at(heartbeat_at: datetime | None, grace_s: float) -> bool:
     """Whether a heartbeat is younger than ``grace_s``."""
     if heartbeat_at is None:
         return False
-    beat = heartbeat_at
-    if beat.tzinfo is None:  # SQLite gives naive datetimes back (stored as UTC)
-        beat = beat.replace(tzinfo=UTC)
-    return (utcnow() - beat).total_seconds() < grace_s
+    return (utcnow() - as_utc(heartbeat_at)).total_seconds() < grace_s
 
 
 def claim_experiment(
@@ -129,6 +131,47 @@ def trials_to_requeue(session: Session, grace_s: float) -> list[int]:
     return sorted(set(session.scalars(running)) | set(session.scalars(waiting)))
 
 
+FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
+REBUILDABLE_KINDS = ("evaluate", "finetune_and_evaluate")
+
+
+def store_problem(session: Session, experiment: Experiment, problem: dict[str, Any]) -> None:
+    """Keep the resolved search problem (JSON of :class:`~pruning.search.base.SearchProblem`) on the experiment."""
+    experiment.problem = problem
+    experiment.phase = "problem resolved"
+    pruning = problem["pruning"]
+    add_event(
+        session, experiment.id, "problem", units=len(pruning["units"]), target_sparsity=pruning["target_sparsity"]
+    )
+
+
+def finished_trials(session: Session, experiment_id: int) -> int:
+    """How many of the experiment's trials have a result (succeeded or failed)."""
+    query = select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(FINISHED))
+    return int(session.scalar(query) or 0)
+
+
+def last_failure(session: Session, experiment_id: int) -> str | None:
+    """The most recent failed trial's error, reported when a search ends with nothing that succeeded."""
+    trial = session.scalar(
+        select(Trial)
+        .where(Trial.experiment_id == experiment_id, Trial.status == TrialStatus.failed.value)
+        .order_by(Trial.seq.desc())
+        .limit(1)
+    )
+    return f"trial {trial.job_key} failed: {trial.error}" if trial is not None else None
+
+
+def model_rebuild_job(trial: Trial) -> dict[str, Any] | None:
+    """The job (JSON) to run again with ``save_artifact`` so ``trial`` downloads as a pruned model, or ``None``
+    when it already has its model or is not a job a rebuild can repeat. Strategies keep weights only where they
+    need them; both runners rebuild the best trial's model this way before an experiment ends."""
+    extra = trial.extra or {}
+    if extra.get("model_artifact") or "job" not in extra or trial.kind not in REBUILDABLE_KINDS:
+        return None
+    return {**extra["job"], "save_artifact": True}
+
+
 def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
     """Refresh the lease; ``False`` when this worker no longer holds it."""
     experiment = session.get(Experiment, experiment_id)
@@ -147,18 +190,17 @@ def trial_by_key(session: Session, experiment_id: int, job_key: str) -> Trial | 
     return session.scalar(select(Trial).where(Trial.experiment_id == experiment_id, Trial.job_key == job_key))
 
 
-def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
-    """The trial row of ``job`` (created ``running`` if new; a replayed job key returns the existing row)."""
-    existing = trial_by_key(session, experiment.id, job.key)
-    if existing is not None:
-        return existing
-    seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment.id)) or 0) + 1
+def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialStatus, step: int | None = None) -> Trial:
+    """Insert the trial row of ``job`` with the next sequence number. A job key the experiment already has fails
+    at the flush (unique per experiment): the caller decides whether that is a replay or a lost race."""
+    seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
     trial = Trial(
-        experiment_id=experiment.id,
+        experiment_id=experiment_id,
         seq=seq,
+        step=step,
         job_key=job.key,
         kind=job.kind,
-        status=TrialStatus.running.value,
+        status=status.value,
         distribution=dict(job.distribution),
         context=dict(job.context),
         extra={"job": job.model_dump(mode="json")},  # kept so the best model can be rebuilt for download
@@ -166,6 +208,12 @@ def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
     session.add(trial)
     session.flush()
     return trial
+
+
+def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
+    """The trial row of ``job`` (created ``running`` if new; a replayed job key returns the existing row)."""
+    existing = trial_by_key(session, experiment.id, job.key)
+    return existing if existing is not None else add_trial(session, experiment.id, job, status=TrialStatus.running)
 
 
 def record_result(session: Session, trial: Trial, result: Any) -> Trial:
@@ -209,10 +257,15 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     return trial
 
 
-def attach_model(session: Session, trial: Trial, model_artifact: str, score: float | None) -> None:
-    """Record the downloadable pruned model rebuilt for ``trial`` (and the score the rebuilt model got)."""
-    trial.extra = {**(trial.extra or {}), "model_artifact": model_artifact, "model_score": score}
-    add_event(session, trial.experiment_id, "model", trial_id=trial.id, score=score)
+def attach_model_result(session: Session, trial: Trial, result: Any) -> None:
+    """Record the pruned model a rebuild of ``trial``'s job produced (and the score the rebuilt model got), or a
+    note saying why there is none."""
+    artifact = result.extra.get("model_artifact") if result.status == "succeeded" else None
+    if artifact:
+        trial.extra = {**(trial.extra or {}), "model_artifact": artifact, "model_score": result.score}
+        add_event(session, trial.experiment_id, "model", trial_id=trial.id, score=result.score)
+    else:
+        add_event(session, trial.experiment_id, "note", text=f"could not save the best model: {result.error}")
 
 
 def record_decisions(session: Session, experiment_id: int, decisions: dict[str, str]) -> None:
