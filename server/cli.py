@@ -43,20 +43,27 @@ def _progress_line(experiment: dict[str, Any]) -> str:
     return f"[{experiment['status']:>10}] {amount:>8}  {progress.get('phase') or ''}{best_text}"
 
 
+def _num(value: float | None, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if value is not None else "-"
+
+
 def _print_best(best: dict[str, Any]) -> None:
     """The best distribution as a table (rich): per layer, requested vs achieved sparsity."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    score = f"{best['score']:.4f}" if best.get("score") is not None else "-"
-    sparsity = f"{best['overall_sparsity']:.4f}" if best.get("overall_sparsity") is not None else "-"
-    console.print(f"best trial {best['trial_id']}: score={score}  overall sparsity={sparsity}")
-    if best.get("params_before") and best.get("params_after") is not None:
-        console.print(f"params {best['params_before']:,} -> {best['params_after']:,}", end="")
-        if best.get("flops_before") and best.get("flops_after") is not None:
-            console.print(f"   FLOPs {best['flops_before']:,} -> {best['flops_after']:,}", end="")
-        console.print()
+    console = Console(highlight=False, markup=False)  # user strings print as text
+    console.print(
+        f"best trial {best['trial_id']}: score={_num(best.get('score'))}  "
+        f"overall sparsity={_num(best.get('overall_sparsity'))}"
+    )
+    sizes = [
+        f"{name} {best[f'{key}_before']:,} -> {best[f'{key}_after']:,}"
+        for key, name in (("params", "params"), ("flops", "FLOPs"))
+        if best.get(f"{key}_before") and best.get(f"{key}_after") is not None
+    ]
+    if sizes:
+        console.print("   ".join(sizes))
     requested = best.get("requested") or best.get("distribution") or {}
     achieved = best.get("achieved") or {}
     table = Table(title=f"best distribution (trial {best['trial_id']})", title_justify="left")
@@ -64,11 +71,7 @@ def _print_best(best: dict[str, Any]) -> None:
     table.add_column("requested", justify="right")
     table.add_column("achieved", justify="right")
     for layer in requested or achieved:
-        wanted = requested.get(layer)
-        got = achieved.get(layer)
-        table.add_row(
-            layer, f"{wanted:.4f}" if wanted is not None else "-", f"{got:.4f}" if got is not None else "-"
-        )
+        table.add_row(layer, _num(requested.get(layer)), _num(achieved.get(layer)))
     console.print(table)
 
 
@@ -79,7 +82,7 @@ def _watch(client: Any, experiment_id: int) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     experiment = client.get(experiment_id)
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # user strings print as text
     columns = (
         SpinnerColumn(),
         TextColumn("[bold]{task.fields[status]:>10}"),
@@ -90,16 +93,13 @@ def _watch(client: Any, experiment_id: int) -> dict[str, Any]:
         TimeElapsedColumn(),
     )
 
-    def best_text(value: float | None) -> str:
-        return f"{value:.4f}" if value is not None else "-"
-
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(
             f"experiment {experiment_id}",
             total=experiment["progress"].get("total"),
             completed=experiment["progress"]["done"],
             status=experiment["status"],
-            best=best_text(experiment.get("best_score")),
+            best=_num(experiment.get("best_score")),
             phase=experiment["progress"].get("phase") or "",
         )
         for event in client.events(experiment_id):
@@ -107,21 +107,19 @@ def _watch(client: Any, experiment_id: int) -> dict[str, Any]:
             if kind == "status":
                 progress.update(bar, status=event["status"])
                 if event.get("error"):
-                    progress.console.print(f"[red]error:[/red] {event['error']}", markup=True)
+                    progress.console.print(f"error: {event['error']}", style="red")
             elif kind == "progress":
                 progress.update(bar, completed=event["done"], total=event.get("total"), phase=event.get("phase") or "")
             elif kind == "best":
-                progress.update(bar, best=best_text(event.get("score")))
+                progress.update(bar, best=_num(event.get("score")))
             elif kind == "trial":
-                score = best_text(event.get("score"))
-                sparsity = event.get("overall_sparsity")
-                sparsity_text = f"{sparsity:.3f}" if sparsity is not None else "-"
                 progress.console.print(
-                    f"trial {event['seq']:>4} {event['status']:>9}  score={score}  sparsity={sparsity_text}"
+                    f"trial {event['seq']:>4} {event['status']:>9}  score={_num(event.get('score'))}  "
+                    f"sparsity={_num(event.get('overall_sparsity'), 3)}"
                     + (f"  error={event['error']}" if event.get("error") else "")
                 )
         final: dict[str, Any] = client.get(experiment_id)
-        progress.update(bar, status=final["status"], best=best_text(final.get("best_score")))
+        progress.update(bar, status=final["status"], best=_num(final.get("best_score")))
         if final["status"] == "succeeded":
             total = final["progress"].get("total") or final["progress"]["done"]
             progress.update(bar, total=total, completed=total)
@@ -339,9 +337,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
         page = client.trials(args.id, order_by=args.order_by, limit=args.limit)
         print(f"{'seq':>4} {'status':>10} {'score':>10} {'sparsity':>9} {'flops':>7}  context")
         for t in page["items"]:
-            score = f"{t['score']:.4f}" if t["score"] is not None else "-"
-            sparsity = f"{t['overall_sparsity']:.3f}" if t["overall_sparsity"] is not None else "-"
-            flops = f"{t['flops_ratio']:.3f}" if t["flops_ratio"] is not None else "-"
+            score, sparsity, flops = _num(t["score"]), _num(t["overall_sparsity"], 3), _num(t["flops_ratio"], 3)
             print(f"{t['seq']:>4} {t['status']:>10} {score:>10} {sparsity:>9} {flops:>7}  {json.dumps(t['context'])}")
     return 0
 
@@ -350,8 +346,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = client.list(status=args.status, entrypoint=args.entrypoint)
         for e in page["items"]:
-            best = f"{e['best_score']:.4f}" if e["best_score"] is not None else "-"
-            print(f"{e['id']:>5} {e['status']:>10} {e['algorithm']:>12} {best:>8}  {e['name']}")
+            print(f"{e['id']:>5} {e['status']:>10} {e['algorithm']:>12} {_num(e['best_score']):>8}  {e['name']}")
     return 0
 
 

@@ -52,14 +52,7 @@ class PrunehubClient:
         self._http.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                detail = response.json()
-            except ValueError:
-                detail = response.text
-            raise ApiError(response.status_code, detail)
-        return response
+        return _checked(self._http.request(method, path, **kwargs))
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/readyz").json()  # type: ignore[no-any-return]
@@ -124,14 +117,7 @@ class PrunehubClient:
                 with self._http.stream(
                     "GET", f"/experiments/{experiment_id}/events", headers=headers, timeout=timeout
                 ) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        try:
-                            detail = response.json()
-                        except ValueError:
-                            detail = response.text
-                        raise ApiError(response.status_code, detail)
-                    for message in _parse_sse(response.iter_lines()):
+                    for message in _parse_sse(_checked(response).iter_lines()):
                         if "retry" in message:
                             retry_s = message["retry"] / 1000.0
                             continue
@@ -142,7 +128,7 @@ class PrunehubClient:
                             event.setdefault("kind", message.get("event", "message"))
                             yield event
                 return  # the server ended the stream: the experiment is terminal
-            except (httpx.TransportError, httpx.RemoteProtocolError):
+            except httpx.TransportError:  # a dropped or refused connection (RemoteProtocolError included)
                 if not reconnect:
                     raise
                 time.sleep(retry_s)
@@ -166,6 +152,18 @@ class PrunehubClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"experiment {experiment_id} still {experiment['status']} after {timeout}s")
             time.sleep(interval)
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    """The response, or ApiError with its JSON error body (its text when not JSON) for a status of 400 or more."""
+    if response.status_code >= 400:
+        response.read()  # a streamed response's body is not read yet
+        try:
+            detail = response.json()
+        except ValueError:
+            detail = response.text
+        raise ApiError(response.status_code, detail)
+    return response
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

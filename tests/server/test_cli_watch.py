@@ -7,38 +7,22 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, LiveService, _run_live, wait_terminal
+from tests.conftest import ROOT, LiveService, wait_terminal
+from tests.server.conftest import SLOW_ANNEALING, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ANNEALING = {
-    "name": "cli annealing",
-    "entrypoint": "tests.tasks.slow_evaluator",
-    "algorithm": "annealing",
-    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": ["fc2"]}],
-    "base_algo": "l1",
-    "max_trials": 5,
-    "seed": 0,
-}
+ANNEALING = {**SLOW_ANNEALING, "name": "cli annealing", "max_trials": 5}
 
 
-@pytest.fixture
-def live(embedded_env: dict[str, str], tmp_path: Path) -> Iterator[LiveService]:
-    yield from _run_live(LiveService(tmp_path, {**embedded_env, "PRUNEHUB_TEST_EVAL_DELAY": "0.4"}))
-
-
-def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path) -> None:
-    env = {**live.env, "PRUNEHUB_API_URL": live.url, "COLUMNS": "120"}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "server.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-        )
+def test_watch_submit_wait_and_client_commands(live_slow: LiveService, tmp_path: Path) -> None:
+    env = {**live_slow.env, "PRUNEHUB_API_URL": live_slow.url, "COLUMNS": "120"}
+    cli = partial(run_cli, env)
 
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(ANNEALING))
@@ -54,7 +38,7 @@ def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path
     for layer in ("conv1", "conv2", "conv3", "fc1"):
         assert layer in out
 
-    with live.http() as http:
+    with live_slow.http() as http:
         # watch on a running experiment: follows it live to the end.
         running = http.post("/experiments", json={**ANNEALING, "name": "watched", "max_trials": 6}).json()
         watched = subprocess.Popen(
@@ -76,7 +60,7 @@ def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path
         doomed = http.post("/experiments", json={**ANNEALING, "name": "doomed", "max_trials": 50}).json()
         deadline = time.monotonic() + 60
         while http.get(f"/experiments/{doomed['id']}").json()["status"] != "running":
-            assert time.monotonic() < deadline, live.logs()
+            assert time.monotonic() < deadline, live_slow.logs()
             time.sleep(0.2)
         cancelled = cli("cancel", str(doomed["id"]))
         assert cancelled.returncode == 0, cancelled.stderr
@@ -95,7 +79,7 @@ def test_watch_submit_wait_and_client_commands(live: LiveService, tmp_path: Path
     assert trials_out.returncode == 0 and len(trials_out.stdout.strip().splitlines()) == 1 + 5
     assert "temperature" in trials_out.stdout
     # download: the best pruned model of a finished experiment (uniform stores one).
-    with live.http() as http:
+    with live_slow.http() as http:
         uniform = http.post("/experiments", json={**ANNEALING, "algorithm": "uniform", "max_trials": None}).json()
         assert wait_terminal(http, uniform["id"])["status"] == "succeeded"
     downloaded = cli("download", str(uniform["id"]), str(tmp_path / "model"))

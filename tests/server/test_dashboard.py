@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LiveService, _run_live, wait_terminal
+from tests.conftest import LiveService, wait_terminal
+from tests.server.conftest import SLOW_ANNEALING
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,13 +24,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 XSS_NAME = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
-BASE = {
-    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": ["fc2"]}],
-    "base_algo": "l1",
-    "seed": 0,
-}
-ANNEALING = {**BASE, "name": "annealing running", "entrypoint": "tests.tasks.slow_evaluator", "algorithm": "annealing",
-             "max_trials": 60}
+BASE = {key: SLOW_ANNEALING[key] for key in ("config_list", "base_algo", "seed")}
+ANNEALING = {**SLOW_ANNEALING, "name": "annealing running", "max_trials": 60}
 
 # Whether every chart on the page has data and painted pixels (Chart.js draws on <canvas>).
 CHARTS_DRAWN = """() => [...document.querySelectorAll('canvas')].map((canvas) => {
@@ -43,8 +39,8 @@ CHARTS_DRAWN = """() => [...document.querySelectorAll('canvas')].map((canvas) =>
 
 
 @pytest.fixture
-def live(embedded_env: dict[str, str], tmp_path: Path) -> Iterator[LiveService]:
-    yield from _run_live(LiveService(tmp_path, {**embedded_env, "PRUNEHUB_TEST_EVAL_DELAY": "0.7"}))
+def eval_delay() -> float:
+    return 0.7  # the running experiment must still run while the page is checked
 
 
 @pytest.fixture
@@ -73,10 +69,10 @@ def _assert_charts_drawn(page: Any, expected: int) -> None:
         assert chart["points"] > 0, chart
 
 
-def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_path: Path) -> None:
+def test_dashboard_in_headless_chromium(live_slow: LiveService, browser: Any, tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    http = live.http()
+    http = live_slow.http()
     finished = http.post(
         "/experiments", json={**BASE, "name": XSS_NAME, "entrypoint": "examples.digits", "algorithm": "uniform"}
     ).json()
@@ -84,17 +80,17 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
         "/experiments",
         json={**BASE, "name": "raising", "entrypoint": "tests.tasks.broken_evaluator", "algorithm": "uniform"},
     ).json()
-    assert wait_terminal(http, finished["id"])["status"] == "succeeded", live.logs()
+    assert wait_terminal(http, finished["id"])["status"] == "succeeded", live_slow.logs()
     assert wait_terminal(http, failed["id"])["status"] == "failed"
     running = http.post("/experiments", json=ANNEALING).json()
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.add_init_script(f"sessionStorage.setItem('prunehub.apiKey', {json.dumps(live.api_key)})")
+    page.add_init_script(f"sessionStorage.setItem('prunehub.apiKey', {json.dumps(live_slow.api_key)})")
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
 
     # The list: status, algorithm, progress, best score; a <script> name is text, never markup.
-    _open(page, f"{live.url}/", "list")
+    _open(page, f"{live_slow.url}/", "list")
     rows = page.locator("#experiments-body tr")
     assert rows.count() == 3
     name_cell = page.locator(f"#experiments-body tr[data-id='{finished['id']}'] .exp-name")
@@ -105,7 +101,7 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     page.screenshot(path=str(shots / "list.png"), full_page=True)
 
     # The finished experiment: stored trials in the table, every chart drawn, the model link.
-    _open(page, f"{live.url}/#/experiments/{finished['id']}", "experiment")
+    _open(page, f"{live_slow.url}/#/experiments/{finished['id']}", "experiment")
     stored = http.get(f"/experiments/{finished['id']}/trials").json()
     assert page.locator("#trials-body tr").count() == stored["total"] == 1
     assert page.locator("#trials-body tr td").nth(2).inner_text() == f"{stored['items'][0]['score']:.4f}"
@@ -119,7 +115,7 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     page.screenshot(path=str(shots / "finished.png"), full_page=True)
 
     # The failed experiment shows its error text.
-    _open(page, f"{live.url}/#/experiments/{failed['id']}", "experiment")
+    _open(page, f"{live_slow.url}/#/experiments/{failed['id']}", "experiment")
     assert "evaluator exploded on purpose" in page.locator("#error-text").inner_text()
     assert "evaluator exploded on purpose" in page.locator("#trials-body").inner_text()
     page.screenshot(path=str(shots / "failed.png"), full_page=True)
@@ -127,9 +123,9 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     # The running experiment: the page follows the event stream as trials are recorded.
     deadline = time.monotonic() + 90
     while http.get(f"/experiments/{running['id']}/trials").json()["total"] < 2:
-        assert time.monotonic() < deadline, live.logs()
+        assert time.monotonic() < deadline, live_slow.logs()
         time.sleep(0.3)
-    _open(page, f"{live.url}/#/experiments/{running['id']}", "experiment")
+    _open(page, f"{live_slow.url}/#/experiments/{running['id']}", "experiment")
     page.wait_for_selector("body[data-stream=live]", timeout=10_000)
     first = int(page.evaluate("document.body.dataset.trials"))
     assert first >= 2 and page.locator("#trials-body tr").count() == first
@@ -159,7 +155,7 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     assert page.locator("#exp-title .badge").inner_text() == "cancelled"
 
     # Compare view: best distributions and Pareto fronts of two experiments on one plot each.
-    _open(page, f"{live.url}/#/compare/{finished['id']},{running['id']}", "compare")
+    _open(page, f"{live_slow.url}/#/compare/{finished['id']},{running['id']}", "compare")
     _assert_charts_drawn(page, 2)
     assert page.evaluate("Chart.getChart('compare-pareto').data.datasets.length") == 2
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
@@ -170,14 +166,14 @@ def test_dashboard_in_headless_chromium(live: LiveService, browser: Any, tmp_pat
     page = browser.new_page()  # a fresh tab: empty session storage
     refused = []
     page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
-    page.goto(f"{live.url}/#/")
+    page.goto(f"{live_slow.url}/#/")
     page.wait_for_selector("#key-dialog[open]", timeout=10_000)
     assert refused, "the API accepted a request without a key"
-    page.fill("#key-input", live.api_key)
+    page.fill("#key-input", live_slow.api_key)
     page.click("#key-form button[value=save]")
     page.wait_for_selector("body[data-ready=list]", timeout=10_000)
     assert page.locator("#experiments-body tr").count() == 3
-    assert page.evaluate("sessionStorage.getItem('prunehub.apiKey')") == live.api_key
+    assert page.evaluate("sessionStorage.getItem('prunehub.apiKey')") == live_slow.api_key
     sent = page.wait_for_event("request", lambda r: "/experiments" in r.url, timeout=10_000)
-    assert sent.headers.get("authorization") == f"Bearer {live.api_key}"
+    assert sent.headers.get("authorization") == f"Bearer {live_slow.api_key}"
     http.close()

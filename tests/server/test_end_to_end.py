@@ -4,11 +4,15 @@ machine's PostgreSQL + Redis. The stored numbers must equal what the pruning lib
 from __future__ import annotations
 
 import io
+import json
 import zipfile
+from functools import partial
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import LiveService, wait_terminal
+from tests.server.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -131,19 +135,10 @@ def test_user_failures_fail_the_experiment_and_the_worker_keeps_serving(live_emb
         assert all(w.poll() is None for w in live_embedded.workers)
 
 
-def test_cli_client_commands_against_a_live_server(live_embedded: LiveService, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import json
-    import subprocess
-    import sys
-
+def test_cli_client_commands_against_a_live_server(live_embedded: LiveService, tmp_path: Path) -> None:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(UNIFORM_L1))
-    env = {**live_embedded.env, "PRUNEHUB_API_URL": live_embedded.url}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "server.cli", *args], env=env, capture_output=True, text=True, timeout=300
-        )
+    cli = partial(run_cli, {**live_embedded.env, "PRUNEHUB_API_URL": live_embedded.url}, timeout=300)
 
     submitted = cli("submit", str(spec_file), "--wait")
     assert submitted.returncode == 0, submitted.stderr
@@ -154,7 +149,9 @@ def test_cli_client_commands_against_a_live_server(live_embedded: LiveService, t
     best = json.loads(cli("best", experiment_id, "--json").stdout)
     assert best["overall_sparsity"] == pytest.approx(0.5)
     assert experiment_id in cli("list").stdout
-    assert "uniform-0" not in cli("trials", experiment_id).stdout  # table of seq/status/score, not keys
+    trials = cli("trials", experiment_id).stdout
+    assert trials.split()[:3] == ["seq", "status", "score"] and len(trials.splitlines()) == 1 + 1
+    assert "uniform-0" not in trials  # table of seq/status/score, not keys
     downloaded = cli("download", experiment_id, str(tmp_path / "model"))
     assert downloaded.returncode == 0, downloaded.stderr
     missing = cli("status", "424242")

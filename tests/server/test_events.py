@@ -3,30 +3,13 @@ search (simulated annealing on the digits task, with an evaluator slowed down so
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from server.client import ApiError, PrunehubClient, _parse_sse
-from tests.conftest import LiveService, _run_live, wait_terminal
+from tests.conftest import LiveService, wait_terminal
+from tests.server.conftest import SLOW_ANNEALING
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ANNEALING = {
-    "name": "annealing live",
-    "entrypoint": "tests.tasks.slow_evaluator",
-    "algorithm": "annealing",
-    "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": ["fc2"]}],
-    "base_algo": "l1",
-    "max_trials": 6,
-    "seed": 0,
-}
-
-
-@pytest.fixture
-def live(embedded_env: dict[str, str], tmp_path: Path) -> Iterator[LiveService]:
-    yield from _run_live(LiveService(tmp_path, {**embedded_env, "PRUNEHUB_TEST_EVAL_DELAY": "0.4"}))
 
 
 def test_parse_sse_handles_comments_multiline_data_and_retry() -> None:
@@ -38,14 +21,14 @@ def test_parse_sse_handles_comments_multiline_data_and_retry() -> None:
     ]
 
 
-def test_stream_delivers_a_real_run_in_order_and_resumes_with_last_event_id(live: LiveService) -> None:
-    with PrunehubClient(live.url, api_key=live.api_key) as client, live.http() as http:
+def test_stream_delivers_a_real_run_in_order_and_resumes_with_last_event_id(live_slow: LiveService) -> None:
+    with PrunehubClient(live_slow.url, api_key=live_slow.api_key) as client, live_slow.http() as http:
         assert http.get("/experiments/424242/events").status_code == 404
         with pytest.raises(ApiError) as missing:
             next(client.events(424242))
         assert missing.value.status_code == 404
 
-        experiment = client.submit(ANNEALING)
+        experiment = client.submit(SLOW_ANNEALING)
         live_events: list[dict] = []
         seen_running_trial = False
         for event in client.events(experiment["id"]):
@@ -59,7 +42,7 @@ def test_stream_delivers_a_real_run_in_order_and_resumes_with_last_event_id(live
         # ... and reconnect with the last id received: exactly what was missed, nothing twice.
         resumed = list(client.events(experiment["id"], last_event_id=live_events[-1]["id"]))
         final = wait_terminal(http, experiment["id"])
-        assert final["status"] == "succeeded", live.logs()
+        assert final["status"] == "succeeded", live_slow.logs()
 
         everything = list(client.events(experiment["id"]))  # a finished experiment replays and ends
         assert [e["id"] for e in live_events + resumed] == [e["id"] for e in everything]

@@ -48,8 +48,8 @@ def format_event(event: Event) -> str:
 
 def _poll(
     session_factory: sessionmaker[Session], experiment_id: ExperimentId, floor: int | None, cursor: int | None
-) -> tuple[list[tuple[int, str]], bool]:
-    """([(id, message)], terminal) from one short-lived session, closed before returning.
+) -> tuple[list[Event], bool]:
+    """(events, terminal) from one short-lived session, closed before returning (the loaded rows stay readable).
 
     Reads the events above ``cursor`` (the highest id sent) and, when ``floor`` lags behind it, the unsettled ids
     between the two (the caller skips those it already sent).
@@ -63,7 +63,7 @@ def _poll(
             late = events_after(session, experiment_id, floor, 10 * BATCH, up_to=cursor)
         rows = events_after(session, experiment_id, cursor, BATCH)
         terminal = status is None or ExperimentStatus(status).terminal
-        return [(e.id, format_event(e)) for e in [*late, *rows]], terminal and len(rows) < BATCH
+        return [*late, *rows], terminal and len(rows) < BATCH
 
 
 def _parse_last_id(header: str | None, query: int | None) -> int | None:
@@ -116,17 +116,16 @@ async def stream_events(
         while True:
             batch, terminal = await anyio.to_thread.run_sync(_poll, session_factory, experiment_id, floor, cursor)
             now = time.monotonic()
-            fresh = [(event_id, text) for event_id, text in batch if event_id not in sent]
-            for event_id, text in fresh:
-                sent.add(event_id)
-                cursor = event_id if cursor is None else max(cursor, event_id)
-                yield text
+            fresh = [event for event in batch if event.id not in sent]
+            for event in fresh:
+                yield format_event(event)
             if fresh:
+                sent.update(event.id for event in fresh)
+                cursor = max(cursor or 0, *(event.id for event in fresh))
                 last_write = now
-                seen.append((now, cursor))  # type: ignore[arg-type]
+                seen.append((now, cursor))
             while seen and now - seen[0][0] >= SETTLE_S:
-                _, settled = seen.popleft()
-                floor = settled if floor is None else max(floor, settled)
+                _, floor = seen.popleft()  # cursors only grow, so a settled one is at or above the floor
                 sent = {i for i in sent if i > floor}
             if terminal and not fresh:
                 return

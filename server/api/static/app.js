@@ -236,6 +236,12 @@
     return { names: Object.keys(requested).length ? Object.keys(requested) : Object.keys(achieved), requested, achieved };
   }
 
+  // Per-layer sparsity bars (one chart's options object each: Chart.js keeps and mutates it).
+  const sparsityBarOptions = () => ({
+    scales: { x: axis("layer"), y: axis("sparsity", { min: 0, max: 1, ticks: { callback: (v) => `${v * 100}%` } }) },
+    plugins: { tooltip: tooltipLabel((v, ctx) => `${ctx.dataset.label}: ${pct(v)}`) },
+  });
+
   function distributionChart(canvasId, best) {
     const { names, requested, achieved } = layersOf(best);
     markEmpty(canvasId, !names.length);
@@ -248,10 +254,7 @@
           { label: "achieved", data: names.map((n) => achieved[n] ?? null), backgroundColor: "#1d4ed8" },
         ],
       },
-      options: {
-        scales: { x: axis("layer"), y: axis("sparsity", { min: 0, max: 1, ticks: { callback: (v) => `${v * 100}%` } }) },
-        plugins: { tooltip: tooltipLabel((v, ctx) => `${ctx.dataset.label}: ${pct(v)}`) },
-      },
+      options: sparsityBarOptions(),
     });
   }
 
@@ -286,7 +289,7 @@
     });
   }
 
-  function paretoChart(canvasId, trials, pareto, experiment) {
+  function paretoChart(canvasId, trials, pareto) {
     const ok = trials.filter((t) => t.score !== null && t.flops_ratio !== null);
     const front = ((pareto && pareto.flops) || []).filter((p) => p.flops_ratio !== null);
     markEmpty(canvasId, !ok.length);
@@ -295,7 +298,7 @@
       data: {
         datasets: [
           { label: "Pareto front", data: front.map((p) => ({ x: p.flops_ratio, y: p.score, id: p.trial_id })),
-            showLine: true, borderColor: "#dc2626", backgroundColor: "#dc2626", pointRadius: 5, stepped: false },
+            showLine: true, borderColor: "#dc2626", backgroundColor: "#dc2626", pointRadius: 5 },
           { label: "all trials", data: ok.map((t) => ({ x: t.flops_ratio, y: t.score, seq: t.seq })),
             backgroundColor: "rgba(100,116,139,0.35)", pointRadius: 3 },
         ],
@@ -334,7 +337,6 @@
     const done = trials.filter((t) => t.status === "succeeded" || t.status === "failed").sort((a, b) => a.seq - b.seq);
     const subtitle = document.getElementById(`${canvasId}-subtitle`) || { textContent: "" };
     const maximize = (experiment.config || {}).optimize_mode !== "minimize";
-    const score = { x: axis("trial"), y: axis("score") };
     let config;
     if (algorithm === "annealing" || done.some((t) => contextNumber(t, "temperature") !== null && !("round" in (t.context || {})))) {
       const rows = done.filter((t) => contextNumber(t, "temperature") !== null);
@@ -471,7 +473,7 @@
             { label: "best so far", data: best, borderColor: COLORS[1], backgroundColor: COLORS[1], stepped: true, pointRadius: 0 },
           ],
         },
-        options: { scales: { ...score, x: axis("trial", { type: "linear", ticks: { precision: 0 } }) } },
+        options: { scales: { x: axis("trial", { type: "linear", ticks: { precision: 0 } }), y: axis("score") } },
       };
     }
     const empty = config.data.datasets.every((d) => !d.data.filter((p) => p !== null && (p.y ?? p) !== null).length);
@@ -668,7 +670,7 @@
     function renderCharts() {
       distributionChart("chart-distribution", state.best);
       scatterSparsityChart("chart-sparsity", state.trials, state.experiment);
-      paretoChart("chart-pareto", state.trials, state.pareto, state.experiment);
+      paretoChart("chart-pareto", state.trials, state.pareto);
       searchCurve("chart-search", state.trials, state.experiment);
     }
 
@@ -749,10 +751,7 @@
           return { label: label(row), data: layerNames.map((n) => achieved[n] ?? requested[n] ?? null), backgroundColor: COLORS[i % COLORS.length] };
         }),
       },
-      options: {
-        scales: { x: axis("layer"), y: axis("sparsity", { min: 0, max: 1, ticks: { callback: (v) => `${v * 100}%` } }) },
-        plugins: { tooltip: tooltipLabel((v, ctx) => `${ctx.dataset.label}: ${pct(v)}`) },
-      },
+      options: sparsityBarOptions(),
     });
     const fronts = rows.map((row) => ((row.pareto && row.pareto.flops) || []).filter((p) => p.flops_ratio !== null));
     markEmpty("compare-pareto", fronts.every((f) => !f.length));
