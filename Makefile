@@ -43,12 +43,11 @@ test: lint typecheck browser
 
 # Benchmarks (not tests): every section side by side in one run → docs/benchmarks.md, docs/benchmarks.json, docs/img/.
 # NNI 2.10.1 (the reference) gets its own Python 3.11 environment under $(VENV)/nni, torch pinned first (CPU build);
-# if it cannot be installed, the report says what failed. `make bench BENCH_ARGS=--quick` runs the 3-minute subset.
+# if it cannot be installed, the report says what failed. `make bench BENCH_ARGS=--quick` runs a short subset.
 BENCH_ARGS ?= --full
 NNI_PYTHON ?= python3.11
 NNI_VENV ?= $(VENV)/nni
 bench: dev
-	@$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q -e ".[bench]"
 	@test -f $(NNI_VENV)/.installed || ( $(NNI_PYTHON) -m venv $(NNI_VENV) \
 		&& $(NNI_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" \
 		&& $(NNI_VENV)/bin/python -m pip install -q "nni==2.10.1" tensorboard scikit-learn safetensors \

@@ -1,19 +1,37 @@
-"""Helpers shared by the benchmark sections: the machine description, load sampling, interleaved timing."""
+"""Helpers shared by the benchmark sections: the machine description, load sampling, interleaved timing, the
+servers and workers a section starts (:class:`Processes`), and the command line of a section."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import signal
+import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
-__all__ = ["ROOT", "interleaved", "loadavg", "machine", "spread"]
+__all__ = [
+    "PG_ADMIN_URL",
+    "ROOT",
+    "Processes",
+    "free_port",
+    "interleaved",
+    "loadavg",
+    "machine",
+    "main",
+    "service_env",
+    "spread",
+]
 
 
 def loadavg() -> list[float]:
@@ -85,6 +103,91 @@ def interleaved(fns: list[Callable[[], float]], rounds: int) -> list[list[float]
     return out
 
 
-def timer() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def service_env(home: Path, **overrides: str) -> dict[str, str]:
+    """The environment for a ``prunehub`` server or worker this benchmark starts: none of the caller's
+    ``PRUNEHUB_*`` settings, the embedded defaults (SQLite + filesystem broker) under ``home``, then ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
+    env.update(
+        {
+            "PRUNEHUB_HOME": str(home),
+            "PRUNEHUB_DATABASE_URL": f"sqlite:///{home}/prunehub.db",
+            "PRUNEHUB_BROKER_URL": "filesystem://",
+            "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
+            "PRUNEHUB_ALLOWED_ENTRYPOINTS": "examples.,bench.",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+class Processes:
+    """Processes a benchmark started (each in its own session, logging into ``home``), stopped by their own ids."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+        out = open(self.home / log, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, env: dict[str, str], log: str, *args: str) -> subprocess.Popen[bytes]:
+        """``prunehub ARGS`` (``python -m server.cli``), e.g. ``serve --port N`` or ``worker``."""
+        return self.spawn([sys.executable, "-m", "server.cli", *args], env, log)
+
+    def serve(self, env: dict[str, str], port: int, ready: str = "/healthz", log: str = "api.log") -> str:
+        """Start ``prunehub serve`` on ``port`` and wait until ``ready`` answers 200; returns the base URL."""
+        url = f"http://127.0.0.1:{port}"
+        self.wait_http(url + ready, self.cli(env, log, "serve", "--port", str(port)), log)
+        return url
+
+    def wait_http(self, url: str, proc: subprocess.Popen[bytes], log: str, timeout: float = 90) -> None:
+        """Wait until ``url`` answers 200; fail with the log's tail if ``proc`` exits first."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url} exited: {(self.home / log).read_text()[-2000:]}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def main(run: Callable[[bool], dict[str, Any]], doc: str | None) -> None:
+    """A section's command line: ``--quick`` and ``--json FILE`` (the raw figures); ``run`` prints as it goes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = run(args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))

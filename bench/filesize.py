@@ -11,9 +11,7 @@ does with sparsity) is measured too. Ratios are against the dense file of the sa
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import tempfile
 import time
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bench.common import main
 from bench.models import MobileNetV2, ResNet18, randomise
 from pruning.config import initial_distribution, resolve_config_list
 from pruning.export import load_compact, save_compact, state_dict_for_export
@@ -121,15 +120,5 @@ def _format(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    result = run(args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

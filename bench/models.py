@@ -1,6 +1,7 @@
-"""Model definitions shared by the benchmarks and by ``bench/nni_reference.py`` (torch only: the NNI virtual
-environment imports this file too).
+"""Model definitions shared by the benchmarks (torch only: ``bench.tasks.residual_digits`` imports
+:class:`BasicBlock`, and NNI's virtual environment imports that task).
 
+- :class:`BasicBlock` — ResNet's two-convolution block with BatchNorm and an identity or 1x1-projection skip.
 - :class:`ResNet18` — torchvision's ResNet-18 layout (BasicBlocks, BatchNorm, 1x1 downsample skips).
 - :class:`MobileNetV2` — torchvision's MobileNetV2 layout (inverted residuals, depthwise 3x3, ReLU6).
 Random weights are fine for timing; :func:`randomise` makes BatchNorm statistics non-trivial.
@@ -11,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MobileNetV2", "ResNet18", "randomise"]
+__all__ = ["BasicBlock", "MobileNetV2", "ResNet18", "randomise"]
 
 
-class _Basic(nn.Module):
+class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -40,7 +41,7 @@ class ResNet18(nn.Module):
         layers: list[nn.Module] = []
         cin = 64
         for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers += [_Basic(cin, cout, stride), _Basic(cout, cout, 1)]
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(512, classes)

@@ -82,7 +82,6 @@ def main() -> None:
         import nni
 
         record["nni_version"] = nni.__version__
-        masks: dict[str, torch.Tensor] = {}
         if args.algo == "sa":
             from nni.compression.pytorch.pruning import SimulatedAnnealingPruner
 
@@ -101,11 +100,9 @@ def main() -> None:
                 finetuner=(lambda m: task.fine_tuner(m, args.candidate_epochs)) if args.candidate_epochs else None,
             )
             pruner.compress()
-            _, best_model, best_masks, score, _ = pruner.get_best_result()
+            _, best_model, nni_masks, score, _ = pruner.get_best_result()
             record["nni_score"] = score
             state = best_model.state_dict()
-            for name, mask in best_masks.items():
-                masks[_clean(name)] = mask["weight"].detach().float()
         elif args.algo == "netadapt":
             from nni.algorithms.compression.pytorch.pruning import NetAdaptPruner
 
@@ -123,13 +120,11 @@ def main() -> None:
             model_path, mask_path = os.path.join(data_dir, "m.pth"), os.path.join(data_dir, "mask.pth")
             pruner.export_model(model_path, mask_path)
             state = torch.load(model_path, weights_only=False)
-            for name, mask in torch.load(mask_path, weights_only=False).items():
-                masks[_clean(name)] = mask["weight"].detach().float()
+            nni_masks = torch.load(mask_path, weights_only=False)
             fresh = task.model()
             fresh.load_state_dict(state)
             record["nni_score"] = float(task.evaluator(fresh))
         else:
-            import nni
             from nni.compression.pytorch.pruning import ADMMPruner
 
             def trainer(model, optimizer, criterion):  # type: ignore[no-untyped-def]
@@ -149,9 +144,8 @@ def main() -> None:
             _, nni_masks = pruner.compress()
             pruner._unwrap_model()
             state = model.state_dict()
-            for name, mask in nni_masks.items():
-                masks[_clean(name)] = mask["weight"].detach().float()
             record["nni_score"] = float(task.evaluator(model))
+        masks = {_clean(name): mask["weight"].detach().float() for name, mask in nni_masks.items()}
         state = {_clean(k): v.detach().float().contiguous() for k, v in state.items() if "mask" not in k}
         record["nan_weights"] = sorted(k for k, v in state.items() if bool(torch.isnan(v).any()))
         conv = {k: v for k, v in masks.items() if v.dim() == 4}

@@ -180,47 +180,29 @@ def run_nni(
     from pruning.metrics import count_params_flops
     from pruning.shrink import shrink
 
-    if not NNI_PYTHON.exists():
-        return {"status": "failed", "error": f"{NNI_PYTHON} does not exist (make bench creates it)"}
     out = tempfile.mkdtemp(prefix=f"nni-{algo}-")
-    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
-    command = [
-        str(NNI_PYTHON),
-        str(ROOT / "bench" / "nni_reference.py"),
-        "--task",
-        task_name,
-        "--algo",
-        algo,
-        "--base",
-        base,
-        "--sparsity",
-        str(sparsity),
-        "--seed",
-        str(seed),
-        "--out",
-        out,
-        "--candidate-epochs",
-        str(CANDIDATE_EPOCHS.get(task_name, 0)),
-        "--step",
-        str(NETADAPT_STEP.get(task_name, 0.05)),
-    ]
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {
-            "status": "failed",
-            "error": f"did not finish within the {timeout_s:.0f} s budget given to one NNI run (killed)",
-            "wall_s": time.perf_counter() - started,
-        }
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        return {
-            "status": "failed",
-            "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}",
-            "wall_s": time.perf_counter() - started,
-        }
-    record: dict[str, Any] = json.loads(lines[-1])
+    record = _nni_reference(
+        [
+            "--task",
+            task_name,
+            "--algo",
+            algo,
+            "--base",
+            base,
+            "--sparsity",
+            str(sparsity),
+            "--seed",
+            str(seed),
+            "--out",
+            out,
+            "--candidate-epochs",
+            str(CANDIDATE_EPOCHS.get(task_name, 0)),
+            "--step",
+            str(NETADAPT_STEP.get(task_name, 0.05)),
+        ],
+        home,
+        timeout_s,
+    )
     if record.get("status") != "succeeded":
         return record
     task = load_task(task_name)
@@ -378,34 +360,38 @@ def run(quick: bool = False, home: str | None = None, plan: Plan | None = None, 
     }
 
 
-def run_nni_admm(home: str) -> dict[str, Any]:
+def _nni_reference(args: list[str], home: str, timeout_s: float) -> dict[str, Any]:
+    """``bench/nni_reference.py ARGS`` in NNI's interpreter: its JSON record, or a failed one saying why."""
     if not NNI_PYTHON.exists():
-        return {"status": "failed", "error": f"{NNI_PYTHON} does not exist"}
-    out = tempfile.mkdtemp(prefix="nni-admm-")
+        return {"status": "failed", "error": f"{NNI_PYTHON} does not exist (make bench creates it)"}
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PRUNEHUB_HOME": home, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            str(NNI_PYTHON),
-            str(ROOT / "bench" / "nni_reference.py"),
-            "--task",
-            "examples.digits",
-            "--algo",
-            "admm",
-            "--sparsity",
-            "0.5",
-            "--out",
-            out,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    command = [str(NNI_PYTHON), str(ROOT / "bench" / "nni_reference.py"), *args]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {
+            "status": "failed",
+            "error": f"did not finish within the {timeout_s:.0f} s budget given to one NNI run (killed)",
+            "wall_s": time.perf_counter() - started,
+        }
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
-    return json.loads(lines[-1])
+        return {
+            "status": "failed",
+            "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}",
+            "wall_s": time.perf_counter() - started,
+        }
+    record: dict[str, Any] = json.loads(lines[-1])
+    return record
+
+
+def run_nni_admm(home: str) -> dict[str, Any]:
+    """NNI's ADMM once (digits, l1, 50%), to record what its weights look like."""
+    out = tempfile.mkdtemp(prefix="nni-admm-")
+    return _nni_reference(
+        ["--task", "examples.digits", "--algo", "admm", "--sparsity", "0.5", "--out", out], home, timeout_s=600
+    )
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

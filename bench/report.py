@@ -46,6 +46,14 @@ def _ms(stats: dict[str, Any], fmt: str = "{:.3f}", spread: bool = True) -> str:
     return text
 
 
+def _save(fig: Any, img: Path, name: str, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
+    """Lay out, write ``img/name`` and close the figure; returns ``name``."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(img / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 # --------------------------------------------------------------------------------------------------
 def headline(report: dict[str, Any]) -> dict[str, str]:
     """The three headline sentences (quality, speed, size) from the measured figures."""
@@ -119,12 +127,14 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
     for r in fs.get("results") or []:
         if r["model"] == "ResNet-18":
             get = {row["sparsity"]: row for row in r["rows"]}
-            if 0.9 in get and 0.1 in get:
+            tf = fs["tf_reference"]
+            if all(s in get for s in (0.1, 0.5, 0.9)):
                 out["size"] = (
                     f"Compact export of ResNet-18 shape: ×{get[0.1]['compact_ratio']:.2f} of the dense file "
                     f"at 10% fine-grained sparsity, ×{get[0.5]['compact_ratio']:.2f} at 50%, "
                     f"×{get[0.9]['compact_ratio']:.2f} at 90% — the TensorFlow iterative-pruning reference: "
-                    f"×1.75, ×0.98, ×0.21."
+                    + ", ".join(f"×{tf['sizes_mb'][k] / tf['dense_mb']:.2f}" for k in ("0.1", "0.5", "0.9"))
+                    + "."
                 )
     return out
 
@@ -191,11 +201,7 @@ def plot_quality(q: dict[str, Any], img: Path) -> list[str]:
             "on the physical plane",
             fontsize=11,
         )
-        fig.tight_layout(rect=(0, 0, 0.82, 0.95))
-        name = f"quality-{task.rsplit('.', 1)[-1]}.png"
-        fig.savefig(img / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, img, f"quality-{task.rsplit('.', 1)[-1]}.png", rect=(0, 0, 0.82, 0.95)))
     return files
 
 
@@ -345,10 +351,7 @@ def plot_speedup(sp: dict[str, Any], img: Path) -> str:
     axes[0].set_ylabel("speed-up vs dense (same run)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7.5, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(img / "speedup.png", dpi=110)
-    plt.close(fig)
-    return "speedup.png"
+    return _save(fig, img, "speedup.png", rect=(0, 0.12, 1, 1))
 
 
 def speedup_md(sp: dict[str, Any], img: Path) -> list[str]:
@@ -424,10 +427,7 @@ def plot_filesize(fs: dict[str, Any], img: Path) -> str:
     ax.set_ylabel("file size / dense file")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(img / "filesize.png", dpi=110)
-    plt.close(fig)
-    return "filesize.png"
+    return _save(fig, img, "filesize.png")
 
 
 def filesize_md(fs: dict[str, Any], img: Path) -> list[str]:
@@ -486,10 +486,7 @@ def plot_service(sv: dict[str, Any], img: Path) -> str:
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(img / "service.png", dpi=110)
-    plt.close(fig)
-    return "service.png"
+    return _save(fig, img, "service.png")
 
 
 def service_md(sv: dict[str, Any], img: Path) -> list[str]:
@@ -597,15 +594,12 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         lines += ["## 3. File size", "", "Made by `bench/filesize.py`.", ""] + filesize_md(sections["filesize"], img)
     if "service" in sections:
         lines += ["## 4. Service cost", "", "Made by `bench/service.py`.", ""] + service_md(sections["service"], img)
-    lines += ["### Scaling with evaluation workers", ""]
     if "scaling" in sections:
         sc = sections["scaling"]
-        lines += [sc.get("markdown") or f"```\n{json.dumps(sc, indent=1, default=str)[:4000]}\n```", ""]
-    else:
         lines += [
-            "*This section comes from `bench/scaling.py`* (the distributed runner's benchmark, owned by the lead); "
-            'it was not part of this run. Enabling it is one line: uncomment `("scaling", "bench.scaling")` in '
-            "`bench/run_all.py`'s `SECTIONS`, and its `markdown` appears here.",
+            "### Scaling with evaluation workers",
+            "",
+            sc.get("markdown") or f"```\n{json.dumps(sc, indent=1, default=str)[:4000]}\n```",
             "",
         ]
     (out / "benchmarks.md").write_text("\n".join(lines))

@@ -1,6 +1,6 @@
 """Run every benchmark section and write the report: ``make bench`` calls ``python -m bench.run_all --full``.
 
-    python -m bench.run_all --full     # ~20 min on 2 cores; writes docs/benchmarks.md, docs/benchmarks.json, docs/img
+    python -m bench.run_all --full     # ~15 min on 2 cores; writes docs/benchmarks.md, docs/benchmarks.json, docs/img
     python -m bench.run_all --quick    # ~3 min subset; writes .prunehub/bench-quick/ unless --out is given
 
 Each section is a module with ``run(quick: bool) -> dict``; a section that raises is recorded as failed in the

@@ -18,10 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +25,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, loadavg
+from bench.common import PG_ADMIN_URL, Processes, free_port, loadavg, service_env
 
-PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_URL = os.environ.get("PRUNEHUB_BENCH_SCALING_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/prunehub_scaling")
 REDIS_URL = os.environ.get("PRUNEHUB_BENCH_SCALING_REDIS_URL", "redis://127.0.0.1:6379/6")
@@ -44,12 +39,6 @@ SEARCHES = {
     "annealing x4": {**BASE, "algorithm": "annealing", "batch_size": 4, "start_temperature": 100,
                      "stop_temperature": 30, "cool_down_rate": 0.8},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _reset_database() -> None:
@@ -72,47 +61,30 @@ class _Cluster:
 
     def __init__(self, home: Path, evaluation_workers: int, sleep_s: float) -> None:
         self.home = home
-        self.port = _free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
-        self.env.update({
-            "PRUNEHUB_HOME": str(home),
-            "PRUNEHUB_DATABASE_URL": PG_URL,
-            "PRUNEHUB_BROKER_URL": REDIS_URL,
-            "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
-            "PRUNEHUB_ALLOWED_ENTRYPOINTS": "bench.",
-            "PRUNEHUB_RUNNER": "distributed",
-            "PRUNEHUB_BENCH_SLEEP": str(sleep_s),
-            "PYTHONPATH": str(ROOT),
-        })
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.env = service_env(
+            home,
+            PRUNEHUB_DATABASE_URL=PG_URL,
+            PRUNEHUB_BROKER_URL=REDIS_URL,
+            PRUNEHUB_ALLOWED_ENTRYPOINTS="bench.",
+            PRUNEHUB_RUNNER="distributed",
+            PRUNEHUB_BENCH_SLEEP=str(sleep_s),
+        )
+        self.processes = Processes(home)
         self.evaluation_workers = evaluation_workers
-
-    def _spawn(self, *args: str) -> None:
-        log = open(self.home / f"p{len(self.processes)}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.processes.append(subprocess.Popen([sys.executable, "-m", "server.cli", *args], env=self.env,
-                                               cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
 
     def __enter__(self) -> _Cluster:
         _reset_database()
-        self._spawn("serve", "--port", str(self.port))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.2)
-        self._spawn("worker", "--queues", "experiments", "--loglevel", "WARNING")
-        for _ in range(self.evaluation_workers):
-            self._spawn("worker", "--queues", "evaluations", "--loglevel", "WARNING")
-        time.sleep(3)  # workers connect and import before the clock starts
-        key = (self.home / "api-key").read_text().strip()
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
-                                   headers={"Authorization": f"Bearer {key}"})
+        try:
+            url = self.processes.serve(self.env, free_port(), ready="/readyz")
+            queues = ["experiments"] + ["evaluations"] * self.evaluation_workers  # one coordinator, N evaluators
+            for i, queue in enumerate(queues):
+                self.processes.cli(self.env, f"worker-{i}.log", "worker", "--queues", queue, "--loglevel", "WARNING")
+            time.sleep(3)  # workers connect and import before the clock starts
+            key = (self.home / "api-key").read_text().strip()
+        except BaseException:
+            self.processes.stop()
+            raise
+        self.client = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
         return self
 
     def run(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -142,14 +114,7 @@ class _Cluster:
 
     def __exit__(self, *_exc: object) -> None:
         self.client.close()
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        self.processes.stop()
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -18,13 +18,10 @@ per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worke
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,75 +32,11 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, loadavg
+from bench.common import PG_ADMIN_URL, ROOT, Processes, free_port, loadavg, main, service_env
 
-PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_URL = os.environ.get("PRUNEHUB_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/prunehub_bench")
 REDIS_URL = os.environ.get("PRUNEHUB_BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
 BODY = json.loads((ROOT / "examples" / "digits_uniform.json").read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env(home: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNEHUB_")}
-    env.update(
-        {
-            "PRUNEHUB_HOME": str(home),
-            "PRUNEHUB_DATABASE_URL": f"sqlite:///{home}/prunehub.db",
-            "PRUNEHUB_BROKER_URL": "filesystem://",
-            "PRUNEHUB_ARTIFACTS_DIR": str(home / "artifacts"),
-            "PRUNEHUB_ALLOWED_ENTRYPOINTS": "examples.,bench.",
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(overrides)
-    return env
-
-
-class Processes:
-    """Processes this benchmark started (each in its own session), stopped by their own ids."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
-        out = open(self.home / log, "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(
-            args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append(proc)
-        return proc
-
-    def wait_http(self, url: str, proc: subprocess.Popen[bytes], log: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url} exited: {(self.home / log).read_text()[-2000:]}")
-            try:
-                httpx.get(url, timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{url} did not answer in {timeout} s")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
 
 
 def _prepare_postgres() -> None:
@@ -227,15 +160,14 @@ def api_throughput(quick: bool) -> dict[str, Any]:
     _prepare_postgres()
     _flush_redis()
     try:
-        env = _env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
-        api_port, bare_port = _free_port(), _free_port()
-        api = procs.spawn([sys.executable, "-m", "server.cli", "serve", "--port", str(api_port)], env, "api.log")
+        env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+        api_port, bare_port = free_port(), free_port()
         bare = procs.spawn(
             [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning"],
             env,
             "bare.log",
         )
-        procs.wait_http(f"http://127.0.0.1:{api_port}/healthz", api, "api.log")
+        procs.serve(env, api_port)
         procs.wait_http(f"http://127.0.0.1:{bare_port}/experiments/1", bare, "bare.log")
         headers = {"Authorization": f"Bearer {_api_key(home, env)}"}
         created = httpx.post(f"http://127.0.0.1:{api_port}/experiments", json=BODY, timeout=30, headers=headers)
@@ -300,14 +232,11 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
         if backend == "postgres":
             _prepare_postgres()
             _flush_redis()
-            env = _env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+            env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
         else:
-            env = _env(home)
-        port = _free_port()
-        api = procs.spawn([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env, "api.log")
-        url = f"http://127.0.0.1:{port}"
-        procs.wait_http(f"{url}/healthz", api, "api.log")
-        procs.spawn([sys.executable, "-m", "server.cli", "worker", "--loglevel", "WARNING"], env, "worker.log")
+            env = service_env(home)
+        url = procs.serve(env, free_port())
+        procs.cli(env, "worker.log", "worker", "--loglevel", "WARNING")
         spec = {
             "name": f"noop annealing x{trials}",
             "entrypoint": "bench.tasks.noop",
@@ -403,15 +332,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    result = run(args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)
