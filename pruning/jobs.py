@@ -160,19 +160,20 @@ def _check_achieved(pruning: PruningProblem, requested: dict[str, float], achiev
 
 def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store: ArtifactStore, device: str) -> Result:
     from pruning.masks import achieved_sparsity, apply_masks, strip
-    from pruning.pruner import compute_masks, global_distribution
+    from pruning.pruner import collected_importance, compute_masks, global_distribution
 
     pruning = problem.pruning
     # Pruning is monotonic: what the parent removed (`previous`) ranks first and stays removed.
     model, previous = load_checkpoint(task, store, job.parent_artifact)
+    importance = collected_importance(model, pruning, task)  # statistics once, for both calls below
     distribution = job.distribution
     extra: dict[str, Any] = {}
     if job.params.get("ranking") == "global":
         # One threshold across all units at the requested overall sparsity: the per-unit split emerges here.
         target = overall_sparsity(distribution, pruning)
-        distribution = global_distribution(model, pruning, target, task=task, previous=previous)
+        distribution = global_distribution(model, pruning, target, importance=importance, previous=previous)
         extra["distribution"] = distribution
-    masks = compute_masks(model, pruning, distribution, task=task, previous=previous)
+    masks = compute_masks(model, pruning, distribution, importance=importance, previous=previous)
     apply_masks(model, masks, structured=pruning.structured)
     if job.finetune_epochs:
         task.fine_tune(model, job.finetune_epochs)

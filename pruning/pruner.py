@@ -18,7 +18,15 @@ from pruning.importance import Importance, block_scores, expand_block_mask, get_
 from pruning.importance.base import weight_of
 from pruning.masks import apply_masks
 
-__all__ = ["compute_masks", "global_distribution", "keep_mask", "prune", "select_channels", "unit_scores"]
+__all__ = [
+    "collected_importance",
+    "compute_masks",
+    "global_distribution",
+    "keep_mask",
+    "prune",
+    "select_channels",
+    "unit_scores",
+]
 
 
 def keep_mask(scores: Tensor, k: int) -> Tensor:
@@ -137,6 +145,17 @@ def _criterion_name(importance: Importance) -> str:
     return type(importance.inner if isinstance(importance, _SurvivorsFirst) else importance).__name__
 
 
+def collected_importance(model: nn.Module, problem: PruningProblem, task: Any = None) -> Importance:
+    """`problem`'s criterion with its statistics collected from `task` (activations or gradients), ready to pass
+    as ``importance=`` to several calls on the same weights, so the user's code runs once, not per call."""
+    importance = get_importance(problem.base_algo)
+    if importance.requires_task:
+        if task is None:
+            raise ValueError(f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics")
+        importance.collect(model, [m for u in problem.units for m in u.members], task)
+    return importance
+
+
 def _ready_importance(
     model: nn.Module,
     problem: PruningProblem,
@@ -144,13 +163,9 @@ def _ready_importance(
     task: Any,
     previous: dict[str, Tensor] | None,
 ) -> Importance:
-    """The criterion to rank with: `problem`'s unless given, its statistics collected, survivors first over
-    `previous`."""
-    importance = importance or get_importance(problem.base_algo)
-    if importance.requires_task:
-        if task is None:
-            raise ValueError(f"base algorithm {problem.base_algo!r} needs the task (trainer/evaluator) for statistics")
-        importance.collect(model, [m for u in problem.units for m in u.members], task)
+    """The criterion to rank with: the caller's (ready as given) or `problem`'s with its statistics collected,
+    survivors first over `previous`."""
+    importance = importance or collected_importance(model, problem, task)
     return _SurvivorsFirst(importance, previous, problem.structured) if previous else importance
 
 

@@ -222,9 +222,7 @@ def _project(
     with torch.no_grad():
         for name, value in values.items():
             modules[name].weight.copy_(value)
-    masks = compute_masks(work, problem.pruning, job.distribution, task=task)
-    if previous:
-        masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
+    masks = compute_masks(work, problem.pruning, job.distribution, task=task, previous=previous)
     projected = {name: (values[name] * masks[name].to(values[name].device)).detach().clone() for name in values}
     return projected, masks
 

@@ -295,7 +295,7 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     from pruning.config import layer_distribution, overall_sparsity
     from pruning.jobs import load_checkpoint, measure_model, save_checkpoint, save_pruned_model
     from pruning.masks import achieved_sparsity, apply_masks, strip
-    from pruning.pruner import compute_masks
+    from pruning.pruner import collected_importance, compute_masks
 
     pruning = problem.pruning
     unit = pruning.unit(str(job.params["unit"]))
@@ -306,14 +306,13 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     assert unit.channels is not None
     channels = unit.channels
 
+    importance = collected_importance(model, pruning, task)  # statistics once for every probe below
+
     def masks_for(count: int) -> tuple[dict[str, float], dict[str, Any]]:
         distribution = dict(job.distribution)
         distribution[unit.name] = count / channels
-        masks = compute_masks(model, pruning, distribution, task=task)
-        if previous:
-            # Monotonic: what the parent removed stays removed.
-            masks = {name: m * previous[name].to(m.device) if name in previous else m for name, m in masks.items()}
-        return distribution, masks
+        # Monotonic: what the parent removed ranks first and stays removed.
+        return distribution, compute_masks(model, pruning, distribution, importance=importance, previous=previous)
 
     def measured(count: int) -> tuple[float, dict[str, float], dict[str, Any], dict[str, Any]]:
         distribution, masks = masks_for(count)

@@ -358,34 +358,6 @@ class LotteryTicketSearch(_ScheduleSearch[LotteryTicketConfig]):
 
 
 # ------------------------------------------------------------------------------------------------ execute
-def _survivors_first(inner: Any, previous: dict[str, Any], structured: bool) -> Any:
-    """``inner`` with what the parent's masks removed scored just below every survivor of its layer, so a
-    step's ranking re-selects the removed entries first and its count stays exact (for any criterion, not only
-    those that score zeros lowest). The offset is tiny, so a member's mean (structured normalisation) barely
-    moves."""
-    import torch
-
-    from pruning.importance.base import Importance
-
-    removed: dict[str, Any] = {}
-    for name, mask in previous.items():
-        removed[name] = (mask.reshape(mask.shape[0], -1).amax(dim=1) == 0) if structured else (mask == 0)
-
-    class SurvivorsFirst(Importance):
-        def __call__(self, name: str, module: Any) -> Any:
-            scores = inner(name, module)
-            if scores is None or name not in removed:
-                return scores
-            gone = removed[name].to(scores.device).reshape(scores.shape)
-            if not bool(gone.any()):
-                return scores
-            low = min(0.0, float(scores.min()))
-            floor = low - 1e-6 * (abs(float(scores.max())) + abs(low) + 1.0)
-            return torch.where(gone, torch.full_like(scores, floor), scores)
-
-    return SurvivorsFirst()
-
-
 def _train(task: Any, model: Any, first_epoch: int, epochs: int, needed_by: str) -> None:
     """``epochs`` epochs of the user's trainer numbered from ``first_epoch`` (a fresh optimizer: the masks may
     have changed); a task with only a ``fine_tuner`` gets that instead."""
@@ -439,10 +411,9 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     rewind point when one was saved.
     """
     from pruning.config import layer_distribution
-    from pruning.importance import get_importance
     from pruning.jobs import load_checkpoint, measure_model, save_checkpoint, save_pruned_model
     from pruning.masks import achieved_sparsity, apply_masks, strip
-    from pruning.pruner import compute_masks, global_distribution
+    from pruning.pruner import collected_importance, compute_masks, global_distribution
 
     pruning = problem.pruning
     params = job.params
@@ -462,16 +433,13 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     if params.get("save_rewind"):
         extra["rewind_artifact"] = save_checkpoint(store, model, {})
 
-    inner = get_importance(pruning.base_algo)
-    if inner.requires_task:
-        inner.collect(model, [member for unit in pruning.units for member in unit.members], task)
-    importance = _survivors_first(inner, previous, pruning.structured)
+    # Statistics once for both calls; what the parent removed ranks first, so each count matches its formula.
+    importance = collected_importance(model, pruning, task)
     distribution = dict(job.distribution)
     if params.get("ranking") == "global":
-        distribution = global_distribution(model, pruning, float(params["target"]), importance=importance)
-    masks = compute_masks(model, pruning, distribution, importance=importance)
-    if previous:
-        masks = {name: mask * previous[name] if name in previous else mask for name, mask in masks.items()}
+        target = float(params["target"])
+        distribution = global_distribution(model, pruning, target, importance=importance, previous=previous)
+    masks = compute_masks(model, pruning, distribution, importance=importance, previous=previous)
     if params.get("rewind"):
         rewound, _ = load_checkpoint(task, store, str(params["rewind"]))
         model.load_state_dict(rewound.state_dict())  # every weight and buffer back to the rewind point
