@@ -48,6 +48,7 @@ __all__ = [
     "pruned_count",
     "rescale",
     "resolve_config_list",
+    "check_entry_sparsities",
     "validate_config_list",
 ]
 
@@ -82,7 +83,7 @@ class ConfigEntry(BaseModel):
     Later entries override earlier ones for the layers they match (NNI's rule).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=False)
 
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     sparsity_per_layer: float | None = Field(default=None, ge=0.0, lt=1.0)
@@ -90,7 +91,7 @@ class ConfigEntry(BaseModel):
     op_types: list[str] = Field(default_factory=list)
     op_names: list[str] = Field(default_factory=list)
     exclude: bool = False
-    max_sparsity_per_layer: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_sparsity_per_layer: float | None = Field(default=None, gt=0.0, le=1.0, alias="max_sparsity")
     block_height: int | None = Field(default=None, ge=1)
     block_width: int | None = Field(default=None, ge=1)
     block_pooling: Literal["avg", "max"] = "avg"
@@ -100,8 +101,6 @@ class ConfigEntry(BaseModel):
         given = [f for f in ("sparsity", "sparsity_per_layer", "total_sparsity") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of sparsity/sparsity_per_layer/total_sparsity, got {given}")
-        if not given and not self.exclude:
-            raise ValueError("an entry needs sparsity, sparsity_per_layer or total_sparsity (or exclude: true)")
         if not self.op_types and not self.op_names:
             raise ValueError("an entry needs op_types or op_names")
         unknown = [t for t in self.op_types if t not in OP_TYPES]
@@ -110,6 +109,11 @@ class ConfigEntry(BaseModel):
         if (self.block_height is None) != (self.block_width is None):
             raise ValueError("block_height and block_width go together")
         return self
+
+    @property
+    def sets_sparsity(self) -> bool:
+        """Whether the entry names a sparsity (any of the three spellings)."""
+        return any(v is not None for v in (self.sparsity, self.sparsity_per_layer, self.total_sparsity))
 
     @property
     def value(self) -> float:
@@ -134,8 +138,29 @@ class ConfigEntry(BaseModel):
         return names
 
 
-def validate_config_list(raw: list[dict[str, Any]]) -> list[ConfigEntry]:
-    """Validate a config list; errors name the entry index and the field.
+def check_entry_sparsities(entries: list[ConfigEntry], *, budget: bool) -> None:
+    """Without a budget every selecting entry names its sparsity (NNI's mode); with a physical budget entries only
+    select layers (and may cap them with ``max_sparsity``), so none may name one. Errors name the entry."""
+    for i, entry in enumerate(entries):
+        if entry.exclude:
+            continue
+        if budget and entry.sets_sparsity:
+            spellings = ("sparsity", "sparsity_per_layer", "total_sparsity")
+            field = next(f for f in spellings if getattr(entry, f) is not None)
+            raise ValueError(
+                f"config_list[{i}].{field}: with a budget, config-list entries only select layers (and may set "
+                "max_sparsity); the budget decides how much is pruned"
+            )
+        if not budget and not entry.sets_sparsity:
+            raise ValueError(
+                f"config list entry {i} (config_list[{i}]): an entry needs sparsity, sparsity_per_layer or "
+                "total_sparsity (or exclude: true), unless the experiment has a budget"
+            )
+
+
+def validate_config_list(raw: list[dict[str, Any]], *, budget: bool = False) -> list[ConfigEntry]:
+    """Validate a config list; errors name the entry index and the field. ``budget``: the experiment has a
+    physical budget, so entries select layers only (see :func:`check_entry_sparsities`).
 
     >>> validate_config_list([{"sparsity": 0.5, "op_types": ["default"]}])[0].value
     0.5
@@ -155,6 +180,7 @@ def validate_config_list(raw: list[dict[str, Any]]) -> list[ConfigEntry]:
             raise ValueError(f"config list entry {i}: {problems}") from exc
     if all(e.exclude for e in entries):
         raise ValueError("config list selects nothing: every entry is exclude: true")
+    check_entry_sparsities(entries, budget=budget)
     return entries
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "load_checkpoint",
     "load_pruned",
     "measure_model",
+    "measured_budget_ratio",
+    "resolve_problem",
     "save_checkpoint",
     "save_pruned_model",
 ]
@@ -112,7 +114,7 @@ def measure_model(
 
     Returns (metrics, shrunk model or the model itself, recipe or None).
     """
-    from pruning.metrics import count_nonzero, count_params_flops, measure_latency
+    from pruning.metrics import count_nonzero, count_params_flops
 
     pruning = problem.pruning
     if pruning.structured:
@@ -132,9 +134,26 @@ def measure_model(
         "params_ratio": params / pruning.dense_params if pruning.dense_params else None,
         "flops_ratio": flops / pruning.dense_flops if pruning.dense_flops else None,
     }
-    if problem.resource == "latency":
-        metrics["latency_ms"] = measure_latency(shrunk, dummy_input, device=device) * 1000.0
+    budget = problem.budget
+    if problem.resource == "latency" or (budget is not None and budget.resource == "latency"):
+        from pruning.projection import latency_stats
+
+        metrics["latency_ms"], metrics["latency_spread_ms"] = latency_stats(shrunk, dummy_input, device)
     return metrics, shrunk, recipe
+
+
+def measured_budget_ratio(result: Result, problem: SearchProblem) -> float | None:
+    """The measured value of the budget's resource over the dense model's (``None`` without a budget)."""
+    budget = problem.budget
+    if budget is None:
+        return None
+    if budget.resource == "flops":
+        return result.flops_ratio
+    if budget.resource == "params":
+        return result.params_ratio
+    if result.latency_ms is None or not problem.dense_latency_ms:
+        return None
+    return result.latency_ms / problem.dense_latency_ms
 
 
 def _check_achieved(pruning: PruningProblem, requested: dict[str, float], achieved: dict[str, float]) -> str | None:
@@ -170,19 +189,42 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     extra: dict[str, Any] = {}
     if job.params.get("ranking") == "global":
         # One threshold across all units at the requested overall sparsity: the per-unit split emerges here.
-        target = overall_sparsity(distribution, pruning)
-        distribution = global_distribution(model, pruning, target, importance=importance, previous=previous)
+        def ranked(target: float) -> dict[str, float]:
+            return global_distribution(model, pruning, target, importance=importance, previous=previous)
+
+        if job.budget_ratio is not None and problem.budget is not None:
+            # The global threshold is the one scale: the least overall sparsity whose ranking meets the budget.
+            from pruning.budget import project_scalar
+
+            ratio_of = _ratio_predictor(task, problem, model, device)
+            capacity = sum(u.weight_count * u.max_sparsity for u in pruning.units) / sum(
+                u.weight_count for u in pruning.units
+            )
+            projection = project_scalar(ranked, min(capacity, 0.999), ratio_of, job.budget_ratio, pruning)
+            distribution = projection.distribution
+            extra["projection"] = {"scale": projection.scale, "predicted_ratio": projection.ratio}
+        else:
+            distribution = ranked(overall_sparsity(distribution, pruning))
         extra["distribution"] = distribution
     masks = compute_masks(model, pruning, distribution, importance=importance, previous=previous)
     apply_masks(model, masks, structured=pruning.structured)
     if job.finetune_epochs:
         task.fine_tune(model, job.finetune_epochs)
+    evaluation: dict[str, Any] = {"finetune_epochs": job.finetune_epochs, "bn_recalibration": False}
+    if problem.bn_recalibration:
+        from pruning.calibration import recalibrate_batchnorm
+
+        used = recalibrate_batchnorm(model, task, problem.calibration_batches)
+        evaluation |= {"bn_recalibration": used > 0, "calibration_batches": used}
     score = task.evaluate(model)
     strip(model)
     requested = layer_distribution(distribution, pruning)
     achieved = achieved_sparsity(masks, pruning)
     dummy = task.dummy_input()
     metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
+    spread = metrics.pop("latency_spread_ms", None)
+    if spread is not None:
+        extra["latency_spread_ms"] = spread
     result = Result(
         key=job.key,
         score=score,
@@ -190,6 +232,7 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
         achieved=achieved,
         overall_sparsity=overall_sparsity(distribution, pruning),
         extra=extra,
+        evaluation=evaluation,
         **metrics,
     )
     mismatch = _check_achieved(pruning, requested, achieved)
@@ -213,7 +256,16 @@ def execute_job(task: Task, problem: SearchProblem, job: Job, store: ArtifactSto
     from pruning.task import TaskError
 
     started = time.perf_counter()
+    projected: dict[str, Any] = {}
     try:
+        if (
+            job.budget_ratio is not None
+            and problem.budget is not None
+            and job.distribution
+            and job.params.get("ranking") != "global"
+        ):
+            # Every candidate meets the budget: project its shape first (global ranking projects its threshold).
+            job, projected = _projected(task, problem, job, device)
         if job.kind in ("evaluate", "finetune_and_evaluate"):
             result = _prune_finetune_evaluate(task, problem, job, store, device)
         elif job.kind in EXECUTORS:  # kinds one strategy owns are executed by its module
@@ -234,4 +286,86 @@ def execute_job(task: Task, problem: SearchProblem, job: Job, store: ArtifactSto
         )
     if result.score is not None and not math.isfinite(result.score):
         result = result.model_copy(update={"status": "failed", "error": f"score is {result.score}"})
-    return result.model_copy(update={"duration_s": time.perf_counter() - started})
+    update: dict[str, Any] = {"duration_s": time.perf_counter() - started}
+    if projected:
+        update["extra"] = {"distribution": dict(job.distribution), **result.extra, "projection": projected}
+    if problem.budget is not None:
+        ratio = measured_budget_ratio(result, problem)
+        update |= {"budget_ratio": ratio, "feasible": problem.budget.met_by(ratio) if ratio is not None else None}
+    return result.model_copy(update=update)
+
+
+def _ratio_predictor(task: Task, problem: SearchProblem, model: Any, device: str) -> Any:
+    from pruning.projection import ratio_predictor
+
+    assert problem.budget is not None
+    return ratio_predictor(
+        model, problem.pruning, problem.budget, task.dummy_input(), device=device,
+        dense_latency_ms=problem.dense_latency_ms,
+    )
+
+
+def _projected(task: Task, problem: SearchProblem, job: Job, device: str) -> tuple[Job, dict[str, Any]]:
+    """``job`` with its distribution projected onto ``job.budget_ratio`` (see :func:`pruning.budget.project`)."""
+    from pruning.budget import BudgetUnreachable, project
+
+    assert job.budget_ratio is not None
+    ratio_of = _ratio_predictor(task, problem, task.model(), device)
+    try:
+        projection = project(job.distribution, problem.pruning, ratio_of, job.budget_ratio, floor=job.floor or None)
+    except BudgetUnreachable as exc:
+        raise JobFailed(str(exc)) from exc
+    info = {"scale": projection.scale, "predicted_ratio": projection.ratio, "proposal": dict(job.distribution)}
+    return job.model_copy(update={"distribution": projection.distribution}), info
+
+
+def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProblem:
+    """The experiment's :class:`SearchProblem` for a validated algorithm ``config``: the config list resolved on
+    the task's model, and with a budget the measurements the projection needs.
+
+    With a budget every unit starts at the one uniform sparsity that meets it (the ``uniform`` baseline), and
+    that is the problem's target sparsity, the level the strategies' proposals are rescaled to before each is
+    projected exactly onto the budget.
+    """
+    from pruning.calibration import has_batchnorm
+    from pruning.config import resolve_config_list
+
+    model = task.model()
+    dummy = task.dummy_input()
+    pruning = resolve_config_list(model, list(config.config_list), config.base_algo, dummy)
+    recalibrate = config.candidate_eval.bn_recalibration
+    if recalibrate is None:
+        recalibrate = has_batchnorm(model)
+    problem = SearchProblem(
+        pruning=pruning,
+        optimize_mode=config.optimize_mode,
+        resource=config.resource,
+        seed=config.seed,
+        max_trials=config.max_trials,
+        budget=config.effective_budget,
+        bn_recalibration=bool(recalibrate),
+        calibration_batches=config.candidate_eval.calibration_batches,
+    )
+    budget = problem.budget
+    if budget is None:
+        return problem
+    if budget.resource == "latency":
+        from pruning.projection import dense_latency
+
+        median, spread = dense_latency(model, dummy, device)
+        problem = problem.model_copy(update={"dense_latency_ms": median, "dense_latency_spread_ms": spread})
+    if config.budget is None:
+        return problem  # NetAdapt's older fields: it reduces step by step to the budget itself
+    from pruning.budget import BudgetUnreachable, project
+    from pruning.projection import ratio_predictor
+
+    ratio_of = ratio_predictor(model, pruning, budget, dummy, dense_latency_ms=problem.dense_latency_ms, device=device)
+    try:
+        uniform = project({u.name: 1.0 for u in pruning.units}, pruning, ratio_of, budget.ratio)
+    except BudgetUnreachable as exc:
+        raise ValueError(f"budget {budget.resource}={budget.ratio}: {exc}") from exc
+    units = [u.model_copy(update={"initial_sparsity": uniform.distribution[u.name]}) for u in pruning.units]
+    pruning = pruning.model_copy(update={"units": units})
+    pruning.target_sparsity = overall_sparsity(uniform.distribution, pruning)
+    return problem.model_copy(update={"pruning": pruning})
+

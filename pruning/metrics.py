@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from pruning._graph import plain_copy, run_model
 
-__all__ = ["count_nonzero", "count_params_flops", "layer_stats", "measure_latency"]
+__all__ = ["count_nonzero", "count_params_flops", "layer_stats", "measure_latency", "measure_latency_samples"]
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -79,7 +79,18 @@ def measure_latency(
     warmup: int = 3,
     repeat: int = 10,
 ) -> float:
-    """Median wall-clock seconds of one forward pass on `device`.
+    """Median wall-clock seconds of one forward pass on `device` (see `measure_latency_samples`)."""
+    return statistics.median(measure_latency_samples(model, dummy_input, device, warmup, repeat))
+
+
+def measure_latency_samples(
+    model: nn.Module,
+    dummy_input: Any,
+    device: str | torch.device = "cpu",
+    warmup: int = 3,
+    repeat: int = 10,
+) -> list[float]:
+    """Wall-clock seconds of `repeat` forward passes on `device`, one sample each.
 
     Runs `warmup` untimed passes, then `repeat` timed ones under `torch.inference_mode`, synchronising
     CUDA before and after each pass so queued kernels are counted. The model is moved to `device`
@@ -106,4 +117,4 @@ def measure_latency(
                 times.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
-    return statistics.median(times)
+    return times

@@ -23,7 +23,7 @@ from pruning.masks import strip
 from pruning.metrics import count_params_flops
 from pruning.pruner import select_channels
 
-__all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "shrink", "shrunk_copy"]
+__all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "predicted_shrunk", "shrink", "shrunk_copy"]
 
 
 class ShrinkRecipe(BaseModel):
@@ -137,6 +137,14 @@ def predict_params_flops(
     Which channels go does not change the sizes, only how many, so this shrinks a copy with each unit's
     lowest-numbered channels masked and counts it. `model` is not modified.
     """
+    return count_params_flops(predicted_shrunk(model, problem, distribution, dummy_input), dummy_input)
+
+
+def predicted_shrunk(
+    model: nn.Module, problem: PruningProblem, distribution: dict[str, float], dummy_input: Any
+) -> nn.Module:
+    """A shrunk copy of `model` with the shapes `distribution` gives (each unit's lowest-numbered channels
+    removed): the right size and speed, not the right weights."""
     _check_keys(distribution, problem)
     if not problem.structured:
         raise ValueError("size prediction applies to structured problems; fine-grained pruning keeps shapes")
@@ -153,7 +161,7 @@ def predict_params_flops(
             per = keep[torch.tensor(idx)] if idx is not None else keep
             masks[member] = per.view((-1,) + (1,) * (weight.dim() - 1)).expand_as(weight).to(weight.dtype)
     shrink(work, masks, dummy_input)
-    return count_params_flops(work, dummy_input)
+    return work
 
 
 def shrunk_copy(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> tuple[nn.Module, ShrinkRecipe]:

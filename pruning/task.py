@@ -21,6 +21,10 @@ unchanged:
     A loss module or a zero-argument factory of one. Default: ``CrossEntropyLoss``.
 ``init_model() -> nn.Module`` (optional)
     The untrained, seeded network (lottery tickets rewind to it).
+``calibration_data() -> Iterable`` (optional)
+    Model inputs (tensors or tuples, as ``dummy_input`` returns) for re-estimating BatchNorm statistics before a
+    candidate is scored. Without it the ``trainer`` runs with an optimizer that never steps, stopped after the
+    configured number of batches.
 
 Example::
 
@@ -48,7 +52,7 @@ from typing import Any
 __all__ = ["REQUIRED_NAMES", "Task", "TaskError", "check_entrypoint", "load_task"]
 
 REQUIRED_NAMES = ("model", "evaluator", "dummy_input")
-OPTIONAL_NAMES = ("trainer", "fine_tuner", "optimizer", "criterion", "init_model")
+OPTIONAL_NAMES = ("trainer", "fine_tuner", "optimizer", "criterion", "init_model", "calibration_data")
 
 # Positional parameters each callable must accept (name, minimum positional arity).
 _ARITY = {
@@ -59,6 +63,7 @@ _ARITY = {
     "fine_tuner": 1,
     "optimizer": 1,
     "init_model": 0,
+    "calibration_data": 0,
 }
 
 _ENTRYPOINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -123,6 +128,7 @@ class Task:
     optimizer: Callable[[Any], Any] | None = None
     criterion: Any | None = None
     init_model: Callable[[], Any] | None = None
+    calibration_data: Callable[[], Any] | None = None  # an iterable of model inputs (BatchNorm re-estimation)
 
     def require(self, name: str, needed_by: str) -> Callable[..., Any]:
         """Return the optional callable ``name`` or raise a :class:`TaskError` saying who needs it."""

@@ -27,25 +27,11 @@ def _limit_memory(megabytes: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _resolve(task: Any, config_data: dict[str, Any]) -> dict[str, Any]:
-    from pruning.config import resolve_config_list
-    from pruning.search.base import SearchProblem
+def _resolve(task: Any, config_data: dict[str, Any], device: str) -> dict[str, Any]:
+    from pruning.jobs import resolve_problem
     from pruning.search.configs import parse_algorithm_config
 
-    config = parse_algorithm_config(config_data)
-    pruning_problem = resolve_config_list(
-        task.model(),
-        [entry.model_dump(exclude_none=True) for entry in config.config_list],
-        config.base_algo,
-        task.dummy_input(),
-    )
-    problem = SearchProblem(
-        pruning=pruning_problem,
-        optimize_mode=config.optimize_mode,
-        resource=config.resource,
-        seed=config.seed,
-        max_trials=config.max_trials,
-    )
+    problem = resolve_problem(task, parse_algorithm_config(config_data), device=device)
     return {"problem": problem.model_dump(mode="json")}
 
 
@@ -84,7 +70,7 @@ def main(argv: list[str]) -> int:
                 # The allow-list is enforced here again: the API is not the only way a row reaches a worker.
                 task = load_task(config["entrypoint"], config["allowed_prefixes"])
             if op == "resolve":
-                answer({"ok": True, **_resolve(task, request["config"])})
+                answer({"ok": True, **_resolve(task, request["config"], config.get("device", "cpu"))})
             elif op == "job":
                 answer({"ok": True, **_job(task, store, config.get("device", "cpu"), request)})
             else:

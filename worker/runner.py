@@ -53,6 +53,9 @@ def trial_to_result(trial: Trial) -> Any:
         params_ratio=trial.params_ratio,
         flops_ratio=trial.flops_ratio,
         latency_ms=trial.latency_ms,
+        budget_ratio=trial.budget_ratio,
+        feasible=trial.feasible,
+        evaluation=trial.evaluation or {},
         artifact=trial.artifact_id,
         error=trial.error,
         extra=extra,
@@ -378,14 +381,17 @@ def persist_told_state(
     )
 
 
-def _decisions(node: Any, keys: set[str]) -> dict[str, str]:
-    """``{job key: decision}`` for the given keys, from a strategy's state JSON (its history records carry
-    ``key`` and ``decision``, possibly nested, as in AutoCompress's per-round searches)."""
-    found: dict[str, str] = {}
+def _decisions(node: Any, keys: set[str]) -> dict[str, dict[str, Any]]:
+    """``{job key: {"decision": ..., "acceptance_probability": ...}}`` for the given keys, from a strategy's state
+    JSON (its history records carry ``key`` and ``decision``, possibly nested, as in AutoCompress's per-round
+    searches; annealing adds the probability a worse-or-equal proposal had)."""
+    found: dict[str, dict[str, Any]] = {}
     if isinstance(node, dict):
         key, decision = node.get("key"), node.get("decision")
         if isinstance(key, str) and key in keys and isinstance(decision, str):
-            found[key] = decision
+            found[key] = {"decision": decision}
+            if node.get("acceptance_probability") is not None:
+                found[key]["acceptance_probability"] = node["acceptance_probability"]
         for value in node.values():
             found.update(_decisions(value, keys))
     elif isinstance(node, list):

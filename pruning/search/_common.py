@@ -11,14 +11,19 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pruning.budget import BUDGET_TOLERANCE
 from pruning.config import PruningProblem, overall_sparsity, rescale
-from pruning.search.base import Result, SearchProblem
+from pruning.search.base import Job, Result, SearchProblem
 
 __all__ = [
     "SPARSITY_TOLERANCE",
     "RunningStats",
     "TrialRecord",
     "achieved_units",
+    "budget_ratio",
+    "evaluated_distribution",
+    "measured_ratio",
+    "meets_goal",
     "direction",
     "feasible_sparsity",
     "lift",
@@ -62,6 +67,7 @@ class TrialRecord(BaseModel):
     overall_sparsity: float | None = None
     resource: float | None = None
     decision: str | None = None  # "accepted" / "rejected" / "chosen" / "failed" / ...
+    acceptance_probability: float | None = None  # annealing: the chance a worse-or-equal proposal had
     context: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -83,6 +89,42 @@ def resource_value(result: Result, resource: str) -> float | None:
     if resource == "flops":
         return None if result.flops is None else float(result.flops)
     return result.latency_ms
+
+
+def budget_ratio(problem: SearchProblem) -> float | None:
+    """The fraction every candidate is projected onto (``Job.budget_ratio``), or ``None`` without a budget."""
+    return None if problem.budget is None else problem.budget.ratio
+
+
+def measured_ratio(result: Result, problem: SearchProblem) -> float | None:
+    """A result's measured value of the budget's resource over the dense model's."""
+    if result.budget_ratio is not None or problem.budget is None:
+        return result.budget_ratio
+    resource = problem.budget.resource
+    if resource == "latency":
+        if result.latency_ms is None or not problem.dense_latency_ms:
+            return None
+        return result.latency_ms / problem.dense_latency_ms
+    return result.flops_ratio if resource == "flops" else result.params_ratio
+
+
+def evaluated_distribution(result: Result | None, job: Job) -> dict[str, float]:
+    """What was actually evaluated: the projected (or emerged) distribution a result reports, else the job's."""
+    emerged = None if result is None else result.extra.get("distribution")
+    if isinstance(emerged, dict) and emerged:
+        return {str(name): float(value) for name, value in emerged.items()}
+    return dict(job.distribution)
+
+
+def meets_goal(result: Result, job: Job, problem: SearchProblem, ratio: float | None = None) -> bool:
+    """Whether a succeeded result may be the best: within the budget (measured on the shrunk model; ``ratio``
+    overrides the budget's for a search towards an intermediate one) when the experiment has one, at the target
+    sparsity otherwise."""
+    if problem.budget is not None:
+        measured = measured_ratio(result, problem)
+        limit = problem.budget.ratio if ratio is None else ratio
+        return measured is not None and measured <= limit + BUDGET_TOLERANCE
+    return feasible_sparsity(job.distribution, problem)
 
 
 def feasible_sparsity(distribution: dict[str, float], problem: SearchProblem) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pruning.config import initial_distribution
-from pruning.search._common import TrialRecord, feasible_sparsity, trial_budget
+from pruning.search._common import TrialRecord, budget_ratio, evaluated_distribution, meets_goal, trial_budget
 from pruning.search.base import Job, Result, SearchProblem, SearchState
 from pruning.search.configs import ADMMConfig
 
@@ -58,8 +58,11 @@ def admm_job(
     z: str | None,
     u: str | None,
     context: dict[str, Any] | None = None,
+    budget_ratio: float | None = None,
+    floor: dict[str, float] | None = None,
 ) -> Job:
-    """The ``admm_train`` job of outer iteration ``iteration`` (rho grows by ``rho_multiplier`` each one)."""
+    """The ``admm_train`` job of outer iteration ``iteration`` (rho grows by ``rho_multiplier`` each one); with
+    ``budget_ratio`` its distribution is projected onto the budget first (the same projection every iteration)."""
     factor = float(config.rho_multiplier) ** iteration
     return Job(
         key=key,
@@ -75,6 +78,8 @@ def admm_job(
             "training_epochs": int(config.training_epochs),
         },
         context={**(context or {}), "iteration": iteration, "rho": float(config.rho) * factor},
+        budget_ratio=budget_ratio,
+        floor=floor or {},
     )
 
 
@@ -123,6 +128,7 @@ class ADMMSearch:
                 w=state.w_artifact,
                 z=state.z_artifact,
                 u=state.u_artifact,
+                budget_ratio=budget_ratio(state.problem),
             )
         elif state.phase == "retrain":
             epochs = self.config.retrain_epochs
@@ -134,6 +140,7 @@ class ADMMSearch:
                 finetune_epochs=epochs,
                 save_artifact=True,
                 context={"iteration": state.iteration, "retrain": True},
+                budget_ratio=budget_ratio(state.problem),
             )
         else:
             return state.model_copy(update={"done": True}), []
@@ -168,12 +175,12 @@ class ADMMSearch:
             ok
             and result is not None
             and result.score is not None
-            and feasible_sparsity(job.distribution, state.problem)
+            and meets_goal(result, job, state.problem)
         ):
             update |= {
                 "best_key": result.key,
                 "best_score": result.score,
-                "best_distribution": dict(job.distribution),
+                "best_distribution": evaluated_distribution(result, job),
                 "stop_reason": "ADMM iterations and retraining done",
             }
         else:

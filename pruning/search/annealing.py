@@ -27,8 +27,10 @@ from pruning.config import PruningProblem, initial_distribution
 from pruning.search._common import (
     RunningStats,
     TrialRecord,
+    budget_ratio,
     direction,
-    feasible_sparsity,
+    evaluated_distribution,
+    meets_goal,
     rescale_above,
     trial_budget,
 )
@@ -59,6 +61,7 @@ class AnnealingRun(BaseModel):
     history: list[TrialRecord] = Field(default_factory=list)
     finished: bool = False
     context: dict[str, object] = Field(default_factory=dict)  # extra context on every job (autocompress round)
+    budget_ratio: float | None = None  # every proposal is projected onto this (see pruning.budget)
 
 
 def _size_prior(problem: PruningProblem) -> dict[str, float]:
@@ -79,6 +82,7 @@ def anneal_start(
     parent_artifact: str | None = None,
     finetune_epochs: int = 0,
     context: dict[str, object] | None = None,
+    budget_ratio: float | None = None,
 ) -> AnnealingRun:
     """A fresh chain starting at the uniform distribution (or the size prior) rescaled to ``target``."""
     floor = floor or {name: 0.0 for name in problem.unit_names()}
@@ -98,6 +102,7 @@ def anneal_start(
         temperature=float(config.start_temperature),  # type: ignore[attr-defined,union-attr]
         current=fractions,
         context=dict(context or {}),
+        budget_ratio=budget_ratio,
     )
 
 
@@ -111,6 +116,8 @@ def _job(run: AnnealingRun, distribution: dict[str, float], temperature: float) 
         finetune_epochs=epochs,
         save_artifact=False,
         context={**run.context, "iteration": run.step, "temperature": temperature},
+        budget_ratio=run.budget_ratio,
+        floor=run.floor if run.budget_ratio is not None and any(run.floor.values()) else {},
     )
 
 
@@ -187,23 +194,36 @@ def anneal_tell(
         assert result is not None and result.score is not None
         score = float(result.score)
         stats = stats.add(score)
+        evaluated = evaluated_distribution(result, job)
+        if "distribution" in result.extra:
+            # The chain moves to what was evaluated (the proposal projected onto the budget), not the raw proposal.
+            fractions = {
+                name: (value - run.floor.get(name, 0.0)) / max(1.0 - run.floor.get(name, 0.0), 1e-12)
+                for name, value in evaluated.items()
+            }
+        probability: float | None = None
         if current_score is None:
             accepted = True
         else:
             std = stats.std
             delta = 0.0 if std == 0.0 else sign * (score - current_score) / std
             relative_t = float(job.context["temperature"]) / start_t
-            accepted = delta >= 0.0 or draw < math.exp(delta / relative_t)
+            improved = sign * (score - current_score) > 0.0
+            # A worse-or-equal proposal is taken with the Metropolis probability (1 for a tie in normalised terms).
+            probability = None if improved else min(1.0, math.exp(delta / relative_t))
+            accepted = improved or draw < (probability or 0.0)
         if accepted:
             current, current_score = fractions, score
-        if feasible_sparsity(job.distribution, problem) and better(score, best_score, problem.optimize_mode):
-            best_key, best_score, best_distribution = job.key, score, dict(job.distribution)
+        if meets_goal(result, job, problem, run.budget_ratio) and better(score, best_score, problem.optimize_mode):
+            best_key, best_score, best_distribution = job.key, score, evaluated
         history.append(
             TrialRecord(
                 key=job.key,
                 score=score,
                 overall_sparsity=result.overall_sparsity,
+                resource=result.budget_ratio,
                 decision="accepted" if accepted else "rejected",
+                acceptance_probability=probability,
                 context=job.context,
             )
         )
@@ -252,6 +272,7 @@ class AnnealingSearch:
             prefix="annealing",
             target=problem.pruning.target_sparsity,
             finetune_epochs=self.config.finetune_epochs,
+            budget_ratio=budget_ratio(problem),
         )
         return AnnealingState(
             rng=RandomState.seeded(problem.seed),

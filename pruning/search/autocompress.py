@@ -21,8 +21,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pruning.budget import BUDGET_TOLERANCE
 from pruning.config import overall_sparsity
-from pruning.search._common import TrialRecord, achieved_units, rescale_above, rounding_tolerance, trial_budget
+from pruning.search._common import (
+    TrialRecord,
+    achieved_units,
+    evaluated_distribution,
+    measured_ratio,
+    rescale_above,
+    rounding_tolerance,
+    trial_budget,
+)
 from pruning.search.admm import admm_artifacts, admm_job
 from pruning.search.annealing import AnnealingRun, anneal_ask, anneal_start, anneal_tell
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
@@ -45,6 +54,7 @@ class RoundRecord(BaseModel):
     achieved: dict[str, float] = Field(default_factory=dict)  # unit -> achieved sparsity
     artifact: str | None = None
     meets_target: bool = False
+    budget_ratio: float | None = None  # with a budget: the round's measured ratio of the budget's resource
 
 
 class AutoCompressState(SearchState):
@@ -57,6 +67,7 @@ class AutoCompressState(SearchState):
     floor_sparsity: float = 0.0  # its overall value (measured)
     floor_artifact: str | None = None  # the previous round's checkpoint
     round_target: float = 0.0
+    round_budget_ratio: float | None = None  # with a budget: budget ** ((round + 1) / num_rounds)
     run: AnnealingRun | None = None
     distribution: dict[str, float] = Field(default_factory=dict)  # the round's chosen distribution
     admm_iteration: int = 0
@@ -97,6 +108,14 @@ class AutoCompressSearch:
         per_round = 1.0 - (1.0 - final) ** (1.0 / self.config.num_rounds)
         return 1.0 - (1.0 - state.floor_sparsity) * (1.0 - per_round)
 
+    def _round_ratio(self, state: AutoCompressState, round_index: int) -> float | None:
+        # Under a budget the rounds compound physically as they do in sparsity: round k keeps
+        # budget ** ((k + 1) / num_rounds) of the dense value, the last one exactly the budget.
+        budget = state.problem.budget
+        if budget is None:
+            return None
+        return float(budget.ratio ** ((round_index + 1) / self.config.num_rounds))
+
     def start(self, problem: SearchProblem) -> AutoCompressState:
         pruning = problem.pruning
         state = AutoCompressState(
@@ -129,12 +148,14 @@ class AutoCompressSearch:
             parent_artifact=state.floor_artifact,
             finetune_epochs=self.config.finetune_epochs,
             context={"round": round_index},
+            budget_ratio=self._round_ratio(state, round_index),
         )
         return state.model_copy(
             update={
                 "phase": "search",
                 "round": round_index,
                 "round_target": target,
+                "round_budget_ratio": self._round_ratio(state, round_index),
                 "run": run,
                 "residuals": [],
             }
@@ -171,6 +192,8 @@ class AutoCompressSearch:
                 z=state.z_artifact,
                 u=state.u_artifact,
                 context={"round": state.round},
+                budget_ratio=state.round_budget_ratio,
+                floor=state.floor,
             )
             return self._asked(state, [job])
         if state.phase == "prune":
@@ -183,6 +206,8 @@ class AutoCompressSearch:
                 finetune_epochs=epochs,
                 save_artifact=True,
                 context={"round": state.round, "target": state.round_target},
+                budget_ratio=state.round_budget_ratio,
+                floor=state.floor if state.round_budget_ratio is not None else {},
             )
             return self._asked(state, [job])
         if state.phase == "final":
@@ -259,12 +284,19 @@ class AutoCompressSearch:
         if result is None or result.status != "succeeded" or result.score is None or result.artifact is None:
             error = "no result" if result is None else result.error
             return self._fail(state, f"round {state.round}: pruning to the searched distribution failed: {error}")
-        achieved = achieved_units(result, pruning, job.distribution)
+        evaluated = evaluated_distribution(result, job)
+        achieved = achieved_units(result, pruning, evaluated)
         measured = overall_sparsity(achieved, pruning)
+        ratio = measured_ratio(result, state.problem)
+        if state.round_budget_ratio is not None:
+            meets = ratio is not None and ratio <= state.round_budget_ratio + BUDGET_TOLERANCE
+        else:
+            meets = measured >= state.round_target - rounding_tolerance(pruning)
         record = RoundRecord(
             round=state.round,
             target=state.round_target,
-            distribution=dict(job.distribution),
+            distribution=evaluated,
+            budget_ratio=ratio,
             search=list(state.run.history),
             residuals=list(state.residuals),
             key=result.key,
@@ -272,7 +304,7 @@ class AutoCompressSearch:
             achieved_sparsity=measured,
             achieved=achieved,
             artifact=result.artifact,
-            meets_target=measured >= state.round_target - rounding_tolerance(pruning),
+            meets_target=meets,
         )
         # The floor never decreases, even if a measurement rounds a unit below what an earlier round reached.
         floor = {name: max(state.floor.get(name, 0.0), value) for name, value in achieved.items()}
@@ -294,12 +326,19 @@ class AutoCompressSearch:
         mode = state.problem.optimize_mode
         tolerance = rounding_tolerance(state.problem.pruning)
         chosen: RoundRecord | None = None
+        budget = state.problem.budget
         for record in state.rounds:
-            meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - tolerance
+            if budget is not None:
+                meets = budget.met_by(record.budget_ratio)
+            else:
+                meets = record.achieved_sparsity is not None and record.achieved_sparsity >= target - tolerance
             if meets and record.score is not None and (chosen is None or better(record.score, chosen.score, mode)):
                 chosen = record
         if chosen is None:
-            return self._fail(state, f"no round reached the overall target sparsity {target:.4f}")
+            goal = f"the overall target sparsity {target:.4f}"
+            if budget is not None:
+                goal = f"the budget {budget.resource}={budget.ratio}"
+            return self._fail(state, f"no round reached {goal}")
         update: dict[str, Any] = {
             "best_key": chosen.key,
             "best_score": chosen.score,

@@ -24,6 +24,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pruning.budget import Budget
 from pruning.config import PruningProblem
 
 __all__ = [
@@ -64,6 +65,10 @@ class Job(BaseModel):
     save_artifact: bool = False  # keep the resulting weights (a parent for later jobs, or the downloadable model)
     params: dict[str, Any] = Field(default_factory=dict)  # kind-specific parameters (ADMM's rho, Z, U ids, ...)
     context: dict[str, Any] = Field(default_factory=dict)  # the strategy's context, stored on the trial
+    # With a budget: project ``distribution`` onto this fraction of the dense value of the budget's resource
+    # before running (a global scale of its shape above ``floor``); None runs the distribution as given.
+    budget_ratio: float | None = None
+    floor: dict[str, float] = Field(default_factory=dict)  # per-unit sparsity the projection never goes below
 
 
 class Result(BaseModel):
@@ -85,6 +90,11 @@ class Result(BaseModel):
     error: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)  # kind-specific measurements (ADMM residual, Z/U ids)
     duration_s: float = 0.0
+    # With a budget: the shrunk model's measured value of the budget's resource over the dense one, and whether
+    # that meets the budget. ``evaluation`` says how the score was taken (BatchNorm recalibration, fine-tuning).
+    budget_ratio: float | None = None
+    feasible: bool | None = None
+    evaluation: dict[str, Any] = Field(default_factory=dict)
 
 
 class SearchProblem(BaseModel):
@@ -95,6 +105,11 @@ class SearchProblem(BaseModel):
     resource: Literal["params", "flops", "latency"] = "params"
     seed: int = 0
     max_trials: int | None = None
+    budget: Budget | None = None  # physical budget; candidates are projected onto it (see pruning.budget)
+    dense_latency_ms: float | None = None  # measured at resolution for latency budgets (median)
+    dense_latency_spread_ms: float | None = None
+    bn_recalibration: bool = False  # re-estimate BatchNorm statistics before scoring a candidate
+    calibration_batches: int = 16
 
 
 class RandomState(BaseModel):

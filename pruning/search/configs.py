@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
-from pruning.config import STRUCTURED_ALGOS, BaseAlgo, ConfigEntry
+from pruning.budget import Budget
+from pruning.config import STRUCTURED_ALGOS, BaseAlgo, ConfigEntry, check_entry_sparsities
 
 __all__ = [
     "ALGORITHMS",
@@ -21,6 +22,7 @@ __all__ = [
     "AlgorithmConfig",
     "AnnealingConfig",
     "AutoCompressConfig",
+    "CandidateEval",
     "IterativeConfig",
     "LotteryTicketConfig",
     "NetAdaptConfig",
@@ -38,8 +40,33 @@ Ranking = Literal["layer", "global"]
 GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 
 
+class CandidateEval(BaseModel):
+    """How a candidate is scored: as it will finish, not as it looks the instant after pruning.
+
+    Pruning shifts every activation statistic a BatchNorm layer saw in training, so a freshly pruned model scores
+    near chance whatever its distribution; re-estimating the running statistics on a few batches (no weight
+    update) makes a candidate's score predict its score after fine-tuning (EagleEye, Li et al., 2020).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    bn_recalibration: bool | None = Field(
+        default=None,
+        description="re-estimate BatchNorm running statistics before scoring; default: on when the model has BatchNorm",
+    )
+    calibration_batches: int = Field(default=16, ge=1, le=10_000, description="batches of the re-estimation")
+    finetune_epochs: int | None = Field(
+        default=None, ge=0, le=1000, description="fine-tuning epochs of each candidate (same as finetune_epochs)"
+    )
+
+
 class SearchCommon(BaseModel):
-    """Fields every algorithm takes."""
+    """Fields every algorithm takes.
+
+    ``budget`` (``{"flops": 0.25}``, or ``params``, or ``latency``) is a fraction of the dense model's measured
+    value; with it, config-list entries only select layers (they may set ``max_sparsity``, never ``sparsity``)
+    and every candidate is projected onto the budget before it is evaluated.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +78,39 @@ class SearchCommon(BaseModel):
     max_trials: int | None = Field(default=None, ge=1, le=100_000)
     max_minutes: float | None = Field(default=None, gt=0, le=60 * 24 * 30)
     finetune_epochs: int = Field(default=0, ge=0, le=1000, description="fine-tuning epochs of each candidate")
+    budget: Budget | None = Field(default=None, description="physical budget: one of flops, params or latency")
+    candidate_eval: CandidateEval = Field(default_factory=CandidateEval)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _candidate_finetune(cls, data: Any) -> Any:
+        # candidate_eval.finetune_epochs and finetune_epochs are one setting with two spellings.
+        if isinstance(data, dict) and isinstance(data.get("candidate_eval"), dict):
+            epochs = data["candidate_eval"].get("finetune_epochs")
+            if epochs is not None:
+                if "finetune_epochs" in data and data["finetune_epochs"] != epochs:
+                    raise ValueError(
+                        "candidate_eval.finetune_epochs and finetune_epochs disagree; give one of them"
+                    )
+                data = {**data, "finetune_epochs": epochs}
+        return data
+
+    @model_validator(mode="after")
+    def _budget_rules(self) -> Self:
+        check_entry_sparsities(self.config_list, budget=self.budget is not None)
+        if self.budget is not None and self.budget.resource in ("flops", "latency"):
+            if self.base_algo not in STRUCTURED_ALGOS:
+                raise ValueError(
+                    f"budget.{self.budget.resource}: fine-grained base_algo {self.base_algo!r} keeps every dense "
+                    f"kernel, so FLOPs and latency do not fall; use a structured one ({sorted(STRUCTURED_ALGOS)}) "
+                    "or a params budget"
+                )
+        return self
+
+    @property
+    def effective_budget(self) -> Budget | None:
+        """The physical budget the search runs under (NetAdapt also reads its older fields)."""
+        return self.budget
 
 
 class _GlobalRanking(BaseModel):
@@ -152,6 +212,27 @@ class NetAdaptConfig(SearchCommon):
     short_term_finetune_epochs: int = Field(default=1, ge=0, le=1000)
     max_halvings: int = Field(default=4, ge=0, le=30, description="retries with ΔR halved before failing")
     max_iterations: int = Field(default=200, ge=1, le=10_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_aliases(cls, data: Any) -> Any:
+        # `resource` + `target_resource_ratio` were NetAdapt's budget before every search had one; both spellings
+        # keep working and always agree.
+        if not isinstance(data, dict):
+            return data
+        budget = data.get("budget")
+        if isinstance(budget, dict) and len(budget) == 1:
+            ((resource, ratio),) = budget.items()
+            for name, value in (("resource", resource), ("target_resource_ratio", ratio)):
+                if name in data and data[name] != value:
+                    raise ValueError(f"{name} ({data[name]!r}) disagrees with budget {budget}; give one of them")
+            return {**data, "resource": resource, "target_resource_ratio": ratio}
+        return data
+
+    @property
+    def effective_budget(self) -> Budget:
+        """The budget NetAdapt shrinks to: ``budget``, or the old ``resource`` + ``target_resource_ratio``."""
+        return self.budget or Budget.model_validate({self.resource: self.target_resource_ratio})
 
     @field_validator("base_algo")
     @classmethod

@@ -18,11 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pruning.budget import BUDGET_TOLERANCE
 from pruning.config import overall_sparsity, rescale
 from pruning.search._common import (
     SPARSITY_TOLERANCE,
     achieved_units,
+    budget_ratio,
     direction,
+    evaluated_distribution,
+    measured_ratio,
     resource_value,
     rounding_slack,
     trial_budget,
@@ -141,6 +145,7 @@ class OptunaSearch:
                     distribution=distribution,
                     finetune_epochs=self.config.finetune_epochs,
                     context={"iteration": number, "trial": number},
+                    budget_ratio=budget_ratio(state.problem),
                 )
             )
         update = {
@@ -166,11 +171,20 @@ class OptunaSearch:
             if result is None or values is None:
                 trials[index] = trial.model_copy(update={"state": "fail"})
                 continue
-            achieved = overall_sparsity(achieved_units(result, pruning, trial.distribution), pruning)
-            constraint = floor - achieved
+            budget = state.problem.budget
+            if budget is not None:
+                # Under a budget the constraint is physical: the measured ratio over the budget (projection keeps
+                # it at or below 0, so a violation means the shrunk model measured heavier than predicted).
+                ratio = measured_ratio(result, state.problem)
+                constraint = 1.0 if ratio is None else ratio - budget.ratio - BUDGET_TOLERANCE
+                evaluated = evaluated_distribution(result, Job(key=trial.key, distribution=trial.distribution))
+            else:
+                achieved = overall_sparsity(achieved_units(result, pruning, trial.distribution), pruning)
+                constraint = floor - achieved
+                evaluated = dict(trial.distribution)
             trials[index] = trial.model_copy(update={"state": "complete", "values": values, "constraint": constraint})
             if constraint <= 0 and better(values[0], best_score, state.problem.optimize_mode):
-                best_key, best_score, best_distribution = trial.key, values[0], dict(trial.distribution)
+                best_key, best_score, best_distribution = trial.key, values[0], evaluated
         return state.model_copy(
             update={
                 "trials": trials,

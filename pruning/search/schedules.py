@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 
 from pruning.config import initial_distribution, overall_sparsity, rescale
 from pruning.schedule import agp_sparsity
-from pruning.search._common import TrialRecord, trial_budget
+from pruning.search._common import TrialRecord, budget_ratio, meets_goal, trial_budget
 from pruning.search.base import Job, JobKind, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AGPConfig, IterativeConfig, LotteryTicketConfig
 
@@ -196,6 +196,8 @@ class _ScheduleSearch(Generic[ConfigT]):
                 "rewind": state.rewind_artifact if step.rewind else None,
             },
             context=step.context,
+            # Under a budget the final step is projected onto it; earlier steps follow the schedule towards it.
+            budget_ratio=budget_ratio(state.problem) if step.final else None,
         )
         update = {"pending": [job], "trials_asked": state.trials_asked + 1}
         return state.model_copy(update=update), [job]
@@ -222,7 +224,8 @@ class _ScheduleSearch(Generic[ConfigT]):
             "phase": f"{self.algorithm}: {state.next_step + 1}/{state.total_steps}",
         }
         # Only the final step reaches the target: it is the deliverable (and saved its model for download).
-        if final and better(result.score, state.best_score, state.problem.optimize_mode):
+        feasible = state.problem.budget is None or meets_goal(result, job, state.problem)
+        if final and feasible and better(result.score, state.best_score, state.problem.optimize_mode):
             update |= {"best_key": result.key, "best_score": result.score, "best_distribution": distribution}
         update["history"] = [*state.history, _record(job, result, "final" if final else "step")]
         if state.next_step + 1 >= state.total_steps:

@@ -1,5 +1,8 @@
 """``uniform``: the baseline every search is compared with — each unit at its config-list sparsity.
 
+With a budget, the one uniform sparsity whose shrunk model meets it (the executor's projection of an all-equal
+shape): uniform-at-the-same-physical-budget, the number every search must beat.
+
 With ``ranking: "global"`` the job asks for the config list's overall sparsity and the executor ranks all selected
 layers together (:func:`pruning.pruner.global_distribution`); the distribution that emerged comes back in
 ``Result.extra["distribution"]`` and becomes ``best_distribution``.
@@ -8,6 +11,7 @@ layers together (:func:`pruning.pruner.global_distribution`); the distribution t
 from __future__ import annotations
 
 from pruning.config import initial_distribution
+from pruning.search._common import budget_ratio
 from pruning.search.base import Job, Result, SearchProblem, SearchState, better
 from pruning.search.configs import UniformConfig
 
@@ -21,6 +25,7 @@ class UniformState(SearchState):
     asked: bool = False
     ranking: str = "layer"
     best_distribution: dict[str, float] | None = None
+    budget_ratio: float | None = None
 
 
 class UniformSearch:
@@ -34,6 +39,7 @@ class UniformSearch:
             distribution=initial_distribution(problem.pruning),
             optimize_mode=problem.optimize_mode,
             ranking=self.config.ranking,
+            budget_ratio=budget_ratio(problem),
         )
 
     def ask(self, state: UniformState) -> tuple[UniformState, list[Job]]:
@@ -48,6 +54,7 @@ class UniformSearch:
             save_artifact=True,
             params={"ranking": "global"} if state.ranking == "global" else {},
             context={"iteration": 0, "ranking": state.ranking} if state.ranking == "global" else {"iteration": 0},
+            budget_ratio=state.budget_ratio,
         )
         return state.model_copy(update={"asked": True, "trials_asked": 1}), [job]
 

@@ -120,6 +120,9 @@ class TrialPublic(BaseModel):
     params_ratio: float | None
     flops_ratio: float | None
     latency_ms: float | None
+    budget_ratio: float | None = Field(None, description="measured ratio of the budget's resource, shrunk / dense")
+    feasible: bool | None = Field(None, description="whether the measured ratio meets the experiment's budget")
+    evaluation: dict[str, Any] | None = Field(None, description="how the score was taken (BatchNorm recalibration)")
     context: dict[str, Any]
     extra: dict[str, Any]
     error: str | None
@@ -149,6 +152,11 @@ class BestPublic(BaseModel):
     flops_after: int | None
     params_ratio: float | None
     flops_ratio: float | None
+    latency_ms: float | None = None
+    budget: dict[str, float] | None = Field(None, description="the experiment's budget, if it has one")
+    budget_ratio: float | None = Field(None, description="measured ratio of the budget's resource, shrunk / dense")
+    feasible: bool | None = None
+    evaluation: dict[str, Any] | None = None
     context: dict[str, Any]
     model_available: bool
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -134,6 +135,11 @@ class Trial(Base):
     params_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
     flops_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # With a budget: the measured ratio of the budget's resource (shrunk / dense) and whether it meets the budget.
+    budget_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    feasible: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # How the score was taken: BatchNorm recalibration (batches), candidate fine-tuning epochs.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     context: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     extra: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

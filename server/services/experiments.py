@@ -177,17 +177,15 @@ def list_trials(
 
 
 def _feasible_trials(session: Session, experiment: Experiment) -> list[Trial]:
-    return list(
-        session.scalars(
-            select(Trial)
-            .where(
-                Trial.experiment_id == experiment.id,
-                Trial.status == TrialStatus.succeeded.value,
-                Trial.score.is_not(None),
-            )
-            .order_by(Trial.seq)
-        )
+    """Succeeded, scored trials; under a budget only those whose measured ratio met it."""
+    query = select(Trial).where(
+        Trial.experiment_id == experiment.id,
+        Trial.status == TrialStatus.succeeded.value,
+        Trial.score.is_not(None),
     )
+    if experiment.config.get("budget"):
+        query = query.where(Trial.feasible.is_(True))
+    return list(session.scalars(query.order_by(Trial.seq)))
 
 
 def best_trial(

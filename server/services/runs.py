@@ -232,6 +232,9 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     trial.params_ratio = result.params_ratio
     trial.flops_ratio = result.flops_ratio
     trial.latency_ms = result.latency_ms
+    trial.budget_ratio = result.budget_ratio
+    trial.feasible = result.feasible
+    trial.evaluation = result.evaluation or None
     trial.error = result.error
     trial.artifact_id = result.artifact
     extra = {k: v for k, v in result.extra.items() if k != "traceback" or result.error}
@@ -251,6 +254,8 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
         overall_sparsity=trial.overall_sparsity,
         flops_ratio=trial.flops_ratio,
         params_ratio=trial.params_ratio,
+        budget_ratio=trial.budget_ratio,
+        feasible=trial.feasible,
         context=trial.context,
         error=trial.error,
     )
@@ -268,15 +273,19 @@ def attach_model_result(session: Session, trial: Trial, result: Any) -> None:
         add_event(session, trial.experiment_id, "note", text=f"could not save the best model: {result.error}")
 
 
-def record_decisions(session: Session, experiment_id: int, decisions: dict[str, str]) -> None:
-    """Store the strategy's decision (accepted, rejected, chosen, ...) in the context of each trial."""
-    for job_key, decision in decisions.items():
+def record_decisions(session: Session, experiment_id: int, decisions: dict[str, dict[str, Any]]) -> None:
+    """Store the strategy's decision (accepted, rejected, chosen, ...) in the context of each trial, with the
+    acceptance probability of a worse-or-equal annealing proposal."""
+    for job_key, record in decisions.items():
+        decision = record["decision"]
         trial = trial_by_key(session, experiment_id, job_key)
         if trial is not None and trial.context.get("decision") != decision:
             context = dict(trial.context)
             context["decision"] = decision
             if decision in ("accepted", "rejected"):
                 context["accepted"] = decision == "accepted"
+            if record.get("acceptance_probability") is not None:
+                context["acceptance_probability"] = record["acceptance_probability"]
             trial.context = context  # a new dict: JSON columns track assignment, not mutation
             add_event(session, experiment_id, "decision", trial_id=trial.id, seq=trial.seq, decision=decision)
 

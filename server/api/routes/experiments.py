@@ -224,6 +224,11 @@ def get_best(
         flops_after=trial.flops,
         params_ratio=trial.params_ratio,
         flops_ratio=trial.flops_ratio,
+        latency_ms=trial.latency_ms,
+        budget=experiment.config.get("budget"),
+        budget_ratio=trial.budget_ratio,
+        feasible=trial.feasible,
+        evaluation=trial.evaluation,
         context=trial.context,
         model_available=bool((trial.extra or {}).get("model_artifact")),
     )
