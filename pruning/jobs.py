@@ -339,7 +339,8 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
     problem = SearchProblem(
         pruning=pruning,
         optimize_mode=config.optimize_mode,
-        resource=config.resource,
+        # A budget names the resource the experiment is about (NetAdapt reduces it, Pareto fronts plot it).
+        resource=config.budget.resource if config.budget is not None else config.resource,
         seed=config.seed,
         max_trials=config.max_trials,
         budget=config.effective_budget,

@@ -54,6 +54,12 @@ def _assert_nothing_stored(client: TestClient) -> None:
         ({**VALID, "seed": -1}, "seed"),
         ({**VALID, "unknown_knob": 3}, "unknown_knob"),
         ({k: v for k, v in VALID.items() if k != "entrypoint"}, "entrypoint"),
+        # With a budget the config list only selects layers: a sparsity there is a 422 naming it.
+        ({**VALID, "budget": {"flops": 0.25}}, "config_list[0].sparsity"),
+        ({**VALID, "budget": {"flops": 0.25, "params": 0.5}}, "budget"),
+        ({**VALID, "budget": {"flops": 1.5}, "config_list": [{"op_types": ["Conv2d"]}]}, "flops"),
+        ({**VALID, "config_list": [{"op_types": ["Conv2d"]}]}, "config_list[0]"),
+        ({**VALID, "candidate_eval": {"calibration_batches": 0}}, "calibration_batches"),
     ],
 )
 def test_invalid_bodies_are_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:

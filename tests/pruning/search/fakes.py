@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pruning.budget import Budget, project
 from pruning.config import PrunableLayer, PruningProblem, PruningUnit, layer_distribution, overall_sparsity
+from pruning.search._common import evaluated_distribution
 from pruning.search.base import Job, Result, SearchProblem
 
 # (name, output channels, weight count, MACs): a small plain CNN.
@@ -33,6 +35,39 @@ def fake_problem(
     resource: str = "params",
     seed: int = 0,
     max_trials: int | None = None,
+    budget: dict[str, float] | None = None,
+) -> SearchProblem:
+    """The synthetic problem; with ``budget`` it is set up as the worker's resolution does: every unit starts at
+    the uniform sparsity that meets the budget, which is the target sparsity."""
+    if budget is not None:
+        resource = next(iter(budget))  # as the worker resolves it: a budget names the experiment's resource
+    problem = _fake_problem(target, structured, optimize_mode, resource, seed, max_trials)
+    if budget is None:
+        return problem
+    problem = problem.model_copy(update={"budget": Budget.model_validate(budget)})
+    if problem.budget is not None and problem.budget.resource == "latency":
+        problem = problem.model_copy(update={"dense_latency_ms": problem.pruning.dense_flops / 1e5})
+    executor = FakeExecutor()
+    assert problem.budget is not None
+    uniform = project(
+        {u.name: 1.0 for u in problem.pruning.units},
+        problem.pruning,
+        lambda d: executor.ratio(problem, d),
+        problem.budget.ratio,
+    ).distribution
+    units = [u.model_copy(update={"initial_sparsity": uniform[u.name]}) for u in problem.pruning.units]
+    pruning = problem.pruning.model_copy(update={"units": units})
+    pruning.target_sparsity = overall_sparsity(uniform, pruning)
+    return problem.model_copy(update={"pruning": pruning})
+
+
+def _fake_problem(
+    target: float,
+    structured: bool,
+    optimize_mode: str,
+    resource: str,
+    seed: int,
+    max_trials: int | None,
 ) -> SearchProblem:
     layers = [
         PrunableLayer(
@@ -115,7 +150,31 @@ class FakeExecutor:
             out[unit.name] = unit.count(value) / unit.channels if unit.channels else value
         return out
 
+    def ratio(self, problem: SearchProblem, distribution: dict[str, float]) -> float:
+        """The budget's resource of ``distribution`` over the dense value (what the executor's predictor gives)."""
+        assert problem.budget is not None
+        metrics = self.measure(problem, distribution)
+        if problem.budget.resource == "latency":
+            return float(metrics["latency_ms"]) / (problem.pruning.dense_flops / 1e5)
+        return float(metrics[f"{problem.budget.resource}_ratio"])
+
     def __call__(self, problem: SearchProblem, job: Job) -> Result:
+        # The executor's budget rule, with the closed-form predictor: project, run, report the measured ratio.
+        projection = None
+        if job.budget_ratio is not None and problem.budget is not None and job.distribution:
+            projection = project(
+                job.distribution, problem.pruning, lambda d: self.ratio(problem, d), job.budget_ratio, job.floor or None
+            )
+            job = job.model_copy(update={"distribution": projection.distribution})
+        result = self._run(problem, job)
+        if projection is not None:
+            result = result.model_copy(update={"extra": {"distribution": projection.distribution, **result.extra}})
+        if problem.budget is not None and result.status == "succeeded" and job.distribution:
+            ratio = self.ratio(problem, evaluated_distribution(result, job))
+            result = result.model_copy(update={"budget_ratio": ratio, "feasible": problem.budget.met_by(ratio)})
+        return result
+
+    def _run(self, problem: SearchProblem, job: Job) -> Result:
         self.calls.append(job)
         sign = 1.0 if problem.optimize_mode == "maximize" else -1.0
         if job.kind in ("evaluate", "finetune_and_evaluate"):

@@ -86,3 +86,63 @@ def test_autocompress_fans_out_its_annealing_phase() -> None:
     state = strategy.tell(state, [executor(problem, job) for job in jobs])
     state, jobs = strategy.ask(state)
     assert len(jobs) == 3 and len({job.key for job in jobs}) == 3
+
+
+BUDGET_LIST = [{"op_types": ["Conv2d"], "max_sparsity": 0.8}]
+
+
+def test_budget_takes_exactly_one_resource_and_entries_only_select() -> None:
+    config = parse_algorithm_config({"algorithm": "annealing", "config_list": BUDGET_LIST, "budget": {"flops": 0.25}})
+    assert config.budget is not None and config.budget.resource == "flops" and config.budget.ratio == 0.25
+    assert config.config_list[0].max_sparsity_per_layer == 0.8  # max_sparsity is the short spelling
+    with pytest.raises(ValidationError, match="exactly one"):
+        parse_algorithm_config({"algorithm": "uniform", "config_list": BUDGET_LIST, "budget": {}})
+    with pytest.raises(ValidationError, match=r"config_list\[0\]\.sparsity"):
+        parse_algorithm_config({"algorithm": "uniform", "config_list": CONFIG_LIST, "budget": {"params": 0.5}})
+    with pytest.raises(ValidationError, match=r"config_list\[0\]"):
+        parse_algorithm_config({"algorithm": "uniform", "config_list": BUDGET_LIST})
+    # Fine-grained pruning keeps dense kernels: FLOPs and latency budgets are refused, params budgets are fine.
+    with pytest.raises(ValidationError, match="budget.flops"):
+        parse_algorithm_config(
+            {"algorithm": "uniform", "config_list": BUDGET_LIST, "base_algo": "level", "budget": {"flops": 0.5}}
+        )
+    parse_algorithm_config(
+        {"algorithm": "uniform", "config_list": BUDGET_LIST, "base_algo": "level", "budget": {"params": 0.5}}
+    )
+
+
+def test_netadapt_resource_fields_are_aliases_of_the_budget() -> None:
+    old = parse_algorithm_config(
+        {"algorithm": "netadapt", "config_list": CONFIG_LIST, "resource": "flops", "target_resource_ratio": 0.4}
+    )
+    assert old.effective_budget.resource == "flops" and old.effective_budget.ratio == 0.4
+    new = parse_algorithm_config({"algorithm": "netadapt", "config_list": BUDGET_LIST, "budget": {"latency": 0.6}})
+    assert new.resource == "latency" and new.target_resource_ratio == 0.6  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="target_resource_ratio"):
+        parse_algorithm_config(
+            {
+                "algorithm": "netadapt",
+                "config_list": BUDGET_LIST,
+                "budget": {"flops": 0.5},
+                "target_resource_ratio": 0.3,
+            }
+        )
+
+
+def test_candidate_eval_defaults_and_its_finetune_spelling() -> None:
+    config = parse_algorithm_config({"algorithm": "annealing", "config_list": CONFIG_LIST})
+    assert config.candidate_eval.bn_recalibration is None  # decided per model: on when it has BatchNorm
+    assert config.candidate_eval.calibration_batches == 16
+    tuned = parse_algorithm_config(
+        {"algorithm": "annealing", "config_list": CONFIG_LIST, "candidate_eval": {"finetune_epochs": 2}}
+    )
+    assert tuned.finetune_epochs == 2
+    with pytest.raises(ValidationError, match="disagree"):
+        parse_algorithm_config(
+            {
+                "algorithm": "annealing",
+                "config_list": CONFIG_LIST,
+                "finetune_epochs": 1,
+                "candidate_eval": {"finetune_epochs": 2},
+            }
+        )
