@@ -23,6 +23,7 @@ from pruning.search.configs import (
     NetAdaptConfig,
     OptunaConfig,
     SearchCommon,
+    SensitivityConfig,
     UniformConfig,
     parse_algorithm_config,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "SearchCommon",
     "SearchProblem",
     "SearchState",
+    "SensitivityConfig",
     "Strategy",
     "UniformConfig",
     "better",
@@ -76,6 +78,7 @@ _STRATEGIES: dict[str, tuple[str, str, str]] = {
     "agp": ("pruning.search.schedules", "AGPSearch", "AGPState"),
     "iterative": ("pruning.search.schedules", "IterativeSearch", "IterativeState"),
     "lottery_ticket": ("pruning.search.schedules", "LotteryTicketSearch", "LotteryTicketState"),
+    "sensitivity": ("pruning.search.sensitivity", "SensitivitySearch", "SensitivityState"),
 }
 
 

@@ -29,7 +29,11 @@ __all__ = [
     "OptunaConfig",
     "Ranking",
     "SearchCommon",
+    "SensitivityConfig",
+    "SensitivityCurves",
+    "SensitivityPoint",
     "UniformConfig",
+    "UnitCurve",
     "parse_algorithm_config",
 ]
 
@@ -362,6 +366,111 @@ class LotteryTicketConfig(_GlobalRanking, SearchCommon):
     rewind_epoch: int = Field(default=0, ge=0, le=1000, description="rewind to the weights after k epochs")
 
 
+class SensitivityPoint(BaseModel):
+    """One profiled point of a unit's curve: the unit alone pruned to ``sparsity`` (every other unit dense)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity: float = Field(gt=0, le=1, description="the unit's sparsity (whole channels for structured units)")
+    score: float = Field(allow_inf_nan=False, description="the evaluator's score of that model")
+    ratio: float | None = Field(
+        default=None, ge=0, le=100, allow_inf_nan=False,
+        description="measured value of the curves' resource, shrunk / dense",
+    )
+    flops_ratio: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    params_ratio: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+
+
+class UnitCurve(BaseModel):
+    """A unit's sensitivity curve, its points in increasing sparsity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=1000)
+    points: list[SensitivityPoint] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Self:
+        sparsities = [point.sparsity for point in self.points]
+        if any(b <= a for a, b in zip(sparsities, sparsities[1:], strict=False)):
+            raise ValueError(f"points of unit {self.name!r} must have strictly increasing sparsity, got {sparsities}")
+        return self
+
+
+class SensitivityCurves(BaseModel):
+    """What a ``sensitivity`` experiment measured: the unpruned score and every unit's curve.
+
+    ``resource`` is what each point's ``ratio`` measures (the budget's resource; ``flops`` for an experiment
+    without a budget). Every point also carries its FLOPs and params ratios, so curves profiled under one budget
+    re-allocate for a FLOPs or params budget of any size.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    resource: Literal["flops", "params", "latency"]
+    baseline: float = Field(allow_inf_nan=False, description="score of the unpruned model")
+    units: list[UnitCurve] = Field(min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _unique_units(self) -> Self:
+        names = [unit.name for unit in self.units]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"units must be named once each; repeated: {repeated}")
+        return self
+
+    def covers(self, resource: str) -> bool:
+        """Whether every point measures ``resource`` (its own ``ratio``, or the FLOPs/params ratio it carries)."""
+        if resource == self.resource:
+            return all(point.ratio is not None for unit in self.units for point in unit.points)
+        if resource in ("flops", "params"):
+            return all(getattr(point, f"{resource}_ratio") is not None for unit in self.units for point in unit.points)
+        return False
+
+
+class SensitivityConfig(SearchCommon):
+    """Sensitivity analysis under a physical budget (NNI's sensitivity analysis, modelopt's FastNAS profile).
+
+    Step 1 scores the unpruned model and every unit alone pruned to each of ``levels`` (independent jobs, one
+    per GPU). Step 2 allocates one global threshold on score drop per unit of resource saved and evaluates the
+    allocation plus ``refine_candidates`` variants of it, each projected onto the budget. With ``curves`` (from
+    ``GET /experiments/{id}/sensitivity``) step 1 is skipped: the curves are re-allocated for this budget.
+    """
+
+    algorithm: Literal["sensitivity"]
+    levels: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        min_length=1,
+        max_length=16,
+        description="sparsities each unit is profiled at, sorted, unique, each in (0, 1)",
+    )
+    refine_candidates: int = Field(
+        default=3, ge=0, le=32, description="candidates evaluated besides the allocation (blends towards uniform)"
+    )
+    curves: SensitivityCurves | None = Field(
+        default=None, description="curves of an earlier sensitivity experiment: re-allocate without profiling"
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_in_range(cls, value: list[float]) -> list[float]:
+        outside = [level for level in value if not 0.0 < level < 1.0]
+        if outside:
+            raise ValueError(f"levels must each lie in (0, 1); got {outside}")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(f"levels must be sorted and unique; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _curves_measure_the_budget(self) -> Self:
+        if self.curves is not None and self.budget is not None and not self.curves.covers(self.budget.resource):
+            raise ValueError(
+                f"budget.{self.budget.resource}: the curves measure {self.curves.resource} (and the FLOPs and params "
+                f"ratios of each point) but not {self.budget.resource} on every point; profile again under this budget"
+            )
+        return self
+
+
 AlgorithmConfig = Annotated[
     Union[  # noqa: UP007
         UniformConfig,
@@ -373,6 +482,7 @@ AlgorithmConfig = Annotated[
         AGPConfig,
         IterativeConfig,
         LotteryTicketConfig,
+        SensitivityConfig,
     ],
     Field(discriminator="algorithm"),
 ]
@@ -387,6 +497,7 @@ ALGORITHMS: tuple[str, ...] = (
     "agp",
     "iterative",
     "lottery_ticket",
+    "sensitivity",
 )
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AlgorithmConfig)

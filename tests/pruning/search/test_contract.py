@@ -14,6 +14,36 @@ from tests.pruning.search.fakes import FakeExecutor, fake_problem
 
 CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}]
 
+# Curves as an earlier sensitivity experiment under a latency budget would have stored them (the fake's latency is
+# proportional to its FLOPs): conv1 hurts most, fc1 least. Each point also carries its FLOPs and params ratios, so
+# the same curves re-allocate for every budget of the budget contract.
+_FAKE_CURVES = {
+    "resource": "latency",
+    "baseline": 1.0,
+    "units": [
+        {
+            "name": name,
+            "points": [
+                {
+                    "sparsity": s,
+                    "score": 1.0 - 0.25 * hurt * s**2,
+                    "ratio": 1.0 - flops * s,
+                    "flops_ratio": 1.0 - flops * s,
+                    "params_ratio": 1.0 - params * s,
+                }
+                for s in (0.25, 0.5, 0.75)
+            ],
+        }
+        for name, hurt, flops, params in (
+            ("conv1", 3.0, 0.2, 0.01),
+            ("conv2", 1.5, 0.6, 0.09),
+            ("conv3", 1.0, 0.3, 0.19),
+            ("conv4", 0.6, 0.25, 0.38),
+            ("fc1", 0.3, 0.01, 0.33),
+        )
+    ],
+}
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "uniform": {"algorithm": "uniform", "finetune_epochs": 1},
     "annealing": {"algorithm": "annealing"},
@@ -29,6 +59,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "iterative-global": {"algorithm": "iterative", "rounds": 2, "ranking": "global"},
     "lottery_ticket": {"algorithm": "lottery_ticket", "prune_iterations": 3, "epochs": 1},
     "lottery_ticket-rewind": {"algorithm": "lottery_ticket", "prune_iterations": 2, "epochs": 2, "rewind_epoch": 1},
+    "sensitivity": {"algorithm": "sensitivity", "refine_candidates": 3},
+    "sensitivity-reuse": {"algorithm": "sensitivity", "refine_candidates": 2, "curves": _FAKE_CURVES},
     "optuna-pareto": {
         "algorithm": "optuna",
         "objectives": ["score", "flops"],
@@ -103,7 +135,8 @@ def test_max_trials_is_respected(name: str, limit: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["annealing", "admm", "autocompress", "optuna", "uniform", "agp", "iterative", "lottery_ticket"]
+    "name",
+    ["annealing", "admm", "autocompress", "optuna", "uniform", "agp", "iterative", "lottery_ticket", "sensitivity"],
 )
 def test_fine_grained(name: str) -> None:
     problem = fake_problem(structured=False)
