@@ -16,7 +16,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TASK_TITLES = {"examples.digits": "digits CNN", "bench.tasks.residual_digits": "residual net (digits)"}
+TASK_TITLES = {
+    "examples.digits": "digits CNN",
+    "bench.tasks.residual_digits": "residual net (digits)",
+    "bench.tasks.depthwise_digits": "depthwise net (digits)",
+}
 COLORS = {
     "uniform": "#444444",
     "annealing": "#1f77b4",
@@ -59,6 +63,13 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
     """The three headline sentences (quality, speed, size) from the measured figures."""
     out: dict[str, str] = {}
     sections = report["sections"]
+    budgets = sections.get("budgets", {})
+    if budgets.get("comparison"):
+        from bench.report_budgets import headline as budgets_headline
+
+        text = budgets_headline(budgets)
+        if text:
+            out["budgets"] = text
     q = sections.get("quality", {})
     summary = q.get("summary") or []
     if summary:
@@ -102,7 +113,8 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
             text += (
                 f". In {wins} of the {len(settings)} settings measured (task × l1/fpgm × target), some prunehub search "
                 "beat uniform's accuracy at no more FLOPs; no single strategy wins everywhere, and the ones that train "
-                "during the search (admm here) have seen more epochs (section 1)"
+                "during the search (admm here) have seen more epochs (nominal sparsity, not a FLOPs budget: "
+                f"section {_SECTION_NUMBERS.get('quality', 1)})"
             )
             out["quality"] = text + "."
     sp = sections.get("speedup", {})
@@ -545,30 +557,79 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# section -> its number in the report, in the order the report renders them (set by write_report)
+_SECTION_NUMBERS: dict[str, int] = {}
+_ORDER = ("budgets", "quality", "speedup", "filesize", "service")
+
+
+def _provenance(report: dict[str, Any]) -> list[str]:
+    """How the figures were measured: one run, or (a merged report) the run of each section."""
+    m = report["machine"]
+    sections = report["sections"]
+    machine = (
+        f"- **Machine**: {m['nproc']} CPU cores ({m['cpu']}), {m['memory_gib']} GiB, no GPU; Python {m['python']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}"
+    )
+    if not report.get("merged"):
+        samples = report.get("loadavg_samples") or []
+        loads = [s[1][0] for s in samples]
+        return [
+            f"- **Command**: `{report['make']}` (= `{report['command']}`), mode *{report['mode']}*, "
+            f"{report['started']} → {report['finished']}, {report['wall_s'] / 60:.1f} min in all.",
+            machine + f"; commit `{m['commit']}` (plus the working tree).",
+            f"- **Load average** (1 min) during the run: min {min(loads, default=0):.2f}, median "
+            f"{statistics.median(loads) if loads else 0:.2f}, max {max(loads, default=0):.2f} — other engineers run "
+            "tests on this machine at the same time, which is why every figure is a same-run ratio, rounds "
+            "interleave, and spreads are shown.",
+        ]
+    lines = [
+        "- **Runs**: the sections were measured in separate runs of `bench/run_all.py` (each section's own "
+        "comparisons are side by side within its run; `--only` reruns a section and keeps the others' stored "
+        "figures):",
+        "",
+        "  | section | command | mode | measured | commit | load (1 min) min / median / max |",
+        "  |---|---|---|---|---|---|",
+    ]
+    for name, section in sections.items():
+        run = section.get("run") or {}
+        load = run.get("loadavg_1min") or {}
+        load_text = f"{load['min']:.2f} / {load['median']:.2f} / {load['max']:.2f}" if load else "—"
+        lines.append(
+            f"  | {name} | `{run.get('command')}` | {run.get('mode')} | {run.get('started')} → "
+            f"{run.get('finished')} | `{run.get('commit')}` | {load_text} |"
+        )
+    return lines + [
+        "",
+        machine + " (the latest run's; every run was on this machine).",
+        "- **Load**: other engineers run tests on this machine at the same time, which is why every figure is a "
+        "same-run ratio, rounds interleave, and spreads are shown.",
+    ]
+
+
 def write_report(report: dict[str, Any], out: Path) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
-    m = report["machine"]
-    samples = report.get("loadavg_samples") or []
-    loads = [s[1][0] for s in samples]
     sections = report["sections"]
+    _SECTION_NUMBERS.clear()
+    for name in _ORDER:
+        if name in sections:
+            _SECTION_NUMBERS[name] = len(_SECTION_NUMBERS) + 1
     heads = headline(report)
     lines = [
         "# Benchmarks",
         "",
         "The product's claim is *better distributions, found faster, that really make the model smaller and "
-        "faster*. Every number here was measured side by side in one run of the command below, and is written as a "
-        "ratio to its baseline from that same run. Benchmarks are not tests: they assert nothing.",
+        "faster*. "
+        + (
+            "Every comparison here was measured side by side within one run (each section's run is listed below), "
+            "and is written as a ratio to its baseline from that same run. "
+            if report.get("merged")
+            else "Every number here was measured side by side in one run of the command below, and is written as a "
+            "ratio to its baseline from that same run. "
+        )
+        + "Benchmarks are not tests: they assert nothing.",
         "",
-        f"- **Command**: `{report['make']}` (= `{report['command']}`), mode *{report['mode']}*, "
-        f"{report['started']} → {report['finished']}, {report['wall_s'] / 60:.1f} min in all.",
-        f"- **Machine**: {m['nproc']} CPU cores ({m['cpu']}), {m['memory_gib']} GiB, no GPU; Python {m['python']}, "
-        f"torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}; commit `{m['commit']}` "
-        "(plus the working tree).",
-        f"- **Load average** (1 min) during the run: min {min(loads, default=0):.2f}, median "
-        f"{statistics.median(loads) if loads else 0:.2f}, max {max(loads, default=0):.2f} — other engineers run "
-        "tests on this machine at the same time, which is why every figure is a same-run ratio, rounds interleave, "
-        "and spreads are shown.",
+        *_provenance(report),
         "- **Raw figures**: [`benchmarks.json`](benchmarks.json). Section wall times: "
         + ", ".join(f"{k} {v.get('section_wall_s', 0):.0f} s" for k, v in sections.items())
         + ".",
@@ -576,24 +637,40 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
         "## Headline",
         "",
     ]
-    for key in ("quality", "speed", "size"):
+    for key in ("budgets", "quality", "speed", "size"):
         if key in heads:
             lines.append(f"- {heads[key]}")
     lines.append("")
+    number = _SECTION_NUMBERS.get
+    if "budgets" in sections:
+        from bench.report_budgets import budgets_md
+
+        lines += [
+            f"## {number('budgets')}. Search quality at a physical budget",
+            "",
+            "Made by `bench/budgets.py` (strategies run in-process through the worker's own code: "
+            "`pruning.jobs.resolve_problem`, the strategy's ask/tell, `pruning.jobs.execute_job`).",
+            "",
+        ] + budgets_md(sections["budgets"], img)
     if "quality" in sections:
         lines += [
-            "## 1. Search quality",
+            f"## {number('quality')}. Search quality at a nominal sparsity, against NNI 2.10.1",
             "",
             "Made by `bench/quality.py` (strategies run in-process through the same "
-            "executor as the worker; NNI 2.10.1 in its own virtual environment via `bench/nni_reference.py`).",
+            "executor as the worker; NNI 2.10.1 in its own virtual environment via `bench/nni_reference.py`). "
+            "NNI's searches take a nominal sparsity, not a physical budget, so this comparison is at equal "
+            "config-list sparsity and reports the FLOPs each result ended up with.",
             "",
         ] + quality_md(sections["quality"], img)
     if "speedup" in sections:
-        lines += ["## 2. Real speed-up", "", "Made by `bench/speedup.py`.", ""] + speedup_md(sections["speedup"], img)
+        lines += [f"## {number('speedup')}. Real speed-up", "", "Made by `bench/speedup.py`.", ""]
+        lines += speedup_md(sections["speedup"], img)
     if "filesize" in sections:
-        lines += ["## 3. File size", "", "Made by `bench/filesize.py`.", ""] + filesize_md(sections["filesize"], img)
+        lines += [f"## {number('filesize')}. File size", "", "Made by `bench/filesize.py`.", ""]
+        lines += filesize_md(sections["filesize"], img)
     if "service" in sections:
-        lines += ["## 4. Service cost", "", "Made by `bench/service.py`.", ""] + service_md(sections["service"], img)
+        lines += [f"## {number('service')}. Service cost", "", "Made by `bench/service.py`.", ""]
+        lines += service_md(sections["service"], img)
     if "scaling" in sections:
         sc = sections["scaling"]
         lines += [
