@@ -90,12 +90,11 @@ def test_the_threshold_meets_the_needed_saving_at_the_least_estimated_drop(ratio
         for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
             if sparsity <= x1 + 1e-12:
                 return y0 + (sparsity - x0) / (x1 - x0) * (y1 - y0)
-        x0, y0, x1, y1 = xs[-2], ys[-2], xs[-1], ys[-1]  # continued along the last segment
-        return y1 + (sparsity - x1) / (x1 - x0) * (y1 - y0)
+        raise AssertionError(f"{sparsity} is beyond the curve")
 
     need = 2.0 * (1.0 - ratio)  # sparsity to share: s_a + s_b
     splits = [i / 1000 * need for i in range(1001)]
-    best = min(drop(0, s) + drop(1, need - s) for s in splits if s <= 0.95 and need - s <= 0.95)
+    best = min(drop(0, s) + drop(1, need - s) for s in splits if s <= 0.75 and need - s <= 0.75)
     assert allocation.estimated_drop <= best + 1e-9
     assert allocation.estimated_drop == pytest.approx(drop(0, allocation.distribution["a"])
                                                       + drop(1, allocation.distribution["b"]))
@@ -124,13 +123,14 @@ def test_tied_units_share_the_threshold_step() -> None:
     assert allocation.distribution["a"] == pytest.approx(allocation.distribution["b"]) == pytest.approx(0.3)
 
 
-def test_curves_continue_past_the_top_level_to_max_sparsity() -> None:
-    # Profiled at 0.5 only; the budget needs more than both units at 0.5 save, so the robust one goes beyond.
+def test_curves_end_at_the_top_level_and_a_need_beyond_takes_every_unit_there() -> None:
+    # Profiled at 0.5 only: a barely moved at 0.5, but nothing says how it fares at 0.9, so it stops at 0.5.
     shallow = curves({"a": [(0.5, 0.99, 0.75)], "b": [(0.5, 0.7, 0.75)]})
-    allocation = allocate(shallow, two_units({"flops": 0.4}))
-    assert allocation.distribution["a"] == pytest.approx(0.95)  # the unit's max_sparsity
-    assert allocation.distribution["b"] == pytest.approx(2 * (0.6 - 0.475))
-    assert allocation.estimated_saving == pytest.approx(0.6)
+    reachable = allocate(shallow, two_units({"flops": 0.6}))
+    assert reachable.distribution == pytest.approx({"a": 0.5, "b": 0.3})
+    beyond = allocate(shallow, two_units({"flops": 0.4}))
+    assert beyond.threshold is None and beyond.estimated_saving == pytest.approx(0.5)
+    assert beyond.distribution == pytest.approx({"a": 0.5, "b": 0.5})  # the shape; the projection scales it up
 
 
 def test_a_level_that_did_not_save_anything_is_skipped_and_a_short_estimate_takes_everything() -> None:
@@ -139,7 +139,7 @@ def test_a_level_that_did_not_save_anything_is_skipped_and_a_short_estimate_take
     allocation = allocate(noisy, two_units({"flops": 0.1}))
     assert allocation.threshold is None  # the curves cannot reach the need: all in, the projection decides
     assert allocation.estimated_saving < allocation.needed_saving
-    assert allocation.distribution == pytest.approx({"a": 0.95, "b": 0.95})
+    assert allocation.distribution == pytest.approx({"a": 0.5, "b": 0.25})
 
 
 def test_blends_put_the_allocation_first_and_uniform_second() -> None:
@@ -197,7 +197,7 @@ def test_reused_curves_ask_no_profiling_job_and_every_candidate_is_projected() -
 def test_decisions_and_progress_are_recorded() -> None:
     problem = fake_problem(budget={"params": 0.4})
     run = drive({"algorithm": "sensitivity", "config_list": BUDGET_LIST, "budget": {"params": 0.4},
-                 "levels": [0.5], "refine_candidates": 1}, problem, FakeExecutor())
+                 "levels": [0.75], "refine_candidates": 1}, problem, FakeExecutor())
     state = run.state
     history = {record.key: record.decision for record in state.history}  # type: ignore[attr-defined]
     assert history["sensitivity-baseline"] == "baseline"
