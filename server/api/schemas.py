@@ -7,6 +7,7 @@ from typing import Annotated, Any, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from pruning.budget import Budget
 from pruning.search.configs import AlgorithmConfig
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "ExperimentsPublic",
     "ParetoPublic",
     "Progress",
+    "ReallocateCreate",
+    "SensitivityPublic",
     "TrialPublic",
     "TrialsPublic",
 ]
@@ -175,3 +178,57 @@ class ParetoPublic(BaseModel):
     experiment_id: int
     flops: list[ParetoPoint]
     params: list[ParetoPoint]
+
+
+class SensitivityPointPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    sparsity: float = Field(description="the unit's sparsity, every other unit dense")
+    score: float
+    ratio: float | None = Field(description="measured value of `resource`, shrunk / dense")
+    flops_ratio: float | None = None
+    params_ratio: float | None = None
+
+
+class SensitivityUnitPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    points: list[SensitivityPointPublic]
+    allocated: float | None = Field(description="the sparsity the allocation gave the unit")
+
+
+class SensitivityAllocationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    distribution: dict[str, float]
+    threshold: float | None = Field(description="marginal score drop per unit of resource saved at the cut")
+    needed_saving: float = Field(description="fraction of the dense resource the budget removes")
+    estimated_saving: float = Field(description="what the curves, added over units, predict the allocation saves")
+    estimated_drop: float
+    resource: str = Field(description="flops, params or latency; 'weights' without a budget")
+
+
+class SensitivityPublic(BaseModel):
+    """A sensitivity experiment's curves (score vs sparsity of each unit alone), its baseline and allocation."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    experiment_id: int
+    status: str
+    resource: str = Field(description="what each point's `ratio` measures")
+    baseline_score: float = Field(description="score of the unpruned model")
+    optimize_mode: str
+    budget: dict[str, float] | None
+    reused: bool = Field(description="the curves came from an earlier experiment (no profiling)")
+    units: list[SensitivityUnitPublic]
+    allocation: SensitivityAllocationPublic | None
+
+
+class ReallocateCreate(BaseModel):
+    """The body of ``POST /experiments/{id}/reallocate``: the new budget, and optionally a name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: Budget
+    name: str | None = Field(None, min_length=1, max_length=200, description="default: the source's, annotated")

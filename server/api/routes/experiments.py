@@ -1,4 +1,5 @@
-"""Experiments: submit, list, read, trials, best, Pareto front, model download, cancel."""
+"""Experiments: submit, list, read, trials, best, Pareto front, model download, cancel; a sensitivity
+experiment's curves and their re-allocation for another budget."""
 
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ from server.api.schemas import (
     ParetoPoint,
     ParetoPublic,
     Progress,
+    ReallocateCreate,
+    SensitivityPublic,
     TrialPublic,
     TrialsPublic,
     split_create,
 )
 from server.db.models import Experiment, Trial
 from server.services import experiments as service
+from server.services import sensitivity as sensitivity_service
 from server.services.errors import NotFound
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
@@ -119,11 +123,16 @@ def create_experiment(
         if existing is None:
             raise
         return _public(session, existing, detail=True)
-    try:
-        dispatcher.enqueue_experiment(experiment.id)
-    except Exception:  # noqa: BLE001 - stored and queued; a worker's start-up sweep picks it up
-        log.exception("could not enqueue experiment %s; it stays queued", experiment.id)
+    _enqueue_created(session, dispatcher, experiment.id)
     return _public(session, experiment, detail=True)
+
+
+def _enqueue_created(session: SessionDep, dispatcher: DispatcherDep, experiment_id: int) -> None:
+    """Hand a committed, queued experiment to the workers (every route that creates one ends here)."""
+    try:
+        dispatcher.enqueue_experiment(experiment_id)
+    except Exception:  # noqa: BLE001 - stored and queued; a worker's start-up sweep picks it up
+        log.exception("could not enqueue experiment %s; it stays queued", experiment_id)
 
 
 @router.get("", response_model=ExperimentsPublic)
@@ -294,4 +303,46 @@ def cancel_experiment(experiment_id: ExperimentId, session: SessionDep, principa
     experiment = service.get_experiment(session, experiment_id, principal.scope, for_update=True)
     service.cancel_experiment(session, experiment)
     session.commit()
+    return _public(session, experiment, detail=True)
+
+
+@router.get("/{experiment_id}/sensitivity", response_model=SensitivityPublic, responses=_ERRORS)
+def get_sensitivity(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> SensitivityPublic:
+    """The curves of a ``sensitivity`` experiment: per unit, the score and the measured ratio of ``resource`` with
+    only that unit pruned to each profiled sparsity; the unpruned baseline score; and the allocation (one sparsity
+    per unit) its threshold produced.
+
+    404 when the experiment is not a sensitivity experiment, or has not finished profiling yet.
+    """
+    experiment = service.get_experiment(session, experiment_id, principal.scope)
+    return SensitivityPublic.model_validate(sensitivity_service.sensitivity_report(experiment), from_attributes=True)
+
+
+@router.post(
+    "/{experiment_id}/reallocate",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ExperimentPublic,
+    responses={**_ERRORS, 422: {"model": ErrorPublic}},
+)
+def reallocate(
+    experiment_id: ExperimentId,
+    body: ReallocateCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    principal: PrincipalDep,
+) -> ExperimentPublic:
+    """Start a new sensitivity experiment that re-allocates this one's curves for ``budget``: same owner,
+    entrypoint, config list and evaluation, no profiling, only the new candidates (each projected onto the new
+    budget). Example body: ``{"budget": {"flops": 0.25}, "name": "a quarter of the FLOPs"}``.
+
+    404 when the experiment is not a sensitivity experiment; 409 while it has not finished (or never profiled);
+    422 when its curves do not measure the budget's resource (a latency budget needs latency curves).
+    """
+    source = service.get_experiment(session, experiment_id, principal.scope)
+    experiment = sensitivity_service.reallocate(
+        session, source, budget=body.budget, name=body.name, allowed_prefixes=settings.allowed_entrypoints
+    )
+    session.commit()
+    _enqueue_created(session, dispatcher, experiment.id)
     return _public(session, experiment, detail=True)

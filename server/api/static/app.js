@@ -481,6 +481,57 @@
     return drawChart(canvasId, config);
   }
 
+  /* A sensitivity experiment's curves: score vs sparsity of each unit pruned alone (from the dense baseline at 0),
+   * one line per unit, and ◆ where the allocation put each unit on its own curve. */
+  function curveScore(points, baseline, sparsity) {
+    const xs = [{ sparsity: 0, score: baseline }, ...points];
+    for (let i = 1; i < xs.length; i += 1) {
+      const a = xs[i - 1];
+      const b = xs[i];
+      if (sparsity <= b.sparsity) return a.score + ((sparsity - a.sparsity) / (b.sparsity - a.sparsity)) * (b.score - a.score);
+    }
+    return xs[xs.length - 1].score;
+  }
+
+  function sensitivityChart(canvasId, report) {
+    const units = (report && report.units) || [];
+    markEmpty(canvasId, !units.some((u) => u.points.length), "no curves yet: the profile step has not finished");
+    const subtitle = document.getElementById(`${canvasId}-subtitle`);
+    if (subtitle && report) {
+      const allocation = report.allocation;
+      const cut = allocation && allocation.threshold !== null ? `, threshold ${fmt(allocation.threshold)} per unit saved` : "";
+      const needed = allocation ? `; the budget removes ${pct(allocation.needed_saving)} of ${allocation.resource}${cut}` : "";
+      subtitle.textContent = `each unit pruned alone, baseline ${fmt(report.baseline_score)}${report.reused ? " (reused curves)" : ""}${needed}`;
+    }
+    const baseline = report ? report.baseline_score : null;
+    const lines = units.map((u, i) => ({
+      label: u.name,
+      data: [{ x: 0, y: baseline, ratio: 1 }, ...u.points.map((p) => ({ x: p.sparsity, y: p.score, ratio: p.ratio }))],
+      showLine: true, borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length], pointRadius: 3,
+    }));
+    const allocated = units.filter((u) => u.allocated !== null && u.points.length).map((u) => ({
+      x: u.allocated, y: curveScore(u.points, baseline, u.allocated), unit: u.name,
+    }));
+    return drawChart(canvasId, {
+      type: "scatter",
+      data: {
+        datasets: [
+          ...lines,
+          { label: "allocation", data: allocated, pointStyle: "rectRot", pointRadius: 8, borderWidth: 1.5,
+            backgroundColor: "#f59e0b", borderColor: "#92400e" },
+        ],
+      },
+      options: {
+        scales: { x: axis("sparsity of the unit", { min: 0, max: 1, ticks: { callback: pctTick } }), y: axis("score") },
+        plugins: {
+          tooltip: tooltipLabel((p, ctx) => (p.unit !== undefined
+            ? `${p.unit}: allocated ${pct(p.x)} (score on its curve ${fmt(p.y)})`
+            : `${ctx.dataset.label} at ${pct(p.x)}: score ${fmt(p.y)}${p.ratio !== null && p.ratio !== undefined ? `, ${report.resource} ${pct(p.ratio)}` : ""}`)),
+        },
+      },
+    });
+  }
+
   // ---- views ----------------------------------------------------------------------------------------------------
   function clearView() {
     for (const stop of teardown) stop();
@@ -543,7 +594,7 @@
 
   // Experiment page ----------------------------------------------------------------------------------------------
   async function experimentView(id) {
-    const state = { experiment: null, trials: [], best: null, pareto: null, sort: { key: "seq", dir: 1 }, filter: "", status: "" };
+    const state = { experiment: null, trials: [], best: null, pareto: null, sensitivity: null, sort: { key: "seq", dir: 1 }, filter: "", status: "" };
     const head = el("div", { class: "page-head" });
     const summary = el("section", { class: "card summary" });
     const errorBox = el("section", { class: "card error-card", id: "error", hidden: true });
@@ -569,14 +620,14 @@
       el("th", { dataset: { key }, class: "sortable", tabindex: 0, onclick: () => sortBy(key),
         onkeydown: (ev) => { if (ev.key === "Enter") sortBy(key); } }, label)));
     const tbody = el("tbody", { id: "trials-body" });
-    app.append(
-      head, errorBox, summary,
-      el("div", { class: "grid" },
+    const grid = el("div", { class: "grid" },
         chartCard("chart-distribution", "Best distribution", "requested vs achieved sparsity per layer", true),
         chartCard("chart-sparsity", "Score vs overall sparsity", "every finished trial; ◆ is the best"),
         chartCard("chart-pareto", "Pareto front: score vs FLOPs", "non-dominated trials (fewer FLOPs, better score)"),
         chartCard("chart-search", "Search curve", "", true),
-      ),
+    );
+    app.append(
+      head, errorBox, summary, grid,
       el("section", { class: "card" },
         el("header", { class: "card-head row" }, el("h3", {}, "Trials"), el("span", { class: "spacer" }), tableCount, statusSelect, filterInput),
         el("div", { class: "table-wrap" }, el("table", { class: "table", id: "trials" }, el("thead", {}, headRow), tbody))),
@@ -672,6 +723,13 @@
       scatterSparsityChart("chart-sparsity", state.trials, state.experiment);
       paretoChart("chart-pareto", state.trials, state.pareto);
       searchCurve("chart-search", state.trials, state.experiment);
+      if (state.experiment.algorithm === "sensitivity") {
+        // Only sensitivity experiments have curves: their card is added on the first load that knows the algorithm.
+        if (!document.getElementById("chart-sensitivity")) {
+          grid.append(chartCard("chart-sensitivity", "Sensitivity curves: score vs sparsity per unit", "", true));
+        }
+        sensitivityChart("chart-sensitivity", state.sensitivity);
+      }
     }
 
     let alive = true;
@@ -680,8 +738,10 @@
       const [experiment, trials, best, pareto] = await Promise.all([
         getJSON(`experiments/${id}`), allTrials(id), optional(getJSON(`experiments/${id}/best`)), getJSON(`experiments/${id}/pareto`),
       ]);
+      // The curves exist once the profile step has finished (404 before).
+      const sensitivity = experiment.algorithm === "sensitivity" ? await optional(getJSON(`experiments/${id}/sensitivity`)) : null;
       if (!alive) return; // the user navigated away while this was loading
-      Object.assign(state, { experiment, trials, best, pareto });
+      Object.assign(state, { experiment, trials, best, pareto, sensitivity });
       renderHead(); renderTable(); renderCharts();
       document.body.dataset.trials = String(trials.length);
       document.body.dataset.status = experiment.status;
