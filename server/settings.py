@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     db_retry_s: float = Field(default=300.0, ge=0, description="how long a worker waits out a database outage")
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
     reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
+    message_lost_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a message sent this long ago that no worker has taken is presumed lost (a broker that lost "
+        "its data) and sent again; a message in flight is never duplicated before",
+    )
     device: str = "cpu"
     runner: Literal["inprocess", "distributed"] = Field(
         default="inprocess",

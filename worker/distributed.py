@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -30,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
 from server.services import runs
+from server.services.dispatch import ADVANCE, EVALUATE, EXPORT, RESOLVE, Send
 from server.services.events import add_event
 from server.settings import Settings
 from worker.runner import (
@@ -42,18 +42,11 @@ from worker.runner import (
     trial_to_result,
 )
 
-__all__ = ["ADVANCE", "EVALUATE", "EXPORT", "RESOLVE", "advance", "evaluate", "export_best", "resolve"]
+__all__ = ["advance", "evaluate", "export_best", "resolve"]
 
 log = logging.getLogger(__name__)
 
-ADVANCE = "experiments.run"
-EVALUATE = "evaluations.run"
-RESOLVE = "evaluations.resolve"
-EXPORT = "evaluations.export"
 MAX_JOB_ATTEMPTS = 2  # a job is retried once, then recorded as failed
-_UNFINISHED = (TrialStatus.pending.value, TrialStatus.running.value)
-
-Send = Callable[[str, int], None]  # (task name, id) -> enqueue on the task's queue
 
 
 def _load(settings: Settings, experiment: Experiment) -> tuple[Any, Any, Any]:
@@ -85,7 +78,7 @@ def advance(experiment_id: int, *, session_factory: sessionmaker[Session], setti
         if status.terminal:
             return "terminal"
         unfinished = session.scalar(
-            select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(_UNFINISHED))
+            select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
         )
         if status is ExperimentStatus.cancelling:
             if unfinished:
@@ -111,9 +104,25 @@ def advance(experiment_id: int, *, session_factory: sessionmaker[Session], setti
         outcome = transact(session_factory, work, give_up_after_s=settings.db_retry_s)
     except IntegrityError:
         return "another advance won"  # it inserted this step's jobs first
-    for name, target in outbox:  # commit, then enqueue
-        send(name, target)
+    send_committed(outbox, send, session_factory, settings)
     return outcome
+
+
+def send_committed(
+    messages: list[tuple[str, int]], send: Send, session_factory: sessionmaker[Session], settings: Settings
+) -> None:
+    """Send messages whose rows the caller committed as sent (:func:`server.services.runs.record_sent`); a send that
+    fails is recorded as not sent, so the reaper sends it after the lease grace instead of waiting for it."""
+    failed = []
+    for name, target in messages:
+        try:
+            send(name, target)
+        except Exception:  # noqa: BLE001 - the broker is down; the reaper sends it later
+            log.warning("could not send %s(%s); the reaper will", name, target, exc_info=True)
+            failed.append((name, target))
+    if failed:
+        transact(session_factory, lambda session: runs.record_sent(session, failed, sent=False),
+                 give_up_after_s=settings.db_retry_s)
 
 
 def _advance_step(session: Session, experiment: Experiment, settings: Settings, outbox: list[tuple[str, int]]) -> str:
@@ -137,6 +146,7 @@ def _advance_step(session: Session, experiment: Experiment, settings: Settings, 
     for job in jobs:
         # A job key asked twice (a racing advance) fails at the insert, before anything is sent.
         trial = runs.add_trial(session, experiment_id, job, status=TrialStatus.pending, step=next_step)
+        trial.enqueued_at = utcnow()  # its message is sent right after this commit
         outbox.append((EVALUATE, trial.id))
     experiment.search_state = state.model_dump(mode="json")  # the state after ask: tell continues from it
     experiment.state_version += 1
@@ -177,30 +187,28 @@ def evaluate(
 
     def claim(session: Session) -> tuple[str, Any] | None:
         trial = session.get(Trial, trial_id, with_for_update=True)
-        if trial is None:
-            return None
+        if trial is None or trial.step is None:
+            return None  # an in-process trial runs inside its experiment, never from a message
         experiment = session.get(Experiment, trial.experiment_id)
         assert experiment is not None
-        if trial.status in (TrialStatus.succeeded.value, TrialStatus.failed.value):
+        if trial.status in runs.FINISHED:
             return ("done", experiment.id)
         if trial.status == TrialStatus.running.value and trial.lease_owner != worker_id:
             if runs.lease_is_live_at(trial.heartbeat_at, settings.lease_grace_s):
                 return None  # a duplicate delivery: another worker holds the job
         if experiment.status in (ExperimentStatus.cancelling.value, ExperimentStatus.cancelled.value):
-            _record(session, trial, Result(key=trial.job_key, status="failed", error="cancelled before it ran"))
+            runs.record_result(session, trial, Result(key=trial.job_key, status="failed",
+                                                      error="cancelled before it ran"))
             return ("cancelled", experiment.id)
         if trial.attempts >= MAX_JOB_ATTEMPTS:
-            _record(
+            runs.record_result(
                 session,
                 trial,
                 Result(key=trial.job_key, status="failed", error=f"the job was started {trial.attempts} times "
                        "without finishing; its workers died"),
             )
             return ("gave up", experiment.id)
-        trial.status = TrialStatus.running.value
-        trial.lease_owner = worker_id
-        trial.heartbeat_at = utcnow()
-        trial.attempts += 1
+        runs.take_trial_lease(trial, worker_id)
         return ("run", (experiment.id, experiment.entrypoint, experiment.problem, trial.extra["job"], trial.attempts))
 
     claimed = transact(session_factory, claim, give_up_after_s=settings.db_retry_s)
@@ -248,46 +256,45 @@ def evaluate(
             trial = session.get(Trial, trial_id)
             if trial is not None and trial.lease_owner == worker_id:
                 trial.status, trial.lease_owner = TrialStatus.pending.value, None
+                runs.record_sent(session, [(EVALUATE, trial_id)])
                 add_event(session, trial.experiment_id, "note", text=f"retrying {trial.job_key}: {result.error}")
 
         transact(session_factory, release, give_up_after_s=settings.db_retry_s)
-        send(EVALUATE, trial_id)
+        send_committed([(EVALUATE, trial_id)], send, session_factory, settings)
         return "retrying"
 
     def record(session: Session) -> None:
         trial = session.get(Trial, trial_id)
         assert trial is not None
         if trial.lease_owner == worker_id or trial.status == TrialStatus.running.value:
-            _record(session, trial, result)
+            runs.record_result(session, trial, result)
 
     transact(session_factory, record, give_up_after_s=settings.db_retry_s)
     _after_job(trial_id, session_factory, settings, send)
     return result.status
 
 
-def _record(session: Session, trial: Trial, result: Any) -> None:
-    runs.record_result(session, trial, result)
-    trial.lease_owner = None
-
-
 def _after_job(trial_id: int, session_factory: sessionmaker[Session], settings: Settings, send: Send) -> None:
     """Enqueue the next advance when no job of this trial's step is unfinished (decided in the database after
     this job's result was committed, so at least one of the step's last finishers sees zero)."""
 
-    def remaining(session: Session) -> tuple[int, int] | None:
+    def remaining(session: Session) -> int | None:
         trial = session.get(Trial, trial_id)
         if trial is None:
             return None
         left = session.scalar(
             select(func.count()).where(
-                Trial.experiment_id == trial.experiment_id, Trial.step == trial.step, Trial.status.in_(_UNFINISHED)
+                Trial.experiment_id == trial.experiment_id, Trial.step == trial.step, Trial.status.in_(runs.UNFINISHED)
             )
         )
-        return trial.experiment_id, int(left or 0)
+        if left:
+            return None
+        runs.record_sent(session, [(ADVANCE, trial.experiment_id)])
+        return trial.experiment_id
 
-    found = transact(session_factory, remaining, give_up_after_s=settings.db_retry_s)
-    if found is not None and found[1] == 0:
-        send(ADVANCE, found[0])
+    experiment_id = transact(session_factory, remaining, give_up_after_s=settings.db_retry_s)
+    if experiment_id is not None:
+        send_committed([(ADVANCE, experiment_id)], send, session_factory, settings)
 
 
 def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, send: Send) -> str:
@@ -319,10 +326,11 @@ def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], setti
             runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error)
             return
         runs.store_problem(session, experiment, problem)
+        runs.record_sent(session, [(ADVANCE, experiment_id)])
 
     transact(session_factory, store, give_up_after_s=settings.db_retry_s)
     if error is None:
-        send(ADVANCE, experiment_id)
+        send_committed([(ADVANCE, experiment_id)], send, session_factory, settings)
     return "failed" if error else "resolved"
 
 

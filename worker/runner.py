@@ -163,7 +163,7 @@ def run_experiment(
     )
     try:
         with beat:
-            status, reason = _run_until_done(experiment_id, session_factory, settings)
+            status, reason = _run_until_done(experiment_id, session_factory, settings, worker_id)
         tb = None
     except _Stop as stop:
         status, reason, tb = stop.status, stop.reason, None
@@ -188,7 +188,7 @@ def run_experiment(
 
 
 def _run_until_done(
-    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings
+    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
 ) -> tuple[ExperimentStatus, str | None]:
     """:func:`_run`, restarted from the persisted state when the database connection fails mid-run (a
     PostgreSQL restart): recorded trials replay, the job whose result could not be written runs once more."""
@@ -196,7 +196,7 @@ def _run_until_done(
     delay = 0.5
     while True:
         try:
-            return _run(experiment_id, session_factory, settings)
+            return _run(experiment_id, session_factory, settings, worker_id)
         except DB_CONNECTION_ERRORS as exc:
             if time.monotonic() >= give_up_at:
                 raise
@@ -207,7 +207,7 @@ def _run_until_done(
 
 
 def _run(
-    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings
+    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
 ) -> tuple[ExperimentStatus, str | None]:
     from pruning.search import make_strategy
     from pruning.search.base import Job, Result, SearchProblem
@@ -305,7 +305,7 @@ def _run(
                             continue
                         experiment = session.get(Experiment, experiment_id)
                         assert experiment is not None
-                        trial = runs.start_trial(session, experiment, job)
+                        trial = runs.start_trial(session, experiment, job, worker_id)  # the heartbeat renews it
                         experiment.phase = f"running {job.kind} {job.key}"
                         session.commit()
                         trial_id = trial.id

@@ -1,23 +1,21 @@
-"""Celery tasks: thin wrappers that decode ids and call :mod:`worker.runner` or :mod:`worker.distributed`."""
+"""Celery tasks: thin wrappers that decode ids and call :mod:`worker.runner` or :mod:`worker.distributed`.
+
+Their names and queues come from :mod:`server.services.dispatch`, and everything they send goes through it.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-__all__ = ["EVALUATE", "EXPORT", "RESOLVE", "RUN_EXPERIMENT", "register_tasks"]
+from server.services.dispatch import ADVANCE, EVALUATE, EXPORT, RESOLVE, CeleryDispatcher
 
-RUN_EXPERIMENT = "experiments.run"
-EVALUATE = "evaluations.run"
-RESOLVE = "evaluations.resolve"
-EXPORT = "evaluations.export"
+__all__ = ["register_tasks"]
 
 
 def register_tasks(app: Celery) -> None:
-    def send(name: str, target_id: int) -> None:
-        queue = name.split(".", 1)[0]  # "experiments.*" and "evaluations.*" go to their own queues
-        app.send_task(name, args=[target_id], queue=queue)
+    send = CeleryDispatcher(app).send
 
-    @app.task(name=RUN_EXPERIMENT, acks_late=True, ignore_result=True)
+    @app.task(name=ADVANCE, acks_late=True, ignore_result=True)
     def run_experiment(experiment_id: int) -> str:
         from worker.signals import get_context
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from server.services.dispatch import CeleryDispatcher, Dispatcher
+from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
 from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from server.settings import Settings, get_settings
 
@@ -90,9 +90,7 @@ def create_app(
         if dispatcher is not None:
             app.state.dispatcher = dispatcher
         else:
-            from worker.celery_app import make_celery
-
-            app.state.dispatcher = CeleryDispatcher(make_celery(settings))
+            app.state.dispatcher = CeleryDispatcher(make_broker_app(settings))
         yield
         engine.dispose()
 

@@ -99,6 +99,9 @@ class Experiment(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the last experiments.run message for it was sent (set in the commit before the send): the reaper sends
+    # another only when none is in flight. None: never sent, or the send failed.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -120,11 +123,12 @@ class Trial(Base):
     job_key: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(20), default=TrialStatus.pending.value)
-    # Distributed runner: the ask that produced this job, and the evaluation worker's lease on it.
+    # Distributed runner: the ask that produced this job. Both runners: the lease of the worker running it.
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # its last message
     distribution: Mapped[dict[str, float]] = mapped_column(JSONType)  # requested, per unit
     requested: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer
     achieved: Mapped[dict[str, float] | None] = mapped_column(JSONType, nullable=True)  # per layer

@@ -13,13 +13,16 @@ from sqlalchemy.orm import Session
 from pruning.search.configs import SearchCommon
 from pruning.task import TaskError, check_entrypoint
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
+from server.services.runs import record_sent
 
 __all__ = [
     "best_trial",
     "cancel_experiment",
     "create_experiment",
+    "enqueue_failed",
     "find_by_idempotency_key",
     "get_experiment",
     "list_experiments",
@@ -38,7 +41,8 @@ def create_experiment(
     allowed_prefixes: Sequence[str],
     idempotency_key: str | None = None,
 ) -> Experiment:
-    """Store a new ``queued`` experiment (the caller commits, then enqueues its id)."""
+    """Store a new ``queued`` experiment, recorded as sent (the caller commits, then enqueues its id; when that
+    fails, :func:`enqueue_failed`)."""
     try:
         check_entrypoint(entrypoint, allowed_prefixes)
     except TaskError as exc:
@@ -54,11 +58,18 @@ def create_experiment(
         status=ExperimentStatus.queued.value,
         progress_total=float(config.max_trials) if config.max_trials else None,
         phase="queued",
+        enqueued_at=utcnow(),
     )
     session.add(experiment)
     session.flush()
     add_event(session, experiment.id, "status", status="queued")
     return experiment
+
+
+def enqueue_failed(session: Session, experiment_id: int) -> None:
+    """The send after the commit failed: no message is in flight, so a worker's reaper sends one after the lease
+    grace (the caller commits)."""
+    record_sent(session, [(ADVANCE, experiment_id)], sent=False)
 
 
 def find_by_idempotency_key(session: Session, owner: str, key: str) -> Experiment | None:

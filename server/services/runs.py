@@ -6,13 +6,15 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc, utcnow
+from server.services.dispatch import ADVANCE, EVALUATE
 from server.services.events import add_event
 
 __all__ = [
@@ -23,16 +25,18 @@ __all__ = [
     "finished_trials",
     "last_failure",
     "model_rebuild_job",
-    "experiments_to_requeue",
+    "experiments_to_resend",
     "heartbeat",
     "lease_is_live",
     "lease_is_live_at",
-    "trials_to_requeue",
+    "record_sent",
+    "trials_to_resend",
     "finish_experiment",
     "record_decisions",
     "record_result",
     "save_progress",
     "start_trial",
+    "take_trial_lease",
     "store_problem",
     "trial_by_key",
 ]
@@ -94,44 +98,94 @@ def claim_experiment(
     return experiment
 
 
-def experiments_to_requeue(session: Session, grace_s: float) -> list[int]:
-    """Ids a reaper should hand to the broker again: running or cancelling experiments whose lease went stale
-    (their worker died) and queued ones older than ``grace_s`` (an enqueue that failed after the commit).
+def _no_message_in_flight(model: type[Experiment] | type[Trial], lost: datetime) -> ColumnElement[bool]:
+    """No message for the row is waiting in the broker: none was sent, the last one is older than ``lost`` (presumed
+    lost), or it was sent before the row's last heartbeat (a worker took it since)."""
+    sent = model.enqueued_at
+    in_flight = sent.is_not(None) & (sent >= lost) & (model.heartbeat_at.is_(None) | (sent > model.heartbeat_at))
+    return ~in_flight
 
-    Re-enqueuing is harmless when the original message is still in the broker: the lease makes a duplicate
-    delivery exit at once, and a finished experiment is skipped.
+
+def _take(session: Session, model: type[Experiment] | type[Trial], candidates: Any, lost: datetime) -> list[int]:
+    # One UPDATE ... RETURNING: of two reapers racing for a row, the second re-checks the in-flight condition on
+    # the row the first updated (PostgreSQL) or waits for its write lock (SQLite), and so does not send it again.
+    statement = (
+        update(model)
+        .where(model.id.in_(candidates), _no_message_in_flight(model, lost))
+        .values(enqueued_at=utcnow())
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(session.scalars(statement))
+
+
+def experiments_to_resend(session: Session, *, grace_s: float, lost_s: float) -> list[int]:
+    """Experiments a reaper should send ``experiments.run`` for again, recorded as sent (commit, then send):
+
+    * queued ones whose send after the commit failed (no message recorded, older than ``grace_s``);
+    * in-process runs (a lease owner) whose lease went stale: their worker died, the next worker resumes them;
+    * distributed runs (no owner between advances) with no unfinished trial and no advance for ``grace_s``: the
+      advance after their step's last job was lost.
+
+    Never one whose message is still in flight (sent after its last heartbeat, less than ``lost_s`` ago): a queue
+    of experiments waiting behind a busy worker holds one message each, however long they wait.
     """
-    cutoff = utcnow() - timedelta(seconds=grace_s)
-    stale = select(Experiment.id).where(
-        Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value)),
-        (Experiment.heartbeat_at.is_(None)) | (Experiment.heartbeat_at < cutoff),
+    now = utcnow()
+    stale, lost = now - timedelta(seconds=grace_s), now - timedelta(seconds=lost_s)
+    active = Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value))
+    silent = Experiment.heartbeat_at.is_(None) | (Experiment.heartbeat_at < stale)
+    unfinished = exists().where(Trial.experiment_id == Experiment.id, Trial.status.in_(UNFINISHED))
+    candidates = select(Experiment.id).where(
+        or_(
+            (Experiment.status == ExperimentStatus.queued.value) & (Experiment.created_at < stale),
+            active & silent & Experiment.lease_owner.is_not(None),
+            active & silent & Experiment.lease_owner.is_(None) & ~unfinished,
+        )
     )
-    waiting = select(Experiment.id).where(
-        Experiment.status == ExperimentStatus.queued.value, Experiment.created_at < cutoff
-    )
-    return sorted(set(session.scalars(stale)) | set(session.scalars(waiting)))
+    return _take(session, Experiment, candidates, lost)
 
 
-def trials_to_requeue(session: Session, grace_s: float) -> list[int]:
-    """Distributed runner: trials whose evaluation worker died (running, stale lease) and pending trials whose
-    message seems lost (pending much longer than a job could wait behind a busy queue)."""
-    stale = utcnow() - timedelta(seconds=grace_s)
-    lost = utcnow() - timedelta(seconds=max(grace_s * 10, 300.0))
+def trials_to_resend(session: Session, *, grace_s: float, lost_s: float) -> list[int]:
+    """Distributed trials a reaper should send ``evaluations.run`` for again, recorded as sent: running ones whose
+    lease went stale (their evaluation worker died) and pending ones whose message was lost (none recorded after
+    ``grace_s``, or older than ``lost_s``); never one whose message is in flight.
+
+    In-process trials (no step) are never sent: they run inside their experiment, whose lease covers them.
+    """
+    now = utcnow()
+    stale, lost = now - timedelta(seconds=grace_s), now - timedelta(seconds=lost_s)
     active = select(Experiment.id).where(
         Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value))
     )
-    running = select(Trial.id).where(
+    candidates = select(Trial.id).where(
         Trial.experiment_id.in_(active),
-        Trial.status == TrialStatus.running.value,
-        (Trial.heartbeat_at.is_(None)) | (Trial.heartbeat_at < stale),
+        Trial.step.is_not(None),
+        or_(
+            (Trial.status == TrialStatus.running.value)
+            & (Trial.heartbeat_at.is_(None) | (Trial.heartbeat_at < stale)),
+            (Trial.status == TrialStatus.pending.value) & (Trial.created_at < stale),
+        ),
     )
-    waiting = select(Trial.id).where(
-        Trial.experiment_id.in_(active), Trial.status == TrialStatus.pending.value, Trial.created_at < lost
-    )
-    return sorted(set(session.scalars(running)) | set(session.scalars(waiting)))
+    return _take(session, Trial, candidates, lost)
+
+
+def record_sent(session: Session, messages: Iterable[tuple[str, int]], *, sent: bool = True) -> None:
+    """Record on each row that its message (``experiments.run`` on an experiment, ``evaluations.run`` on a trial)
+    was sent, or with ``sent=False`` that the send failed, so the reaper sends it once ``lease_grace_s`` passed.
+    Other tasks are not tracked."""
+    at = utcnow() if sent else None
+    tracked: dict[str, type[Experiment] | type[Trial]] = {ADVANCE: Experiment, EVALUATE: Trial}
+    for task, target_id in messages:
+        model = tracked.get(task)
+        if model is not None:
+            session.execute(
+                update(model).where(model.id == target_id).values(enqueued_at=at)
+                .execution_options(synchronize_session=False)
+            )
 
 
 FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
+UNFINISHED = (TrialStatus.pending.value, TrialStatus.running.value)
 REBUILDABLE_KINDS = ("evaluate", "finetune_and_evaluate")
 
 
@@ -169,15 +223,31 @@ def model_rebuild_job(trial: Trial) -> dict[str, Any] | None:
     extra = trial.extra or {}
     if extra.get("model_artifact") or "job" not in extra or trial.kind not in REBUILDABLE_KINDS:
         return None
-    return {**extra["job"], "save_artifact": True}
+    job = {**extra["job"], "save_artifact": True}
+    if job.get("budget_ratio") is not None and trial.distribution:
+        # Rebuild what was evaluated: the projected distribution, not a fresh projection (latency is re-measured).
+        job |= {"distribution": dict(trial.distribution), "budget_ratio": None}
+    return job
 
 
 def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
-    """Refresh the lease; ``False`` when this worker no longer holds it."""
+    """Refresh the lease on the experiment and on the trial this worker runs in it; ``False`` when this worker no
+    longer holds the experiment."""
     experiment = session.get(Experiment, experiment_id)
     if experiment is None or experiment.lease_owner != worker_id:
         return False
-    experiment.heartbeat_at = utcnow()
+    now = utcnow()
+    experiment.heartbeat_at = now
+    session.execute(
+        update(Trial)
+        .where(
+            Trial.experiment_id == experiment_id,
+            Trial.status == TrialStatus.running.value,
+            Trial.lease_owner == worker_id,
+        )
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
     return True
 
 
@@ -210,10 +280,22 @@ def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialSt
     return trial
 
 
-def start_trial(session: Session, experiment: Experiment, job: Any) -> Trial:
-    """The trial row of ``job`` (created ``running`` if new; a replayed job key returns the existing row)."""
-    existing = trial_by_key(session, experiment.id, job.key)
-    return existing if existing is not None else add_trial(session, experiment.id, job, status=TrialStatus.running)
+def start_trial(session: Session, experiment: Experiment, job: Any, worker_id: str) -> Trial:
+    """The trial row of ``job``, ``running`` under ``worker_id``'s lease (created if new; a job key whose run a dead
+    worker left unfinished is taken over)."""
+    trial = trial_by_key(session, experiment.id, job.key)
+    if trial is None:
+        trial = add_trial(session, experiment.id, job, status=TrialStatus.running)
+    take_trial_lease(trial, worker_id)
+    return trial
+
+
+def take_trial_lease(trial: Trial, worker_id: str) -> None:
+    """Mark ``trial`` running under ``worker_id``'s lease (one more attempt); the worker's heartbeat renews it."""
+    trial.status = TrialStatus.running.value
+    trial.lease_owner = worker_id
+    trial.heartbeat_at = utcnow()
+    trial.attempts += 1
 
 
 def record_result(session: Session, trial: Trial, result: Any) -> Trial:
@@ -243,6 +325,7 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     trial.extra = extra
     trial.duration_s = result.duration_s
     trial.finished_at = utcnow()
+    trial.lease_owner = None
     add_event(
         session,
         trial.experiment_id,

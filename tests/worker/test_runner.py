@@ -139,28 +139,76 @@ def test_allow_list_is_enforced_again_in_the_worker(env: tuple[Settings, session
         assert experiment is not None and "not allowed" in (experiment.error or "")
 
 
-def test_reaper_finds_stale_and_lost_experiments(env: tuple[Settings, sessionmaker[Session]]) -> None:
-    from server.services.runs import experiments_to_requeue
+def test_reaper_resends_only_what_has_no_message_in_flight(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    from server.services.runs import experiments_to_resend
 
     settings, factory = env
     fresh_queued = _create(factory)
-    old_queued = _create(factory)
+    send_failed = _create(factory)
+    waiting = _create(factory)  # queued behind a busy worker for minutes: its message is still in the broker
+    long_lost = _create(factory)
     live = _create(factory)
     stale = _create(factory)
-    old = utcnow() - timedelta(seconds=120)
+    old, older = utcnow() - timedelta(seconds=120), utcnow() - timedelta(seconds=7200)
     with factory() as session:
-        for experiment_id, status, beat, created in (
-            (old_queued, "queued", None, old),
+        for experiment_id, status, beat, sent in (
+            (send_failed, "queued", None, None),
+            (waiting, "queued", None, old),
+            (long_lost, "queued", None, older),
             (live, "running", utcnow(), old),
-            (stale, "running", old, old),
+            (stale, "running", old, older + timedelta(seconds=1)),
         ):
             experiment = session.get(Experiment, experiment_id)
             assert experiment is not None
-            experiment.status, experiment.heartbeat_at, experiment.created_at = status, beat, created
+            experiment.status, experiment.heartbeat_at, experiment.created_at = status, beat, older
+            experiment.enqueued_at = sent
             experiment.lease_owner = "w-dead" if status == "running" else None
         session.commit()
-        assert experiments_to_requeue(session, grace_s=30) == [old_queued, stale]
-    assert fresh_queued not in (old_queued, stale)
+        assert experiments_to_resend(session, grace_s=30, lost_s=3600) == [send_failed, long_lost, stale]
+        session.commit()
+        # Recorded as sent: the next rounds send nothing, however long the worker stays dead or busy.
+        assert experiments_to_resend(session, grace_s=30, lost_s=3600) == []
+        # Once a worker took the message (its heartbeat is newer) and then died, the experiment is sent again.
+        experiment = session.get(Experiment, stale)
+        assert experiment is not None
+        experiment.enqueued_at, experiment.heartbeat_at = old, old + timedelta(seconds=60)
+        session.commit()
+        assert experiments_to_resend(session, grace_s=30, lost_s=3600) == [stale]
+    assert fresh_queued not in (send_failed, waiting, stale)
+
+
+def test_reaper_resends_distributed_jobs_only(env: tuple[Settings, sessionmaker[Session]]) -> None:
+    # An in-process trial runs inside its experiment (whose lease the reaper watches), never from a message.
+    from server.services.runs import trials_to_resend
+
+    settings, factory = env
+    experiment_id = _create(factory)
+    old = utcnow() - timedelta(seconds=120)
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.status = "running"
+        trials = {
+            name: Trial(experiment_id=experiment_id, seq=seq, job_key=name, kind="evaluate", status=status, step=step,
+                        lease_owner="w-dead" if status == "running" else None, heartbeat_at=beat, created_at=old,
+                        enqueued_at=sent, distribution={}, context={})
+            for seq, (name, status, step, beat, sent) in enumerate(
+                (
+                    ("in-process", "running", None, old, None),
+                    ("stale", "running", 1, old, old - timedelta(seconds=1)),
+                    ("live", "running", 1, utcnow(), old),
+                    ("waiting", "pending", 1, None, old),
+                    ("send failed", "pending", 1, None, None),
+                ),
+                start=1,
+            )
+        }
+        session.add_all(trials.values())
+        session.commit()
+        expected = sorted([trials["stale"].id, trials["send failed"].id])
+        assert trials_to_resend(session, grace_s=30, lost_s=3600) == expected
+        session.commit()
+        assert trials_to_resend(session, grace_s=30, lost_s=3600) == []
 
 
 def test_an_experiment_redelivered_too_often_fails_instead_of_looping(
