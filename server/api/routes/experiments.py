@@ -131,8 +131,10 @@ def _enqueue_created(session: SessionDep, dispatcher: DispatcherDep, experiment_
     """Hand a committed, queued experiment to the workers (every route that creates one ends here)."""
     try:
         dispatcher.enqueue_experiment(experiment_id)
-    except Exception:  # noqa: BLE001 - stored and queued; a worker's start-up sweep picks it up
+    except Exception:  # noqa: BLE001 - stored and queued; a worker's reaper sends it after the lease grace
         log.exception("could not enqueue experiment %s; it stays queued", experiment_id)
+        service.enqueue_failed(session, experiment_id)
+        session.commit()
 
 
 @router.get("", response_model=ExperimentsPublic)
