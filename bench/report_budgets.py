@@ -96,9 +96,40 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
                 "mean_accuracy_gain": statistics.fmean(accuracy) if accuracy else None,
             }
         )
+    epochs: dict[str, float] = {}
+    for entry in b.get("summary", []):
+        if entry["train_epochs"]:
+            epochs[entry["method"]] = max(epochs.get(entry["method"], 0.0), entry["train_epochs"]["mean"])
+    for m in per_method:
+        m["train_epochs"] = epochs.get(m["method"], 0.0)
+    groups = {}
+    for label, trained in (("trained", True), ("search_only", False)):
+        gains = [
+            r["gain"]
+            for c in comparison
+            if not _is_loss(c["optimize_mode"])
+            for r in c["rows"]
+            if r["method"] != "uniform" and (epochs.get(r["method"], 0.0) > 0) == trained
+        ]
+        names = sorted(m["method"] for m in per_method if (m["train_epochs"] > 0) == trained)
+        groups[label] = {"methods": names, "mean_gain": statistics.fmean(gains) if gains else None, "n": len(gains)}
+    spreads = [
+        entry["score"]["std"]
+        for entry in b.get("summary", [])
+        if entry["score"] and entry["score"]["n"] > 1 and not _is_loss(entry["optimize_mode"])
+    ]
+    noise = {"median": statistics.median(spreads), "max": max(spreads), "n": len(spreads)} if spreads else None
     won = [s for s in settings if s["winner"] and s["winner"]["gain"] > 0]
     largest = max((s for s in won if not _is_loss(s["mode"])), key=lambda s: s["winner"]["gain"], default=None)
-    return {"settings": settings, "methods": per_method, "won": won, "largest": largest}
+    return {
+        "settings": settings,
+        "methods": per_method,
+        "won": won,
+        "largest": largest,
+        "groups": groups,
+        "noise": noise,
+        "epochs": epochs,
+    }
 
 
 def _verdict_lines(b: dict[str, Any]) -> list[str]:
@@ -116,9 +147,12 @@ def _verdict_lines(b: dict[str, Any]) -> list[str]:
         if w is None:
             lines.append(f"- {name}: no feasible search finished.")
         elif w["gain"] > 0:
+            trained = v["epochs"].get(w["method"], 0.0)
             lines.append(
                 f"- {name}: `{w['method']}` beats uniform ({_score(s['uniform'], s['mode'])}) by "
-                f"{_gain(w['gain'], s['mode'])} ({_clear(w)}); {len(s['beat'])} of {s['searches']} searches beat "
+                f"{_gain(w['gain'], s['mode'])} ({_clear(w)}"
+                + (f"; it trained {trained:.0f} epochs during its search" if trained else "")
+                + f"); {len(s['beat'])} of {s['searches']} searches beat "
                 f"uniform ({', '.join(f'`{m}`' for m in s['beat'])})."
             )
         else:
@@ -143,6 +177,31 @@ def _verdict_lines(b: dict[str, Any]) -> list[str]:
             f"{often['settings']} settings, {often['beats_clearly']} beyond the seed spread)"
         )
     lines += ["", text + ".", ""]
+    trained, search_only = v["groups"]["trained"], v["groups"]["search_only"]
+    if trained["mean_gain"] is not None and search_only["mean_gain"] is not None:
+        lines += [
+            "Averaged over the accuracy settings, the strategies that train during their search "
+            f"({', '.join(f'`{m}`' for m in trained['methods'])}) gain {trained['mean_gain'] * 100:+.2f} pt over "
+            f"uniform, the ones that only choose a distribution and start the final fine-tune from the pretrained "
+            f"weights ({', '.join(f'`{m}`' for m in search_only['methods'])}) {search_only['mean_gain'] * 100:+.2f} "
+            "pt"
+            + (
+                ": at these budgets the extra training, more than the distribution, is what the gains reflect."
+                if trained["mean_gain"] > max(search_only["mean_gain"], 0.0)
+                else "."
+            ),
+            "",
+        ]
+    if v["noise"]:
+        noise = v["noise"]
+        lines += [
+            f"How noisy the final score is: over the {noise['n']} seeded (strategy, setting) pairs on accuracy, the "
+            f"standard deviation over seeds is {noise['median'] * 100:.1f} pt at the median and up to "
+            f"{noise['max'] * 100:.1f} pt (two epochs of the tasks' own trainer, SGD at lr 0.05 with momentum 0.9 as "
+            "`examples.digits` sets it, on a freshly pruned net). Uniform and the deterministic strategies ran "
+            "once, so a single-run gain smaller than that spread is not evidence either way.",
+            "",
+        ]
     held_out = b.get("held_out_samples")
     if held_out:
         lines += [
@@ -174,10 +233,22 @@ def headline(b: dict[str, Any]) -> str | None:
     )
     if v["largest"]:
         largest = v["largest"]
+        trained = v["epochs"].get(largest["winner"]["method"], 0.0)
         text += (
             f" (largest: `{largest['winner']['method']}`, {_gain(largest['winner']['gain'], largest['mode'])} on "
-            f"{_title(largest['task'], largest['budget'])}, {_clear(largest['winner'])})"
+            f"{_title(largest['task'], largest['budget'])}, {_clear(largest['winner'])}"
+            + (f", after {trained:.0f} epochs of training in its search" if trained else "")
+            + ")"
         )
+    groups = v["groups"]
+    if groups["trained"]["mean_gain"] is not None and groups["search_only"]["mean_gain"] is not None:
+        text += (
+            f"; on average the strategies that train during the search gain "
+            f"{groups['trained']['mean_gain'] * 100:+.2f} pt, those that only choose the distribution "
+            f"{groups['search_only']['mean_gain'] * 100:+.2f} pt"
+        )
+    if v["noise"]:
+        text += f", against a seed spread of the final score of up to {v['noise']['max'] * 100:.1f} pt"
     if ratios:
         text += (
             f"; handed-out models measured ×{min(ratios):.2f}–×{max(ratios):.2f} FLOPs of dense, {feasible} of "
@@ -428,18 +499,29 @@ def _correlation_md(b: dict[str, Any], img: Path) -> list[str]:
     lines = [
         "### Candidate score vs final score",
         "",
-        f"{len(points)} random distributions on {_title(corr['task'], corr['budget'])} (per unit a shape drawn from "
+        f"{len(points)} random distributions"
+        + (f" (of {corr.get('samples')} drawn; the others failed)" if corr.get("samples") != len(points) else "")
+        + f" on {_title(corr['task'], corr['budget'])} (per unit a shape drawn from "
         "U(0.1, 1), projected onto the budget), each scored right after pruning with BatchNorm recalibration "
-        f"({b.get('plan', {}).get('correlation_samples')} planned; 16 batches) and without, and after one epoch of "
-        "fine-tuning. Spearman's ρ of the candidate score against the fine-tuned one: **"
+        "(16 batches) and without, and after one epoch of fine-tuning. Spearman's ρ of the candidate score "
+        "against the fine-tuned one: **"
         f"{'—' if rho_bn is None else f'{rho_bn:.2f}'} with recalibration, "
         f"{'—' if rho_raw is None else f'{rho_raw:.2f}'} without**.",
     ]
     if points:
         mean = {k: statistics.fmean(p[k] for p in points) for k in ("recalibrated", "raw", "finetuned")}
+        tuned = [p["finetuned"] for p in points]
+        held_out = b.get("held_out_samples")
+        depth = round((max(tuned) - min(tuned)) * held_out) if held_out else None
         lines[-1] += (
             f" Mean scores: {mean['recalibrated']:.3f} recalibrated, {mean['raw']:.3f} without, "
-            f"{mean['finetuned']:.3f} after the epoch."
+            f"{mean['finetuned']:.3f} after the epoch; the fine-tuned scores span {min(tuned):.3f}–{max(tuned):.3f}"
+            + (f" ({depth} held-out images)" if depth is not None else "")
+            + (
+                ", so the ranking they are compared with is itself only a few images deep."
+                if depth is not None and depth <= 5
+                else "."
+            )
         )
     name = plot_correlation(corr, img)
     lines.append("")
