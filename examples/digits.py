@@ -8,6 +8,7 @@ Held-out accuracy of the dense model is about 98%.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def fine_tuner(model: nn.Module, epochs: int = 1) -> None:
     loss = criterion()
     for epoch in range(epochs):
         trainer(model, opt, loss, epoch)
+
+
+def calibration_data() -> Iterator[torch.Tensor]:
+    """Training inputs in a fixed shuffled order, one batch at a time: prunehub re-estimates BatchNorm statistics
+    on the first few before it scores a pruned candidate (no labels, no weight update)."""
+    x_train, _, _, _ = _data()
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED + 1))
+    for start in range(0, len(order), BATCH_SIZE):
+        yield x_train[order[start : start + BATCH_SIZE]]
 
 
 def evaluator(model: nn.Module) -> float:

@@ -65,3 +65,50 @@ def test_every_strategy_runs_over_http(live_embedded: LiveService) -> None:
         ).json()["items"]
         ranked_scores = [e["best_score"] for e in ranked]
         assert ranked_scores == sorted(ranked_scores, reverse=True) and len(ranked) == len(SPECS)
+
+
+BUDGET = {"flops": 0.35}
+BUDGET_SPECS = {
+    "uniform": {},
+    "annealing": {**SHORT_ANNEALING, "batch_size": 2},
+    "optuna": {"num_trials": 4, "n_startup_trials": 2},
+}
+
+
+def test_searches_under_a_flops_budget_over_http(live_embedded: LiveService) -> None:
+    with live_embedded.http() as client:
+        ids = {}
+        for algorithm, params in BUDGET_SPECS.items():
+            body = {
+                **COMMON,
+                **params,
+                "config_list": [{"op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": ["fc2"]}],
+                "budget": BUDGET,
+                "algorithm": algorithm,
+                "name": f"budget {algorithm}",
+            }
+            response = client.post("/experiments", json=body)
+            assert response.status_code == 201, response.text
+            ids[algorithm] = response.json()["id"]
+        bests = {}
+        for algorithm, experiment_id in ids.items():
+            final = wait_terminal(client, experiment_id, timeout=400)
+            assert final["status"] == "succeeded", (algorithm, final.get("error"), live_embedded.logs())
+            trials = client.get(f"/experiments/{experiment_id}/trials", params={"limit": 1000}).json()["items"]
+            # Every candidate was projected onto the budget and measured on the shrunk model.
+            for trial in trials:
+                assert trial["feasible"] is True, trial
+                assert trial["budget_ratio"] == trial["flops_ratio"] <= 0.35
+                assert trial["evaluation"]["bn_recalibration"] is True
+            best = client.get(f"/experiments/{experiment_id}/best").json()
+            assert best["budget"] == BUDGET and best["feasible"] is True
+            assert best["flops_ratio"] <= 0.35 + 0.01
+            bests[algorithm] = best
+            if algorithm == "annealing":
+                decided = [t for t in trials if "decision" in t["context"]]
+                assert decided and all(t["context"]["decision"] in ("accepted", "rejected") for t in decided)
+                worse = [t for t in decided if "acceptance_probability" in t["context"]]
+                assert all(0.0 <= t["context"]["acceptance_probability"] <= 1.0 for t in worse)
+        # Uniform-at-budget is one sparsity for every unit; the searches start from or around it.
+        assert len({round(v, 6) for v in bests["uniform"]["distribution"].values()}) == 1
+        assert bests["annealing"]["score"] >= bests["uniform"]["score"]

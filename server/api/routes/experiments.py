@@ -236,7 +236,7 @@ def get_best(
         params_ratio=trial.params_ratio,
         flops_ratio=trial.flops_ratio,
         latency_ms=trial.latency_ms,
-        budget=experiment.config.get("budget"),
+        budget={k: v for k, v in (experiment.config.get("budget") or {}).items() if v is not None} or None,
         budget_ratio=trial.budget_ratio,
         feasible=trial.feasible,
         evaluation=trial.evaluation,
