@@ -65,8 +65,13 @@ def test_params_budget_with_global_ranking_projects_the_threshold(make_executor)
 
 
 def test_latency_budget_is_measured_on_the_device_with_its_spread(make_executor) -> None:  # type: ignore[no-untyped-def]
-    task = make_task("plain")
-    raw = _config("uniform", {"latency": 0.6})
+    import dataclasses
+
+    import torch
+
+    # A batch of 256 makes the convolutions, not Python overhead, the latency: pruning can then buy it down.
+    task = dataclasses.replace(make_task("plain"), dummy_input=lambda: torch.zeros(256, 1, 8, 8))
+    raw = _config("uniform", {"latency": 0.8})
     problem = resolve_problem(task, parse_algorithm_config(raw))
     assert problem.dense_latency_ms is not None and problem.dense_latency_ms > 0
     assert problem.dense_latency_spread_ms is not None and problem.dense_latency_spread_ms >= 0
@@ -76,4 +81,4 @@ def test_latency_budget_is_measured_on_the_device_with_its_spread(make_executor)
     assert best.latency_ms is not None
     assert best.budget_ratio == pytest.approx(best.latency_ms / problem.dense_latency_ms)
     assert best.extra["latency_spread_ms"] >= 0
-    assert best.feasible == (best.budget_ratio <= 0.6 + 0.01)
+    assert best.feasible == (best.budget_ratio <= 0.8 + 0.01)
