@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pruning._graph import run_model
+from pruning.metrics import to_device
 from pruning.task import Task
 
 __all__ = ["has_batchnorm", "recalibrate_batchnorm"]
@@ -46,14 +47,6 @@ class _CountingOptimizer(torch.optim.Optimizer):
             raise _Enough
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
 def recalibrate_batchnorm(model: nn.Module, task: Task, batches: int) -> int:
     """Re-estimate every BatchNorm layer's running statistics of ``model`` in place, as cumulative averages over
     ``batches`` batches in train mode; returns the batches used (0 when the model has no BatchNorm).
@@ -79,7 +72,7 @@ def recalibrate_batchnorm(model: nn.Module, task: Task, batches: int) -> int:
                 for batch in task.calibration_data():
                     if used >= batches:
                         break
-                    run_model(model, _to_device(batch, device))
+                    run_model(model, to_device(batch, device))
                     used += 1
         else:
             trainer = task.require("trainer", "BatchNorm recalibration without calibration_data()")

@@ -13,7 +13,14 @@ from torch.nn.utils import parametrize
 
 from pruning._graph import plain_copy, run_model
 
-__all__ = ["count_nonzero", "count_params_flops", "layer_stats", "measure_latency", "measure_latency_samples"]
+__all__ = [
+    "count_nonzero",
+    "count_params_flops",
+    "layer_stats",
+    "measure_latency",
+    "measure_latency_samples",
+    "to_device",
+]
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -64,11 +71,12 @@ def count_nonzero(model: nn.Module) -> int:
     return int(sum(int(torch.count_nonzero(p.detach())) for p in work.parameters()))
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, or a tuple/list of them, nested) moved to ``device``; anything else as is."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 
@@ -100,7 +108,7 @@ def measure_latency_samples(
         raise ValueError("repeat must be at least 1")
     dev = torch.device(device)
     model.to(dev)
-    inputs = _to_device(dummy_input, dev)
+    inputs = to_device(dummy_input, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     was_training = model.training
     model.eval()
