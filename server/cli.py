@@ -19,7 +19,9 @@ from typing import Any
 
 __all__ = ["main"]
 
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "examples" / "digits_uniform.json"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# `demo` runs the baseline and one search at the same FLOPs budget, and prints them side by side.
+DEMO_SPECS = (EXAMPLES / "digits_budget_uniform.json", EXAMPLES / "digits_budget_annealing.json")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -230,16 +232,82 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
             process.wait()
 
 
+def demo_rows(runs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]]) -> list[list[str]]:
+    """The demo's side-by-side comparison: one column per (spec, final experiment, best result or ``None``).
+
+    Rows: the score after the spec's fine-tuning, the measured FLOPs ratio of the shrunk best model (against the
+    budget), its params, the trials spent and the per-unit sparsity the search chose.
+    """
+    header = ["", *[f"{spec['algorithm']} (experiment {experiment['id']})" for spec, experiment, _ in runs]]
+    epochs = {spec.get("finetune_epochs", 0) for spec, _, _ in runs}
+    score_label = "score" + (f" after {epochs.pop()} fine-tuning epochs" if len(epochs) == 1 else "")
+    rows = [header]
+
+    def row(label: str, cell: Any) -> None:
+        rows.append([label, *[cell(spec, experiment, best) for spec, experiment, best in runs]])
+
+    def need(best: dict[str, Any] | None, experiment: dict[str, Any], text: str) -> str:
+        return text if best is not None else experiment["status"]
+
+    row("status", lambda s, e, b: e["status"])
+    row(score_label, lambda s, e, b: need(b, e, _num(b and b.get("score"))))
+    row(
+        "FLOPs / dense (shrunk)",
+        lambda s, e, b: need(
+            b,
+            e,
+            f"{_num(b and b.get('flops_ratio'), 3)}"
+            + (f" (budget {b['budget']['flops']:g})" if b and (b.get("budget") or {}).get("flops") else ""),
+        ),
+    )
+    row(
+        "params",
+        lambda s, e, b: need(
+            b,
+            e,
+            f"{b['params_after']:,} of {b['params_before']:,} ({_num(b.get('params_ratio'), 3)})"
+            if b and b.get("params_after") is not None and b.get("params_before")
+            else "-",
+        ),
+    )
+    row("trials", lambda s, e, b: str(e.get("trials_count", "-")))
+    units = list(dict.fromkeys(unit for _, _, best in runs if best for unit in best.get("distribution") or {}))
+    for unit in units:
+        row(f"sparsity {unit}", lambda s, e, b, u=unit: need(b, e, _num((b or {}).get("distribution", {}).get(u), 3)))
+    return rows
+
+
+def _print_side_by_side(runs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, *rows = demo_rows(runs)
+    table = Table(title="same FLOPs budget, side by side", title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    Console(highlight=False, markup=False).print(table)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start API + worker, submit the shipped example, show its progress and best result, keep serving."""
+    """Start API + worker quietly (their output goes to ``$PRUNEHUB_HOME/demo.log``), submit the shipped examples
+    (uniform and annealing at the same FLOPs budget on the digits CNN), follow them, print their results side by
+    side, keep serving the dashboard."""
     from server.client import PrunehubClient
+    from server.settings import get_settings
 
     url = f"http://{args.host}:{args.port}"
     env = {**os.environ, "PRUNEHUB_API_URL": url}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--with-worker", "--host", args.host, "--port", str(args.port)],
-        env=env,
-    )
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "demo.log"
+    print(f"starting the API and a worker at {url} (their logs: {log_path}) ...", flush=True)
+    serve = ["serve", "--with-worker", "--host", args.host, "--port", str(args.port)]
+    with open(log_path, "ab") as log:  # the child processes keep their own descriptors
+        server = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", *serve], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         with PrunehubClient(url) as client:
             deadline = time.monotonic() + 120
@@ -249,17 +317,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     break
                 except Exception:  # noqa: BLE001 - not up yet
                     if server.poll() is not None or time.monotonic() > deadline:
-                        print("the API did not start", file=sys.stderr)
+                        tail = log_path.read_text(errors="replace")[-3000:]
+                        print(f"the API did not start; the end of {log_path}:\n{tail}", file=sys.stderr)
                         return 1
                     time.sleep(0.5)
-        from server.settings import get_settings
-
         # The API created the local key on its first start; the embedded demo needs no setup.
         with PrunehubClient(url, api_key=get_settings().client_api_key()) as client:
-            spec = json.loads(Path(args.spec).read_text())
-            experiment = client.submit(spec)
-            print(f"submitted experiment {experiment['id']} ({spec['algorithm']} on {spec['entrypoint']})")
-            _finish_watch(client, experiment["id"])
+            specs = [json.loads(Path(path).read_text()) for path in args.spec]
+            submitted = []
+            for spec in specs:
+                experiment = client.submit(spec)
+                budget = ", ".join(f"{k} {v:g}" for k, v in (spec.get("budget") or {}).items())
+                print(
+                    f"submitted experiment {experiment['id']}: {spec['algorithm']} on {spec['entrypoint']}"
+                    + (f" (budget: {budget} of the dense model)" if budget else "")
+                )
+                submitted.append((spec, experiment))
+            runs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]] = []
+            for spec, experiment in submitted:
+                final = _watch(client, experiment["id"])
+                if final.get("error"):
+                    print(f"experiment {experiment['id']} {final['status']}: {final['error']}")
+                best = client.best(experiment["id"]) if final["status"] == "succeeded" else None
+                runs.append((spec, final, best))
+            print()
+            _print_side_by_side(runs)
         print(f"\nprunehub is running at {url}  (dashboard: {url}/, API docs: {url}/docs). Press Ctrl-C to stop.")
         server.wait()
     except KeyboardInterrupt:
@@ -404,10 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("prefix")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("demo", help="start API + worker, run the digits example, keep serving")
+    p = sub.add_parser(
+        "demo", help="start API + worker, run uniform and annealing at one FLOPs budget on digits, keep serving"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--spec", default=str(DEMO_SPEC))
+    p.add_argument(
+        "--spec", nargs="+", default=[str(path) for path in DEMO_SPECS], help="experiment files, shown side by side"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("submit", help="submit an experiment from a JSON file")
