@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session
 
 from server.services import runs
 from server.services.dispatch import ADVANCE, EVALUATE, CeleryDispatcher, Send
-from worker.distributed import send_committed
-from worker.runner import transact
+from worker.runner import CeleryTransport, transact
 from worker.signals import get_context
 
 __all__ = ["reap_once", "start_reaper"]
@@ -39,7 +38,7 @@ def reap_once(send: Send) -> list[tuple[str, int]]:
         return [(ADVANCE, i) for i in experiments] + [(EVALUATE, i) for i in trials]
 
     messages = transact(context.session_factory, take, give_up_after_s=0)
-    send_committed(messages, send, context.session_factory, settings)
+    CeleryTransport(send, context.session_factory, settings).emit(messages)
     if messages:
         log.warning("sent again (stale lease or lost message): %s", messages)
     return messages

@@ -1,8 +1,23 @@
-"""The in-process search runner: ask, execute the jobs one after another, tell, persist — until done.
+"""The one runner: a search is advanced by two use cases, and a transport carries what they emit.
 
-Resumable by construction: the search state is persisted after every tell, trials are unique per job key, and a
-job whose trial already finished is not executed again (its stored result is replayed into ``tell``). A re-run
-of the same experiment therefore continues where the last run stopped.
+* :func:`advance` (``experiments.run``): lock the experiment; if every job of the current step has finished, ``tell``
+  the strategy their results; ``ask`` the next jobs; insert them as ``pending`` trials (unique job keys); commit;
+  emit one ``evaluations.run`` per job. Resolving the problem and exporting the best model are jobs too: the first
+  advance inserts a ``resolve`` trial, the last one an ``export`` trial. It never waits for a job.
+* :func:`evaluate` (``evaluations.run``): take one trial's lease (renewed by a heartbeat while it runs), execute its
+  job in the supervised task process, record the result, and emit the next advance when it was the last
+  unfinished job of its step. One execution path, one mapping from an exception to a result, one retry rule.
+
+Two transports carry the emits, both after the commit that stored what they point at:
+
+* :class:`CeleryTransport` sends each message to the broker (the ``distributed`` runner: each job its own task on
+  the ``evaluations`` queue, one process per GPU);
+* :class:`InProcessTransport` (the embedded default, one-GPU workers) drains them in the worker that holds the
+  experiment's lease (:func:`run_inprocess`): no broker hop per job.
+
+Either way the database is the source of truth: a job whose trial already finished is not run again (the
+strategy is told its stored result), a job another worker holds under a live lease is skipped, and a step asked
+twice (two advances racing) is inserted once.
 """
 
 from __future__ import annotations
@@ -11,56 +26,46 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc
+from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc, utcnow
 from server.services import runs
+from server.services.dispatch import ADVANCE, EVALUATE, Send
+from server.services.events import add_event
 from server.settings import Settings
 
 __all__ = [
+    "CeleryTransport",
     "Heartbeat",
-    "elapsed_minutes",
-    "failure_reason",
-    "open_task_process",
-    "persist_told_state",
+    "InProcessTransport",
+    "Message",
+    "RunContext",
+    "Transport",
+    "advance",
+    "evaluate",
     "run_experiment",
+    "run_inprocess",
     "transact",
     "trial_to_result",
 ]
 
 log = logging.getLogger(__name__)
 
+Message = tuple[str, int]
+"""``(task name, id)``: an ``experiments.run`` for an experiment or an ``evaluations.run`` for a trial."""
 
-def trial_to_result(trial: Trial) -> Any:
-    """The :class:`~pruning.search.base.Result` a finished trial recorded (for replay on resume)."""
-    from pruning.search.base import Result
+MAX_JOB_ATTEMPTS = 2  # a job whose process died is run once more, then recorded as failed
 
-    extra = dict(trial.extra or {})
-    return Result(
-        key=trial.job_key,
-        status="succeeded" if trial.status == TrialStatus.succeeded.value else "failed",
-        score=trial.score,
-        requested=trial.requested or {},
-        achieved=trial.achieved or {},
-        overall_sparsity=trial.overall_sparsity,
-        params=trial.params,
-        flops=trial.flops,
-        params_ratio=trial.params_ratio,
-        flops_ratio=trial.flops_ratio,
-        latency_ms=trial.latency_ms,
-        budget_ratio=trial.budget_ratio,
-        feasible=trial.feasible,
-        evaluation=trial.evaluation or {},
-        artifact=trial.artifact_id,
-        error=trial.error,
-        extra=extra,
-        duration_s=trial.duration_s or 0.0,
-    )
+
+# --------------------------------------------------------------------------------------------------- plumbing
 
 
 # Errors of the connection rather than of the statement: worth waiting out (a restart, a failover).
@@ -117,6 +122,77 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
 
+class Transport(Protocol):
+    """Carries the messages a use case emits after its commit."""
+
+    tracks_sends: bool
+    """Whether messages go through a broker, so the commit before a send records it on the row (the reaper then
+    knows a message is in flight). The in-process transport's messages never leave the worker."""
+
+    def emit(self, messages: Sequence[Message]) -> None: ...
+
+
+class CeleryTransport:
+    """Each message goes to the broker on the queue :mod:`server.services.dispatch` routes it to. A send that fails
+    is recorded as not sent, so the reaper sends it after the lease grace instead of waiting for it."""
+
+    tracks_sends = True
+
+    def __init__(self, send: Send, session_factory: sessionmaker[Session], settings: Settings) -> None:
+        self._send, self._session_factory, self._settings = send, session_factory, settings
+
+    def emit(self, messages: Sequence[Message]) -> None:
+        failed = []
+        for name, target in messages:
+            try:
+                self._send(name, target)
+            except Exception:  # noqa: BLE001 - the broker is down; the reaper sends it later
+                log.warning("could not send %s(%s); the reaper will", name, target, exc_info=True)
+                failed.append((name, target))
+        if failed:
+            transact(self._session_factory, lambda session: runs.record_sent(session, failed, sent=False),
+                     give_up_after_s=self._settings.db_retry_s)
+
+
+class InProcessTransport:
+    """Messages wait in this worker's own queue; :func:`run_inprocess` drains it."""
+
+    tracks_sends = False
+
+    def __init__(self) -> None:
+        self.queue: deque[Message] = deque()
+
+    def emit(self, messages: Sequence[Message]) -> None:
+        self.queue.extend(messages)
+
+
+@dataclass
+class RunContext:
+    """What the use cases need: the database, the settings, who this worker is and how its emits travel."""
+
+    session_factory: sessionmaker[Session]
+    settings: Settings
+    worker_id: str
+    transport: Transport
+
+    def commit_and_emit(self, work: Callable[[Session, list[Message]], T]) -> T:
+        """Run ``work(session, outbox)`` in a transaction, record the outbox's sends on their rows (broker
+        transports), commit, then emit the outbox: commit first, so a message never points at nothing."""
+        outbox: list[Message] = []
+
+        def wrapped(session: Session) -> T:
+            outbox.clear()
+            value = work(session, outbox)
+            if outbox and self.transport.tracks_sends:
+                runs.record_sent(session, outbox)
+            return value
+
+        value = transact(self.session_factory, wrapped, give_up_after_s=self.settings.db_retry_s)
+        if outbox:
+            self.transport.emit(list(outbox))
+        return value
+
+
 def open_task_process(entrypoint: str, settings: Settings) -> Any:
     """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow)."""
     from worker.isolation import task_process
@@ -131,238 +207,214 @@ def open_task_process(entrypoint: str, settings: Settings) -> Any:
     )
 
 
-class _Stop(Exception):
-    """Ends the run early with a final status."""
+def trial_to_result(trial: Trial) -> Any:
+    """The :class:`~pruning.search.base.Result` a finished trial recorded (what the strategy is told)."""
+    from pruning.search.base import Result
 
-    def __init__(self, status: ExperimentStatus, reason: str | None = None) -> None:
-        super().__init__(reason or status.value)
-        self.status = status
-        self.reason = reason
-
-
-def run_experiment(
-    experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
-) -> str:
-    """Run (or resume) experiment ``experiment_id`` to a terminal status; returns that status.
-
-    A user's failing code fails the experiment (error and traceback stored), never the worker.
-    """
-    def claim(session: Session) -> bool:
-        experiment = runs.claim_experiment(
-            session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts
-        )
-        return experiment is not None
-
-    if not transact(session_factory, claim, give_up_after_s=settings.db_retry_s):
-        return "skipped"
-    beat = Heartbeat(
-        lambda session: runs.heartbeat(session, experiment_id, worker_id),
-        session_factory,
-        settings.worker_heartbeat_s,
-        name=f"experiment {experiment_id}",
+    return Result(
+        key=trial.job_key,
+        status="succeeded" if trial.status == TrialStatus.succeeded.value else "failed",
+        score=trial.score,
+        requested=trial.requested or {},
+        achieved=trial.achieved or {},
+        overall_sparsity=trial.overall_sparsity,
+        params=trial.params,
+        flops=trial.flops,
+        params_ratio=trial.params_ratio,
+        flops_ratio=trial.flops_ratio,
+        latency_ms=trial.latency_ms,
+        budget_ratio=trial.budget_ratio,
+        feasible=trial.feasible,
+        evaluation=trial.evaluation or {},
+        artifact=trial.artifact_id,
+        error=trial.error,
+        extra=dict(trial.extra or {}),
+        duration_s=trial.duration_s or 0.0,
     )
-    try:
-        with beat:
-            status, reason = _run_until_done(experiment_id, session_factory, settings, worker_id)
-        tb = None
-    except _Stop as stop:
-        status, reason, tb = stop.status, stop.reason, None
-    except Exception as exc:  # noqa: BLE001 - anything from the user's code ends the experiment, not the worker
-        log.exception("experiment %s failed", experiment_id)
-        status, reason, tb = ExperimentStatus.failed, f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
-    def finish(session: Session) -> ExperimentStatus:
+
+def elapsed_minutes(started: datetime | None) -> float:
+    """Minutes since ``started`` (0 before the experiment started)."""
+    return 0.0 if started is None else (datetime.now(UTC) - as_utc(started)).total_seconds() / 60.0
+
+
+def _max_minutes(config: dict[str, Any]) -> float | None:
+    value = config.get("max_minutes")
+    return float(value) if value is not None else None
+
+
+# ----------------------------------------------------------------------------------------------------- advance
+
+
+def advance(experiment_id: int, ctx: RunContext) -> str:
+    """Advance the experiment by at most one step; returns what happened (for logs and tests)."""
+
+    def work(session: Session, outbox: list[Message]) -> str:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)
-        assert experiment is not None
-        final = status
-        if final is ExperimentStatus.succeeded and experiment.status == ExperimentStatus.cancelling.value:
-            final = ExperimentStatus.cancelled
-        runs.finish_experiment(
-            session, experiment, final, error=reason if final is ExperimentStatus.failed else None, traceback=tb
+        if experiment is None:
+            return "missing"
+        status = ExperimentStatus(experiment.status)
+        if status.terminal:
+            return "terminal"
+        unfinished = session.scalar(
+            select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
         )
-        if final is not ExperimentStatus.failed and reason:
-            experiment.phase = f"{final.value}: {reason}"
-        return final
+        if status is ExperimentStatus.cancelling:
+            if unfinished:
+                return "waiting for jobs to stop"
+            runs.finish_experiment(session, experiment, ExperimentStatus.cancelled)
+            return "cancelled"
+        if status is ExperimentStatus.queued:
+            experiment.status = ExperimentStatus.running.value
+            experiment.started_at = experiment.started_at or utcnow()
+            experiment.attempts += 1
+            add_event(session, experiment_id, "status", status="running", attempt=experiment.attempts)
+        experiment.heartbeat_at = utcnow()
+        if unfinished:
+            return "step still running"
+        if experiment.problem is None:
+            return _resolve_step(session, experiment, outbox)
+        return _advance_step(session, experiment, outbox)
 
-    return transact(session_factory, finish, give_up_after_s=settings.db_retry_s).value
+    try:
+        return ctx.commit_and_emit(work)
+    except IntegrityError:
+        return "another advance won"  # it inserted this step's jobs first
+    except DB_CONNECTION_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a strategy or a stored state that fails ends its experiment only
+        log.exception("advancing experiment %s failed", experiment_id)
+        error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+        def fail(session: Session) -> None:
+            experiment = session.get(Experiment, experiment_id, with_for_update=True)
+            if experiment is not None and not ExperimentStatus(experiment.status).terminal:
+                runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error, traceback=tb)
+
+        transact(ctx.session_factory, fail, give_up_after_s=ctx.settings.db_retry_s)
+        return "failed"
 
 
-def _run_until_done(
-    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
-) -> tuple[ExperimentStatus, str | None]:
-    """:func:`_run`, restarted from the persisted state when the database connection fails mid-run (a
-    PostgreSQL restart): recorded trials replay, the job whose result could not be written runs once more."""
-    give_up_at = time.monotonic() + settings.db_retry_s
-    delay = 0.5
-    while True:
-        try:
-            return _run(experiment_id, session_factory, settings, worker_id)
-        except DB_CONNECTION_ERRORS as exc:
-            if time.monotonic() >= give_up_at:
-                raise
-            log.warning("database unavailable during experiment %s (%s); resuming in %.1fs", experiment_id,
-                        type(exc).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+def _service_trial(session: Session, experiment: Experiment, kind: str, key: str, step: int,
+                   job: dict[str, Any]) -> Trial:
+    """Insert the ``resolve`` or ``export`` trial: a job of the runner itself, not one the strategy asked for."""
+    seq = 0 if kind == runs.RESOLVE_KIND else (
+        session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment.id)) or 0) + 1
+    trial = Trial(experiment_id=experiment.id, seq=seq, step=step, job_key=key, kind=kind,
+                  status=TrialStatus.pending.value, distribution={}, context={}, extra={"job": job})
+    session.add(trial)
+    session.flush()
+    return trial
 
 
-def _run(
-    experiment_id: int, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
-) -> tuple[ExperimentStatus, str | None]:
-    from pruning.search import make_strategy
-    from pruning.search.base import Job, Result, SearchProblem
+def _resolve_step(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
+    resolve = runs.trial_by_key(session, experiment.id, runs.RESOLVE_KEY)
+    if resolve is not None:
+        # Finished without storing a problem: its failure ended the experiment, or a racing advance saw it first.
+        return "resolving"
+    trial = _service_trial(session, experiment, runs.RESOLVE_KIND, runs.RESOLVE_KEY, 0, {"kind": "resolve"})
+    experiment.phase = "resolving the problem"
+    outbox.append((EVALUATE, trial.id))
+    return "resolving"
+
+
+def _load(experiment: Experiment) -> tuple[Any, Any, Any]:
+    from pruning.search import make_strategy, state_type
+    from pruning.search.base import SearchProblem
     from pruning.search.configs import parse_algorithm_config
-    from worker.isolation import ChildDied, ChildError, JobCancelled, JobTimedOut
 
-    with session_factory() as session:
-        experiment = session.get(Experiment, experiment_id)
-        assert experiment is not None
-        entrypoint, raw_config, stored_state = experiment.entrypoint, experiment.config, experiment.search_state
-        stored_problem = experiment.problem
-        started_at = experiment.started_at
+    config = parse_algorithm_config(experiment.config)
+    strategy = make_strategy(config)
+    state = (
+        state_type(experiment.algorithm).model_validate(experiment.search_state)
+        if experiment.search_state is not None
+        else strategy.start(SearchProblem.model_validate(experiment.problem))
+    )
+    return config, strategy, state
 
-    config = parse_algorithm_config(raw_config)
-    experiment_deadline = None
-    if config.max_minutes is not None:
-        elapsed_s = elapsed_minutes(started_at) * 60.0
-        experiment_deadline = time.monotonic() + config.max_minutes * 60.0 - elapsed_s
 
-    def cancelled() -> bool:
-        with session_factory() as session:
-            return runs.cancel_requested(session, experiment_id)
-
-    with open_task_process(entrypoint, settings) as child:
-        if stored_problem is not None:
-            problem = SearchProblem.model_validate(stored_problem)
+def _advance_step(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
+    export = session.scalar(
+        select(Trial).where(Trial.experiment_id == experiment.id, Trial.kind == runs.EXPORT_KIND)
+    )
+    if export is not None:  # the search ended and its export ran (its result is on the best trial)
+        return _finish(session, experiment, export.context.get("reason"))
+    config, strategy, state = _load(experiment)
+    experiment_id = experiment.id
+    if experiment.step > 0:
+        step_trials = select(Trial).where(
+            Trial.experiment_id == experiment_id, Trial.step == experiment.step, runs.SEARCH_TRIAL
+        )
+        trials = list(session.scalars(step_trials.order_by(Trial.seq)))
+        state = strategy.tell(state, [trial_to_result(t) for t in trials])
+        persist_told_state(session, experiment, state, {t.job_key for t in trials}, config.max_trials)
+    finished = runs.finished_trials(session, experiment_id)
+    stop_reason = None
+    if config.max_minutes is not None and elapsed_minutes(experiment.started_at) >= config.max_minutes:
+        stop_reason = f"stopped after max_minutes={config.max_minutes}"
+    state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
+    if jobs and config.max_trials is not None and finished >= config.max_trials:
+        stop_reason, jobs = f"stopped after max_trials={config.max_trials}", []
+    if not jobs:
+        if stop_reason is None and not state.done:
+            raise RuntimeError("the strategy asked for no job but is not done")
+        return _end_search(session, experiment, state, stop_reason or state.stop_reason, outbox)
+    next_step = experiment.step + 1
+    for job in jobs:
+        trial = runs.trial_by_key(session, experiment_id, job.key)
+        if trial is None:
+            trial = runs.add_trial(session, experiment_id, job, status=TrialStatus.pending, step=next_step)
+        elif trial.step == next_step:
+            raise IntegrityError("a racing advance asked this step", None, ValueError(job.key))
         else:
-            try:
-                answer = child.request("resolve", {"config": raw_config}, should_stop=cancelled,
-                                       deadline=experiment_deadline)
-            except ChildError as exc:
-                raise _Stop(ExperimentStatus.failed, str(exc)) from exc
-            except ChildDied as exc:
-                raise _Stop(ExperimentStatus.failed, f"{exc} while loading the task") from exc
-            except JobCancelled as exc:
-                raise _Stop(ExperimentStatus.cancelled, "cancelled by request") from exc
-            except JobTimedOut as exc:
-                raise _Stop(ExperimentStatus.failed, f"max_minutes={config.max_minutes} reached while loading") from exc
-            problem = SearchProblem.model_validate(answer["problem"])
-            with session_factory() as session:
-                row = session.get(Experiment, experiment_id)
-                assert row is not None
-                runs.store_problem(session, row, answer["problem"])
-                session.commit()
-
-        strategy = make_strategy(config)
-        initial = strategy.start(problem)
-        state = type(initial).model_validate(stored_state) if stored_state is not None else initial
-        problem_json = problem.model_dump(mode="json")
-
-        def execute(job: Job, within_budget: bool = True) -> Result:
-            # The best model's rebuild after the budget ran out is not held to max_minutes (only job_timeout).
-            deadline = experiment_deadline if within_budget else None
-            if settings.job_timeout_s is not None:
-                job_deadline = time.monotonic() + settings.job_timeout_s
-                deadline = job_deadline if deadline is None else min(deadline, job_deadline)
-            try:
-                answer = child.request("job", {"problem": problem_json, "job": job.model_dump(mode="json")},
-                                       should_stop=cancelled, deadline=deadline)
-            except ChildError as exc:
-                if exc.fatal:
-                    raise _Stop(ExperimentStatus.failed, str(exc)) from exc
-                return Result(key=job.key, status="failed", error=str(exc), extra={"traceback": exc.traceback})
-            except ChildDied as exc:
-                return Result(key=job.key, status="failed", error=str(exc))
-            except JobCancelled as exc:
-                raise _Stop(ExperimentStatus.cancelled, "cancelled by request") from exc
-            except JobTimedOut as exc:
-                if within_budget and experiment_deadline is not None and time.monotonic() >= experiment_deadline:
-                    raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}") from exc
-                return Result(key=job.key, status="failed", error=f"job exceeded job_timeout={settings.job_timeout_s}s")
-            return Result.model_validate(answer["result"])
-
-        try:
-            while True:
-                if cancelled():
-                    raise _Stop(ExperimentStatus.cancelled, "cancelled by request")
-                if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
-                    raise _BudgetSpent(f"stopped after max_minutes={config.max_minutes}")
-                with session_factory() as session:
-                    finished = runs.finished_trials(session, experiment_id)
-                state, jobs = strategy.ask(state)
-                if not jobs:
-                    if not state.done:
-                        raise RuntimeError("the strategy asked for no job but is not done")
-                    break
-                if config.max_trials is not None and finished >= config.max_trials:
-                    raise _BudgetSpent(f"stopped after max_trials={config.max_trials}")
-                results = []
-                for job in jobs:
-                    with session_factory() as session:
-                        trial = runs.trial_by_key(session, experiment_id, job.key)
-                        if trial is not None and trial.status in runs.FINISHED:
-                            results.append(trial_to_result(trial))  # recorded before a restart: replay
-                            continue
-                        experiment = session.get(Experiment, experiment_id)
-                        assert experiment is not None
-                        trial = runs.start_trial(session, experiment, job, worker_id)  # the heartbeat renews it
-                        experiment.phase = f"running {job.kind} {job.key}"
-                        session.commit()
-                        trial_id = trial.id
-                    result = execute(job)
-                    with session_factory() as session:
-                        trial = session.get(Trial, trial_id)
-                        assert trial is not None
-                        runs.record_result(session, trial, result)
-                        session.commit()
-                    results.append(result)
-                state = strategy.tell(state, results)
-                with session_factory() as session:
-                    experiment = session.get(Experiment, experiment_id)
-                    assert experiment is not None
-                    persist_told_state(session, experiment, state, {job.key for job in jobs}, config.max_trials)
-                    session.commit()
-            reason = state.stop_reason
-        except _BudgetSpent as spent:
-            reason = str(spent)
-        _ensure_model(experiment_id, state.best_key, session_factory, execute)
-    return _final_status(experiment_id, session_factory, state, reason)
+            trial.step = next_step  # recorded before a restart (an older database): its result is told, not re-run
+        if trial.status not in runs.FINISHED:
+            outbox.append((EVALUATE, trial.id))
+    experiment.search_state = state.model_dump(mode="json")  # the state after ask: tell continues from it
+    experiment.state_version += 1
+    experiment.step = next_step
+    experiment.phase = f"step {next_step}: {len(jobs)} job(s)"
+    add_event(session, experiment_id, "step", step=next_step, jobs=len(jobs))
+    if not outbox:
+        outbox.append((ADVANCE, experiment_id))  # every job of the step was recorded already: tell at once
+    return f"step {next_step}: {len(jobs)} job(s)"
 
 
-def _ensure_model(
-    experiment_id: int,
-    best_key: str | None,
-    session_factory: sessionmaker[Session],
-    execute: Callable[..., Any],
-) -> None:
-    """Make the best trial downloadable (see :func:`server.services.runs.model_rebuild_job`)."""
-    from pruning.search.base import Job
+def _end_search(
+    session: Session, experiment: Experiment, state: Any, reason: str | None, outbox: list[Message]
+) -> str:
+    """The strategy is done (or a budget ran out): export the best trial's model when it has none, else finish."""
+    experiment.search_state = state.model_dump(mode="json")
+    if state.best_key is None:
+        runs.finish_experiment(session, experiment, ExperimentStatus.failed,
+                               error=failure_reason(session, experiment.id, reason))
+        return "failed"
+    best = runs.trial_by_key(session, experiment.id, state.best_key)
+    job = runs.model_rebuild_job(best) if best is not None else None
+    if best is None or job is None:
+        return _finish(session, experiment, reason)
+    if reason:
+        add_event(session, experiment.id, "note", text=reason)
+    trial = _service_trial(session, experiment, runs.EXPORT_KIND, runs.EXPORT_KEY, experiment.step + 1,
+                           {**job, "best_trial_id": best.id})
+    trial.context = {"reason": reason} if reason else {}
+    experiment.phase = "saving the best pruned model"
+    outbox.append((EVALUATE, trial.id))
+    return "exporting"
 
-    if best_key is None:
-        return
-    with session_factory() as session:
-        trial = runs.trial_by_key(session, experiment_id, best_key)
-        job_json = runs.model_rebuild_job(trial) if trial is not None else None
-        if trial is None or job_json is None:
-            return
-        trial_id = trial.id
-        experiment = session.get(Experiment, experiment_id)
-        assert experiment is not None
-        experiment.phase = "saving the best pruned model"
-        session.commit()
-    result = execute(Job.model_validate(job_json), False)
-    with session_factory() as session:
-        trial = session.get(Trial, trial_id)
-        assert trial is not None
-        runs.attach_model_result(session, trial, result)
-        session.commit()
+
+def _finish(session: Session, experiment: Experiment, reason: str | None) -> str:
+    runs.finish_experiment(session, experiment, ExperimentStatus.succeeded)
+    if reason:
+        experiment.phase = f"succeeded: {reason}"
+    return "succeeded"
 
 
 def persist_told_state(
     session: Session, experiment: Experiment, state: Any, keys: set[str], max_trials: int | None
 ) -> None:
     """After a tell: copy the strategy's decisions onto the step's trials (accepted, rejected and chosen are known
-    only now), then save the state, the progress and the best so far. Shared by both runners."""
+    only now), then save the state, the progress and the best so far."""
     state_json = state.model_dump(mode="json")
     decisions = _decisions(state_json, keys)
     if decisions:
@@ -400,26 +452,274 @@ def _decisions(node: Any, keys: set[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-class _BudgetSpent(Exception):
-    """max_trials or max_minutes reached: the search ends with what it found."""
-
-
-def elapsed_minutes(started: datetime | None) -> float:
-    """Minutes since ``started`` (0 before the experiment started)."""
-    return 0.0 if started is None else (datetime.now(UTC) - as_utc(started)).total_seconds() / 60.0
-
-
 def failure_reason(session: Session, experiment_id: int, reason: str | None) -> str:
     """Why a search that produced no successful trial failed: its own stop reason and the last trial failure."""
     reasons = [r for r in (reason, runs.last_failure(session, experiment_id)) if r]
     return "; ".join(reasons) or "the search produced no successful trial"
 
 
-def _final_status(
-    experiment_id: int, session_factory: sessionmaker[Session], state: Any, reason: str | None
-) -> tuple[ExperimentStatus, str | None]:
-    """Succeeded when the search produced a best result; failed (with the reasons) otherwise."""
-    if state.best_key is None:
-        with session_factory() as session:
-            raise _Stop(ExperimentStatus.failed, failure_reason(session, experiment_id, reason))
-    return ExperimentStatus.succeeded, reason
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class _Claimed:
+    experiment_id: int
+    entrypoint: str
+    kind: str
+    config: dict[str, Any]
+    problem: dict[str, Any] | None
+    job: dict[str, Any]
+    attempt: int
+    started_at: datetime | None
+
+
+@dataclass
+class _Outcome:
+    """What one execution produced: the trial's result, whether to run it again, and whether it ends the
+    experiment (a broken task module, a problem that cannot be resolved)."""
+
+    result: Any
+    retry: bool = False
+    fatal: str | None = None
+    traceback: str | None = None
+    problem: dict[str, Any] | None = None
+
+
+def evaluate(trial_id: int, ctx: RunContext) -> str:
+    """Run one trial's job on this worker (lease, execute, record); emit the advance after a step's last job."""
+    from pruning.search.base import Result
+
+    worker_id, settings = ctx.worker_id, ctx.settings
+
+    def claim(session: Session, outbox: list[Message]) -> tuple[str, _Claimed | None]:
+        trial = session.get(Trial, trial_id, with_for_update=True)
+        if trial is None:
+            return "missing", None
+        experiment = session.get(Experiment, trial.experiment_id)
+        assert experiment is not None
+        if trial.status in runs.FINISHED:
+            _after_job(session, trial, outbox)  # a replay: the advance it should have caused may be lost
+            return "done", None
+        if trial.status == TrialStatus.running.value and trial.lease_owner != worker_id:
+            if runs.lease_is_live_at(trial.heartbeat_at, settings.lease_grace_s):
+                return "skipped", None  # a duplicate delivery: another worker holds the job
+        status = ExperimentStatus(experiment.status)
+        if status is ExperimentStatus.cancelling or status.terminal:
+            why = "cancelled before it ran" if status in (ExperimentStatus.cancelling, ExperimentStatus.cancelled) \
+                else f"not run: the experiment had {status.value}"
+            runs.record_result(session, trial, Result(key=trial.job_key, status="failed", error=why))
+            _after_job(session, trial, outbox)
+            return "cancelled", None
+        if trial.attempts >= MAX_JOB_ATTEMPTS:
+            runs.record_result(session, trial, Result(
+                key=trial.job_key, status="failed",
+                error=f"the job was started {trial.attempts} times without finishing; its workers died"))
+            _after_job(session, trial, outbox)
+            return "gave up", None
+        runs.take_trial_lease(trial, worker_id)
+        return "run", _Claimed(experiment.id, experiment.entrypoint, trial.kind, experiment.config,
+                               experiment.problem, dict(trial.extra["job"]), trial.attempts, experiment.started_at)
+
+    outcome, claimed = ctx.commit_and_emit(claim)
+    if claimed is None:
+        return outcome
+    executed = _execute(trial_id, claimed, ctx)
+    result = executed.result
+    if executed.retry and claimed.attempt < MAX_JOB_ATTEMPTS:
+        def release(session: Session, outbox: list[Message]) -> bool:
+            trial = session.get(Trial, trial_id, with_for_update=True)
+            if trial is None or trial.lease_owner != worker_id or runs.cancel_requested(session, trial.experiment_id):
+                return False
+            trial.status, trial.lease_owner = TrialStatus.pending.value, None
+            add_event(session, trial.experiment_id, "note", text=f"retrying {trial.job_key}: {result.error}")
+            outbox.append((EVALUATE, trial_id))  # run again by whichever worker takes it next
+            return True
+
+        if ctx.commit_and_emit(release):
+            return "retrying"
+
+    def record(session: Session, outbox: list[Message]) -> None:
+        trial = session.get(Trial, trial_id, with_for_update=True)
+        assert trial is not None
+        if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
+            return  # taken over (our lease went stale) and recorded by the other worker
+        runs.record_result(session, trial, result)
+        experiment = session.get(Experiment, trial.experiment_id, with_for_update=True)
+        assert experiment is not None
+        if executed.problem is not None and not ExperimentStatus(experiment.status).terminal:
+            runs.store_problem(session, experiment, executed.problem)
+        elif trial.kind == runs.EXPORT_KIND:
+            best = session.get(Trial, int(claimed.job["best_trial_id"]))
+            if best is not None:
+                runs.attach_model_result(session, best, result)
+        if executed.fatal is not None and not ExperimentStatus(experiment.status).terminal:
+            runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=executed.fatal,
+                                   traceback=executed.traceback)
+            return
+        _after_job(session, trial, outbox)
+
+    ctx.commit_and_emit(record)
+    return str(result.status)
+
+
+def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
+    """Execute a claimed job in the task process under the trial's heartbeat; every failure becomes a result."""
+    from pruning.search.base import Result
+    from worker.isolation import ChildDied, ChildError, JobCancelled, JobTimedOut
+
+    settings, key = ctx.settings, str(claimed.job.get("key", claimed.kind))
+    max_minutes = _max_minutes(claimed.config)
+    experiment_deadline = None
+    if max_minutes is not None and claimed.kind != runs.EXPORT_KIND:
+        # The best model's export after the budget ran out is held to job_timeout only.
+        experiment_deadline = time.monotonic() + max_minutes * 60.0 - elapsed_minutes(claimed.started_at) * 60.0
+    deadline = experiment_deadline
+    if settings.job_timeout_s is not None:
+        job_deadline = time.monotonic() + settings.job_timeout_s
+        deadline = job_deadline if deadline is None else min(deadline, job_deadline)
+
+    def cancelled() -> bool:
+        with ctx.session_factory() as session:
+            return runs.cancel_requested(session, claimed.experiment_id)
+
+    def beat(session: Session) -> None:
+        trial = session.get(Trial, trial_id)
+        if trial is not None and trial.lease_owner == ctx.worker_id:
+            trial.heartbeat_at = utcnow()
+
+    def failed(error: str, **extra: Any) -> Any:
+        return Result(key=key, status="failed", error=error, extra=extra)
+
+    started = time.monotonic()
+    resolving = claimed.kind == runs.RESOLVE_KIND
+    try:
+        with open_task_process(claimed.entrypoint, settings) as child, Heartbeat(
+            beat, ctx.session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}"
+        ):
+            if resolving:
+                answer = child.request("resolve", {"config": claimed.config}, should_stop=cancelled,
+                                       deadline=deadline)
+                return _Outcome(Result(key=key, status="succeeded", duration_s=time.monotonic() - started),
+                                problem=answer["problem"])
+            job = {k: v for k, v in claimed.job.items() if k != "best_trial_id"}
+            answer = child.request("job", {"problem": claimed.problem, "job": job}, should_stop=cancelled,
+                                   deadline=deadline)
+            return _Outcome(Result.model_validate(answer["result"]))
+    except ChildError as exc:
+        fatal = exc.fatal or resolving
+        return _Outcome(failed(str(exc), traceback=exc.traceback), fatal=str(exc) if fatal else None,
+                        traceback=exc.traceback if fatal else None)
+    except ChildDied as exc:
+        error = f"{exc} while loading the task" if resolving else str(exc)
+        last_try = claimed.attempt >= MAX_JOB_ATTEMPTS
+        return _Outcome(failed(error), retry=True, fatal=error if resolving and last_try else None)
+    except JobCancelled:
+        return _Outcome(failed(f"cancelled after {time.monotonic() - started:.1f} s of running; the task process "
+                               "was killed"))
+    except JobTimedOut:
+        if experiment_deadline is not None and time.monotonic() >= experiment_deadline:
+            error = f"stopped after max_minutes={max_minutes}"
+            if resolving:
+                return _Outcome(failed(error), fatal=f"max_minutes={max_minutes} reached while loading")
+            return _Outcome(failed(error))
+        error = f"job exceeded job_timeout={settings.job_timeout_s}s"
+        return _Outcome(failed(error), fatal=error if resolving else None)
+
+
+def _after_job(session: Session, trial: Trial, outbox: list[Message]) -> None:
+    """Emit the next advance when no job of this trial's step is unfinished (decided in the database in the
+    transaction that recorded this job, so at least one of the step's last finishers sees zero)."""
+    left = session.scalar(
+        select(func.count()).where(
+            Trial.experiment_id == trial.experiment_id, Trial.step == trial.step, Trial.status.in_(runs.UNFINISHED)
+        )
+    )
+    if not left:
+        outbox.append((ADVANCE, trial.experiment_id))
+
+
+# ------------------------------------------------------------------------------------------ in-process transport
+
+
+def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], settings: Settings,
+                  worker_id: str) -> str:
+    """Run an experiment in this worker from one message until it ends, draining every emit here.
+
+    The worker takes the experiment's lease (a duplicate delivery while it is live exits at once; a dead
+    worker's stale lease is taken over, at most ``max_attempts`` times) and renews it by a heartbeat. Its queue
+    starts with the unfinished jobs a dead worker left, so a resumed run continues where the last one stopped.
+    Returns the experiment's status at the end, or ``"skipped"``.
+    """
+    name, target = entry
+
+    def claim(session: Session) -> int | None:
+        experiment_id = target
+        if name == EVALUATE:
+            trial = session.get(Trial, target)
+            if trial is None:
+                return None
+            experiment_id = trial.experiment_id
+        experiment = runs.claim_experiment(
+            session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts
+        )
+        return experiment.id if experiment is not None else None
+
+    experiment_id = transact(session_factory, claim, give_up_after_s=settings.db_retry_s)
+    if experiment_id is None:
+        return "skipped"
+    transport = InProcessTransport()
+    ctx = RunContext(session_factory, settings, worker_id, transport)
+    with session_factory() as session:
+        left = session.scalars(
+            select(Trial.id).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
+            .order_by(Trial.seq)
+        ).all()
+    transport.emit([(EVALUATE, trial_id) for trial_id in left])
+    transport.emit([entry] if name == EVALUATE and target not in left else [])
+    transport.emit([(ADVANCE, experiment_id)])
+    beat = Heartbeat(
+        lambda session: runs.heartbeat(session, experiment_id, worker_id),
+        session_factory,
+        settings.worker_heartbeat_s,
+        name=f"experiment {experiment_id}",
+    )
+    with beat:
+        while transport.queue:
+            task, target_id = transport.queue.popleft()
+            _drain_one(task, target_id, ctx)
+
+    def release(session: Session) -> str:
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        assert experiment is not None
+        if experiment.lease_owner == worker_id:
+            experiment.lease_owner = None  # not ended here (work moved to another worker): the reaper watches it
+        return experiment.status
+
+    return transact(session_factory, release, give_up_after_s=settings.db_retry_s)
+
+
+def _drain_one(task: str, target_id: int, ctx: RunContext) -> None:
+    give_up_at = time.monotonic() + ctx.settings.db_retry_s
+    delay = 0.5
+    while True:
+        try:
+            outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
+            log.debug("%s(%s): %s", task, target_id, outcome)
+            return
+        except DB_CONNECTION_ERRORS as exc:
+            # A database restart mid-run: recorded trials stand; the job whose result was lost runs once more.
+            if time.monotonic() >= give_up_at:
+                raise
+            log.warning("database unavailable during %s(%s) (%s); retrying in %.1fs", task, target_id,
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def run_experiment(
+    experiment_id: int, *, session_factory: sessionmaker[Session], settings: Settings, worker_id: str
+) -> str:
+    """Run (or resume) experiment ``experiment_id`` in this process (the in-process transport); returns its
+    final status, or ``"skipped"`` when another worker holds it or there is nothing to run."""
+    return run_inprocess((ADVANCE, experiment_id), session_factory=session_factory, settings=settings,
+                         worker_id=worker_id)

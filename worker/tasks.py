@@ -1,13 +1,16 @@
-"""Celery tasks: thin wrappers that decode ids and call :mod:`worker.runner` or :mod:`worker.distributed`.
+"""Celery tasks: thin wrappers that decode ids and call the two use cases of :mod:`worker.runner`.
 
-Their names and queues come from :mod:`server.services.dispatch`, and everything they send goes through it.
+Their names and queues come from :mod:`server.services.dispatch`, and everything they send goes through it. With
+``runner = "inprocess"`` a message starts the experiment in this worker and every later step is drained here
+(:func:`worker.runner.run_inprocess`); with ``"distributed"`` each message advances or evaluates once and sends
+what follows to the broker.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from server.services.dispatch import ADVANCE, EVALUATE, EXPORT, RESOLVE, CeleryDispatcher
+from server.services.dispatch import ADVANCE, EVALUATE, CeleryDispatcher
 
 __all__ = ["register_tasks"]
 
@@ -15,54 +18,21 @@ __all__ = ["register_tasks"]
 def register_tasks(app: Celery) -> None:
     send = CeleryDispatcher(app).send
 
-    @app.task(name=ADVANCE, acks_late=True, ignore_result=True)
-    def run_experiment(experiment_id: int) -> str:
+    def handle(task: str, target_id: int) -> str:
+        from worker.runner import CeleryTransport, RunContext, advance, evaluate, run_inprocess
         from worker.signals import get_context
 
         context = get_context()
-        if context.settings.runner == "distributed":
-            from worker.distributed import advance
+        factory, settings, worker_id = context.session_factory, context.settings, context.worker_id
+        if settings.runner == "inprocess":
+            return run_inprocess((task, target_id), session_factory=factory, settings=settings, worker_id=worker_id)
+        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings))
+        return advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
 
-            return advance(
-                int(experiment_id), session_factory=context.session_factory, settings=context.settings, send=send
-            )
-        from worker.runner import run_experiment as run
-
-        return run(
-            int(experiment_id),
-            session_factory=context.session_factory,
-            settings=context.settings,
-            worker_id=context.worker_id,
-        )
+    @app.task(name=ADVANCE, acks_late=True, ignore_result=True)
+    def advance_experiment(experiment_id: int) -> str:
+        return handle(ADVANCE, int(experiment_id))
 
     @app.task(name=EVALUATE, acks_late=True, ignore_result=True)
-    def evaluate_job(trial_id: int) -> str:
-        from worker.distributed import evaluate
-        from worker.signals import get_context
-
-        context = get_context()
-        return evaluate(
-            int(trial_id),
-            session_factory=context.session_factory,
-            settings=context.settings,
-            worker_id=context.worker_id,
-            send=send,
-        )
-
-    @app.task(name=RESOLVE, acks_late=True, ignore_result=True)
-    def resolve_problem(experiment_id: int) -> str:
-        from worker.distributed import resolve
-        from worker.signals import get_context
-
-        context = get_context()
-        return resolve(int(experiment_id), session_factory=context.session_factory, settings=context.settings,
-                       send=send)
-
-    @app.task(name=EXPORT, acks_late=True, ignore_result=True)
-    def export_model(experiment_id: int) -> str:
-        from worker.distributed import export_best
-        from worker.signals import get_context
-
-        context = get_context()
-        return export_best(int(experiment_id), session_factory=context.session_factory, settings=context.settings,
-                           send=send)
+    def evaluate_trial(trial_id: int) -> str:
+        return handle(EVALUATE, int(trial_id))

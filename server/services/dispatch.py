@@ -6,13 +6,13 @@ A message carries one id and is sent after the commit that stored what it points
 task                          queue            argument       sent by
 ============================  ===============  =============  ================================================
 ``experiments.run``           ``experiments``  experiment id  the API (a new experiment), the reaper, the last
-                                                              job of a distributed step
-``evaluations.run``           ``evaluations``  trial id       a distributed step's advance, a retry, the reaper
-``evaluations.resolve``       ``evaluations``  experiment id  the first advance of a distributed experiment
-``evaluations.export``        ``evaluations``  experiment id  the last advance of a distributed experiment
+                                                              job of a step (advance: tell, ask, insert jobs)
+``evaluations.run``           ``evaluations``  trial id       an advance (one per job of the step, including
+                                                              the resolve and export jobs), a retry, the reaper
 ============================  ===============  =============  ================================================
 
-The API, the reaper and the runners all send through :class:`CeleryDispatcher` (or anything with its ``send``);
+The API, the reaper and the runner's broker transport all send through :class:`CeleryDispatcher` (or anything
+with its ``send``);
 the worker registers its task functions under these names. Nothing here imports the worker.
 """
 
@@ -31,9 +31,7 @@ __all__ = [
     "EVALUATE",
     "EVALUATIONS_QUEUE",
     "EXPERIMENTS_QUEUE",
-    "EXPORT",
     "QUEUES",
-    "RESOLVE",
     "ROUTES",
     "CeleryDispatcher",
     "Dispatcher",
@@ -47,14 +45,10 @@ QUEUES = (EXPERIMENTS_QUEUE, EVALUATIONS_QUEUE)
 
 ADVANCE = "experiments.run"
 EVALUATE = "evaluations.run"
-RESOLVE = "evaluations.resolve"
-EXPORT = "evaluations.export"
 
 ROUTES: dict[str, str] = {
     ADVANCE: EXPERIMENTS_QUEUE,
     EVALUATE: EVALUATIONS_QUEUE,
-    RESOLVE: EVALUATIONS_QUEUE,
-    EXPORT: EVALUATIONS_QUEUE,
 }
 
 Send = Callable[[str, int], None]

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from pruning.search.configs import SearchCommon
 from pruning.task import TaskError, check_entrypoint
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
+from server.services import runs
 from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
@@ -156,7 +157,7 @@ def list_trials(
 ) -> tuple[list[Trial], str | None, int]:
     """The experiment's trials in sequence order (or by score, best first), filtered by status and by
     equality on context keys; returns (page, next cursor, total matching)."""
-    query = select(Trial).where(Trial.experiment_id == experiment.id)
+    query = select(Trial).where(Trial.experiment_id == experiment.id, runs.SEARCH_TRIAL)
     if status:
         query = query.where(Trial.status == status)
     rows_all: list[Trial] | None = None
@@ -193,6 +194,7 @@ def _feasible_trials(session: Session, experiment: Experiment) -> list[Trial]:
         Trial.experiment_id == experiment.id,
         Trial.status == TrialStatus.succeeded.value,
         Trial.score.is_not(None),
+        runs.SEARCH_TRIAL,
     )
     if experiment.config.get("budget"):
         query = query.where(Trial.feasible.is_(True))

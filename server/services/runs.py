@@ -146,16 +146,19 @@ def experiments_to_resend(session: Session, *, grace_s: float, lost_s: float) ->
 
 
 def trials_to_resend(session: Session, *, grace_s: float, lost_s: float) -> list[int]:
-    """Distributed trials a reaper should send ``evaluations.run`` for again, recorded as sent: running ones whose
-    lease went stale (their evaluation worker died) and pending ones whose message was lost (none recorded after
+    """Trials a reaper should send ``evaluations.run`` for again, recorded as sent: running ones whose lease went
+    stale (their evaluation worker died) and pending ones whose message was lost (none recorded after
     ``grace_s``, or older than ``lost_s``); never one whose message is in flight.
 
-    In-process trials (no step) are never sent: they run inside their experiment, whose lease covers them.
+    Only trials of experiments no worker holds (the broker transport): an experiment run in one worker (the
+    in-process transport) holds their jobs under its own lease, and when that goes stale the experiment is sent
+    again (:func:`experiments_to_resend`) and its new worker takes over its unfinished jobs.
     """
     now = utcnow()
     stale, lost = now - timedelta(seconds=grace_s), now - timedelta(seconds=lost_s)
     active = select(Experiment.id).where(
-        Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value))
+        Experiment.status.in_((ExperimentStatus.running.value, ExperimentStatus.cancelling.value)),
+        Experiment.lease_owner.is_(None),
     )
     candidates = select(Trial.id).where(
         Trial.experiment_id.in_(active),
@@ -185,6 +188,12 @@ def record_sent(session: Session, messages: Iterable[tuple[str, int]], *, sent: 
 
 
 FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
+# The runner's own jobs, run and leased like any trial but not part of the search's history.
+RESOLVE_KIND, RESOLVE_KEY = "resolve", "resolve"
+EXPORT_KIND, EXPORT_KEY = "export", "export"
+SERVICE_KINDS = (RESOLVE_KIND, EXPORT_KIND)
+SEARCH_TRIAL: ColumnElement[bool] = Trial.kind.not_in(SERVICE_KINDS)
+"""Filter for the trials a strategy asked for (not the runner's resolve and export jobs)."""
 UNFINISHED = (TrialStatus.pending.value, TrialStatus.running.value)
 REBUILDABLE_KINDS = ("evaluate", "finetune_and_evaluate")
 
@@ -201,7 +210,9 @@ def store_problem(session: Session, experiment: Experiment, problem: dict[str, A
 
 def finished_trials(session: Session, experiment_id: int) -> int:
     """How many of the experiment's trials have a result (succeeded or failed)."""
-    query = select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(FINISHED))
+    query = select(func.count()).where(
+        Trial.experiment_id == experiment_id, Trial.status.in_(FINISHED), SEARCH_TRIAL
+    )
     return int(session.scalar(query) or 0)
 
 
@@ -326,6 +337,8 @@ def record_result(session: Session, trial: Trial, result: Any) -> Trial:
     trial.duration_s = result.duration_s
     trial.finished_at = utcnow()
     trial.lease_owner = None
+    if trial.kind in SERVICE_KINDS:
+        return trial  # the problem or the model it produced is reported by its own event
     add_event(
         session,
         trial.experiment_id,

@@ -129,7 +129,7 @@ def test_two_advances_racing_for_one_step_insert_it_once(services_env: dict[str,
     from server.db.session import make_engine, make_session_factory
     from server.services.experiments import create_experiment
     from server.settings import Settings
-    from worker.distributed import advance
+    from worker.runner import CeleryTransport, RunContext, advance
 
     url = services_env["PRUNEHUB_DATABASE_URL"]
     upgrade(url)
@@ -156,8 +156,8 @@ def test_two_advances_racing_for_one_step_insert_it_once(services_env: dict[str,
 
     def race() -> None:
         barrier.wait()
-        outcomes.append(advance(experiment_id, session_factory=factory, settings=settings,
-                                send=lambda name, target: sent.append((name, target))))
+        transport = CeleryTransport(lambda name, target: sent.append((name, target)), factory, settings)
+        outcomes.append(advance(experiment_id, RunContext(factory, settings, "racer", transport)))
 
     threads = [threading.Thread(target=race) for _ in range(4)]
     for thread in threads:

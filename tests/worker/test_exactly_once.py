@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.engine import Engine
 
 from server.db.models import Event, Experiment, Trial
+from server.services.runs import SEARCH_TRIAL
 from tests.conftest import LiveService, _run_live, wait_terminal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -68,7 +69,8 @@ def _wait(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
 def _expected_executions(engine: Engine, experiment_id: int) -> int:
     # One evaluator call per trial attempt and per rebuild of the best model (a "model" event).
     with engine.connect() as conn:
-        attempts = conn.execute(select(func.sum(Trial.attempts)).where(Trial.experiment_id == experiment_id))
+        attempts = conn.execute(select(func.sum(Trial.attempts)).where(Trial.experiment_id == experiment_id,
+                                                                        SEARCH_TRIAL))
         rebuilds = conn.execute(
             select(func.count()).where(Event.experiment_id == experiment_id, Event.kind == "model")
         )
@@ -77,7 +79,7 @@ def _expected_executions(engine: Engine, experiment_id: int) -> int:
 
 def _trial_attempts(engine: Engine, experiment_id: int) -> list[int]:
     with engine.connect() as conn:
-        query = select(Trial.attempts).where(Trial.experiment_id == experiment_id).order_by(Trial.seq)
+        query = select(Trial.attempts).where(Trial.experiment_id == experiment_id, SEARCH_TRIAL).order_by(Trial.seq)
         return list(conn.execute(query).scalars())
 
 
@@ -121,7 +123,7 @@ class TestTwoWorkersServices:
                 with engine.connect() as conn:
                     owner = conn.execute(select(Experiment.lease_owner).where(Experiment.id == experiment_id))
                     finished = conn.execute(
-                        select(func.count()).where(Trial.experiment_id == experiment_id,
+                        select(func.count()).where(Trial.experiment_id == experiment_id, SEARCH_TRIAL,
                                                    Trial.status.in_(("succeeded", "failed")))
                     )
                     running = conn.execute(

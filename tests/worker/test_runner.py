@@ -16,6 +16,7 @@ from server.db.migrate import upgrade
 from server.db.models import Event, Experiment, Trial, utcnow
 from server.db.session import make_engine, make_session_factory
 from server.services.experiments import cancel_experiment, create_experiment
+from server.services.runs import SEARCH_TRIAL
 from server.settings import Settings
 from tests.conftest import seed_digits
 from worker.runner import run_experiment
@@ -110,7 +111,7 @@ def test_recorded_trials_are_replayed_not_re_evaluated(env: tuple[Settings, sess
         session.commit()
     assert _run(settings, factory, experiment_id) == "succeeded"
     with factory() as session:
-        trials = session.scalars(select(Trial).where(Trial.experiment_id == experiment_id)).all()
+        trials = session.scalars(select(Trial).where(Trial.experiment_id == experiment_id, SEARCH_TRIAL)).all()
         assert len(trials) == 1
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None and experiment.best_score == 0.123456
@@ -252,10 +253,10 @@ def test_max_minutes_and_max_trials_end_a_search_with_what_it_found(
     assert _run(timed_settings, factory, by_time) == "succeeded"
     elapsed = time.monotonic() - started
     with factory() as session:
-        trials = session.scalars(select(Trial).where(Trial.experiment_id == by_trials)).all()
+        trials = session.scalars(select(Trial).where(Trial.experiment_id == by_trials, SEARCH_TRIAL)).all()
         assert len(trials) == 3
         experiment = session.get(Experiment, by_time)
         assert experiment is not None and "max_minutes" in (experiment.phase or "")
-        timed = session.scalars(select(Trial).where(Trial.experiment_id == by_time)).all()
+        timed = session.scalars(select(Trial).where(Trial.experiment_id == by_time, SEARCH_TRIAL)).all()
         assert 1 <= len(timed) <= 0.4 * 60 / 0.5 + 1
     assert elapsed < 0.4 * 60 + 60  # the budget plus one job and the best model's rebuild

@@ -34,6 +34,7 @@ from server.api.schemas import (
 )
 from server.db.models import Experiment, Trial
 from server.services import experiments as service
+from server.services import runs
 from server.services import sensitivity as sensitivity_service
 from server.services.errors import NotFound
 
@@ -58,7 +59,11 @@ def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False
                 overall_sparsity=trial.overall_sparsity,
                 distribution=trial.distribution,
             )
-    count = session.scalar(select(func.count()).where(Trial.experiment_id == experiment.id)) if detail else 0
+    count = (
+        session.scalar(select(func.count()).where(Trial.experiment_id == experiment.id, runs.SEARCH_TRIAL))
+        if detail
+        else 0
+    )
     duration = None
     if experiment.started_at and experiment.finished_at:
         duration = (experiment.finished_at - experiment.started_at).total_seconds()
