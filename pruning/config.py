@@ -423,11 +423,18 @@ def resolve_config_list(
     # Which entry decides each layer (last match wins) and which layers were named explicitly.
     chosen: dict[str, ConfigEntry] = {}
     named: set[str] = set()
+    scan = _blocks.find_blocks(work) if structured else _blocks.BlockScan()
     for i, entry in enumerate(cfg):
         types = entry.type_names()
         for op_name in entry.op_names:
             if op_name not in modules or op_name == "":
                 raise ValueError(f"config list entry {i}: op_name {op_name!r} matches no layer of the model")
+            owner = next((m for m in scan.unsupported if op_name == m or op_name.startswith(m + ".")), None)
+            if owner is not None and not entry.exclude:
+                raise ValueError(
+                    f"config list entry {i}: layer {op_name!r} cannot be pruned with {base_algo!r}: "
+                    f"{owner!r} cannot lose whole heads: {scan.unsupported[owner]}"
+                )
             kind = _type_name(modules[op_name])
             if types and kind not in types:
                 raise ValueError(
@@ -507,7 +514,6 @@ def resolve_config_list(
                 )
             )
     else:
-        scan = _blocks.find_blocks(work)
         if scan.blocks:
             groups = [
                 _graph.ChannelGroup(
