@@ -17,13 +17,22 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from pruning import _blocks, _graph
+from pruning._graph import TraceTimeout
 from pruning.config import PruningProblem, _check_keys
 from pruning.importance.base import channel_rows, channel_shape, out_axis, weight_of
 from pruning.masks import strip
 from pruning.metrics import count_params_flops
 from pruning.pruner import select_channels
 
-__all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "predicted_shrunk", "shrink", "shrunk_copy"]
+__all__ = [
+    "ShrinkRecipe",
+    "TraceTimeout",
+    "apply_recipe",
+    "predict_params_flops",
+    "predicted_shrunk",
+    "shrink",
+    "shrunk_copy",
+]
 
 
 class ShrinkRecipe(BaseModel):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pruning._graph import TraceTimeout
+from pruning import TraceTimeout
 from pruning.config import PruningProblem, resolve_config_list, validate_config_list
 from pruning.masks import achieved_sparsity
 from pruning.metrics import count_params_flops
@@ -250,3 +250,18 @@ def test_models_without_attention_keep_the_traced_units() -> None:
     problem = resolve_config_list(seeded(Head()), [{"sparsity": 0.5, "op_types": ["default"]}], "l1",
                                   torch.randn(2, 3, 8, 8))
     assert _problem_units(problem) == [("conv", 8), ("fc1", 16)]
+
+
+@pytest.mark.parametrize("algo", ["l1", "l2", "fpgm"])
+def test_conv1d_is_scored_per_output_column(algo: str) -> None:
+    from pruning.importance import get_importance
+
+    model, _ = _build("gpt2")
+    c_fc = dict(model.named_modules())["h.0.mlp.c_fc"]  # weight (in 32, out 128)
+    scores = get_importance(algo)("h.0.mlp.c_fc", c_fc)
+    assert scores is not None and scores.shape == (128,)
+    as_linear = nn.Linear(32, 128)
+    with torch.no_grad():
+        as_linear.weight.copy_(c_fc.weight.t())
+    expected = get_importance(algo)("fc", as_linear)
+    assert expected is not None and torch.allclose(scores, expected)
