@@ -29,6 +29,7 @@ __all__ = [
     "PruningUnit",
     "ShrinkRecipe",
     "SparsityDistribution",
+    "TraceTimeout",
     "achieved_sparsity",
     "agp_sparsity",
     "apply_masks",
@@ -116,5 +117,5 @@ if TYPE_CHECKING:  # static checkers see the real names
     from pruning.metrics import count_nonzero, count_params_flops, layer_stats, measure_latency
     from pruning.pruner import compute_masks, global_distribution, prune
     from pruning.schedule import GradualPruner, agp_sparsity
-    from pruning.shrink import ShrinkRecipe, apply_recipe, predict_params_flops, shrink
+    from pruning.shrink import ShrinkRecipe, TraceTimeout, apply_recipe, predict_params_flops, shrink
     from pruning.task import load_task

@@ -8,7 +8,12 @@ unit whatever the order, with a channel numbering shared by all its members.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +34,85 @@ _PASS_THROUGH = (
     tp.ops._UnbindOp,
     tp.ops._ExpandOp,
 )
+
+
+DEFAULT_TRACE_TIMEOUT_S = 60.0
+TRACE_TIMEOUT_ENV = "PRUNEHUB_TRACE_TIMEOUT_S"
+
+
+class TraceTimeout(TimeoutError):
+    """Tracing a model did not finish within its time limit; the message names the model and the step."""
+
+
+class _Expired(BaseException):
+    # BaseException: an `except Exception` in the user's forward must not swallow the deadline.
+    pass
+
+
+def trace_timeout_s(seconds: float | None = None) -> float:
+    """The trace time limit: `seconds` when given, else ``$PRUNEHUB_TRACE_TIMEOUT_S``, else 60 s (0 = none)."""
+    if seconds is not None:
+        return float(seconds)
+    raw = os.environ.get(TRACE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TRACE_TIMEOUT_S
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{TRACE_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+_active = threading.local()
+
+
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
+    # CPython delivers it at the thread's next bytecode boundary; None cancels one still pending.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, describe: Callable[[], str]) -> Iterator[None]:
+    """Raise `TraceTimeout` in this thread when the block runs past `seconds` (``<= 0``: no limit).
+
+    Torch-Pruning's graph walk is Python code that can run for minutes on a model it does not understand, so
+    the deadline is delivered asynchronously into the tracing thread (any thread, unlike SIGALRM) and checked
+    between bytecodes. `describe()` says what was being traced when time ran out. Nested limits defer to the
+    outermost one.
+    """
+    if seconds <= 0 or getattr(_active, "on", False):
+        yield
+        return
+    thread_id = threading.get_ident()
+    lock = threading.Lock()
+    state = {"armed": True, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if state["armed"]:
+                state["fired"] = True
+                _raise_in(thread_id, _Expired)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    _active.on = True
+    try:
+        try:
+            timer.start()
+            yield
+        finally:
+            with lock:
+                state["armed"] = False
+                if state["fired"]:
+                    _raise_in(thread_id, None)
+            timer.cancel()
+            _active.on = False
+    except _Expired:
+        raise TraceTimeout(
+            f"{describe()} did not finish within {seconds:g} s; raise the limit with trace_timeout_s or "
+            f"${TRACE_TIMEOUT_ENV}, or select layers it can handle"
+        ) from None
+    if state["fired"]:  # the deadline passed as the block ended: it did not finish in time either
+        raise TraceTimeout(f"{describe()} did not finish within {seconds:g} s")
 
 
 def run_model(model: nn.Module, dummy_input: Any) -> Any:
@@ -143,8 +227,18 @@ class ChannelGroup:
     blocked_reason: str | None = None
 
 
-def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
-    """All channel groups of `model` (no parametrizations), ordered by their first member."""
+def channel_groups(model: nn.Module, dummy_input: Any, timeout_s: float | None = None) -> list[ChannelGroup]:
+    """All channel groups of `model` (no parametrizations), ordered by their first member.
+
+    Raises `TraceTimeout` naming the step (building the graph, or the layer whose group it was walking) when
+    it takes longer than `timeout_s` (see `trace_timeout_s`).
+    """
+    step = [f"tracing {type(model).__name__} into Torch-Pruning's dependency graph"]
+    with time_limit(trace_timeout_s(timeout_s), lambda: step[0]):
+        return _channel_groups(model, dummy_input, step)
+
+
+def _channel_groups(model: nn.Module, dummy_input: Any, step: list[str]) -> list[ChannelGroup]:
     graph = build(model, dummy_input)
     modules = dict(model.named_modules())
     order = {n: i for i, n in enumerate(modules)}
@@ -162,6 +256,7 @@ def channel_groups(model: nn.Module, dummy_input: Any) -> list[ChannelGroup]:
         module = modules[n]
         if not isinstance(module, ROOTS):
             continue
+        step[0] = f"walking the channel group of layer {n!r} ({type(module).__name__}) of {type(model).__name__}"
         rg, _ = root_group(graph, module, list(range(out_dim_size(module))))
         for it in rg.items:
             if it.name not in offset:

@@ -55,7 +55,7 @@ __all__ = [
 BASE_ALGOS = ("level", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation")
 STRUCTURED_ALGOS = frozenset({"l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation"})
 BaseAlgo = Literal["level", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation"]
-OP_TYPES = ("Conv1d", "Conv2d", "Linear", "BatchNorm1d", "BatchNorm2d", "default")
+OP_TYPES = ("Conv1d", "Conv2d", "Linear", "Conv1D", "BatchNorm1d", "BatchNorm2d", "default")
 DEFAULT_MAX_SPARSITY = 0.95
 
 Distribution = dict[str, float]
@@ -95,6 +95,7 @@ class ConfigEntry(BaseModel):
     block_height: int | None = Field(default=None, ge=1)
     block_width: int | None = Field(default=None, ge=1)
     block_pooling: Literal["avg", "max"] = "avg"
+    prune_hidden: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ConfigEntry:
@@ -108,6 +109,11 @@ class ConfigEntry(BaseModel):
             raise ValueError(f"unknown op_types {unknown}; expected some of {list(OP_TYPES)}")
         if (self.block_height is None) != (self.block_width is None):
             raise ValueError("block_height and block_width go together")
+        if self.prune_hidden:
+            raise ValueError(
+                "prune_hidden: pruning a transformer's hidden (embedding/residual) dimension is not supported; "
+                "attention heads and MLP channels are pruned without it"
+            )
         return self
 
     @property
@@ -131,10 +137,13 @@ class ConfigEntry(BaseModel):
         return (self.block_height, self.block_width)
 
     def type_names(self) -> set[str]:
-        """op_types with ``default`` expanded to Conv2d + Linear."""
+        """op_types with ``default`` expanded to Conv2d + Linear; ``Linear`` also selects Hugging Face's
+        ``Conv1D`` (GPT-2's projections: a Linear with its weight stored transposed)."""
         names = set(self.op_types)
         if "default" in names:
             names = (names - {"default"}) | {"Conv2d", "Linear"}
+        if "Linear" in names:
+            names.add("Conv1D")
         return names
 
 
@@ -379,6 +388,7 @@ def resolve_config_list(
     config_list: list[dict[str, Any]] | list[ConfigEntry],
     base_algo: str,
     dummy_input: Tensor | tuple[Any, ...],
+    trace_timeout_s: float | None = None,
 ) -> PruningProblem:
     """Resolve a config list against `model` for `base_algo`.
 
@@ -386,8 +396,15 @@ def resolve_config_list(
     distribution assigns sparsities to (see the module docstring). Raises ValueError naming an
     ``op_name`` that matches no module, a layer whose type `base_algo` cannot prune, or (structured)
     a layer whose output channels are the model's output. The model is not modified.
+
+    A transformer (a model with attention modules that `pruning._blocks` recognises) is resolved by
+    structure, without tracing: its structured units are whole attention heads (KV groups with their query
+    heads under grouped-query attention) and MLP intermediate channels, and nothing else (the hidden dimension
+    is never cut). Other models are traced with Torch-Pruning's dependency graph; a trace that takes longer
+    than `trace_timeout_s` (default ``$PRUNEHUB_TRACE_TIMEOUT_S`` or 60 s) raises
+    `pruning._graph.TraceTimeout` naming the step.
     """
-    from pruning import _graph
+    from pruning import _blocks, _graph
     from pruning.metrics import count_params_flops, layer_stats
 
     is_structured(base_algo)  # validates the name
@@ -401,16 +418,23 @@ def resolve_config_list(
     work = _graph.plain_copy(model)
     modules = dict(work.named_modules())
     order = {name: i for i, name in enumerate(modules)}
-    allowed = {"Conv1d", "Conv2d", "Linear"} | ({"BatchNorm1d", "BatchNorm2d"} if structured else set())
+    allowed = {"Conv1d", "Conv2d", "Linear", "Conv1D"} | ({"BatchNorm1d", "BatchNorm2d"} if structured else set())
 
     # Which entry decides each layer (last match wins) and which layers were named explicitly.
     chosen: dict[str, ConfigEntry] = {}
     named: set[str] = set()
+    scan = _blocks.find_blocks(work) if structured else _blocks.BlockScan()
     for i, entry in enumerate(cfg):
         types = entry.type_names()
         for op_name in entry.op_names:
             if op_name not in modules or op_name == "":
                 raise ValueError(f"config list entry {i}: op_name {op_name!r} matches no layer of the model")
+            owner = next((m for m in scan.unsupported if op_name == m or op_name.startswith(m + ".")), None)
+            if owner is not None and not entry.exclude:
+                raise ValueError(
+                    f"config list entry {i}: layer {op_name!r} cannot be pruned with {base_algo!r}: "
+                    f"{owner!r} cannot lose whole heads: {scan.unsupported[owner]}"
+                )
             kind = _type_name(modules[op_name])
             if types and kind not in types:
                 raise ValueError(
@@ -449,8 +473,11 @@ def resolve_config_list(
     if not selected:
         raise ValueError("config list selects no prunable layer of the model")
 
-    per_layer = layer_stats(work, dummy_input)
-    dense_params, dense_flops = count_params_flops(work, dummy_input)
+    with _graph.time_limit(
+        _graph.trace_timeout_s(trace_timeout_s), lambda: f"counting the params and FLOPs of {type(work).__name__}"
+    ):
+        per_layer = layer_stats(work, dummy_input)
+        dense_params, dense_flops = count_params_flops(work, dummy_input)
 
     def make_layer(name: str, unit: str) -> PrunableLayer:
         module = modules[name]
@@ -487,7 +514,18 @@ def resolve_config_list(
                 )
             )
     else:
-        groups = _graph.channel_groups(work, dummy_input)
+        if scan.blocks:
+            groups = [
+                _graph.ChannelGroup(
+                    members=list(b.producers),
+                    channels=b.channels,
+                    # MLP members number channels like the unit; attention rows map to their head
+                    channel_index={p: idx for p, idx in b.channel_index.items() if idx != list(range(b.channels))},
+                )
+                for b in sorted(scan.blocks, key=lambda b: order[b.producers[0]])
+            ]
+        else:
+            groups = _graph.channel_groups(work, dummy_input, trace_timeout_s)
         covered: set[str] = set()
         for group in groups:
             members = group.members
@@ -528,6 +566,15 @@ def resolve_config_list(
                 )
             )
         orphans = sorted((selected & named) - covered, key=order.__getitem__)
+        if orphans and scan.blocks:
+            owner = next((m for m in scan.unsupported if orphans[0].startswith(m + ".")), None)
+            why = (
+                f"its module {owner!r} cannot be pruned by whole heads: {scan.unsupported[owner]}"
+                if owner is not None
+                else "it lies outside the model's attention heads and MLP channels, so its output channels are the "
+                "hidden (residual) dimension or the model's output, which prunehub does not prune"
+            )
+            raise ValueError(f"layer {orphans[0]!r} cannot be pruned on output channels with {base_algo!r}: {why}")
         if orphans:
             raise ValueError(
                 f"layer {orphans[0]!r} has no output channels that {base_algo!r} can prune "

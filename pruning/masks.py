@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pruning.importance.base import channel_rows, out_axis
+
 if TYPE_CHECKING:
     from pruning.config import PruningProblem
 
@@ -38,14 +40,14 @@ class Mask(nn.Module):
         return weight.masked_fill(self.mask == 0, 0.0)
 
 
-def is_channel_mask(mask: Tensor) -> bool:
-    """True when every output channel (dim 0) of `mask` is all ones or all zeros."""
-    flat = mask.reshape(mask.shape[0], -1)
+def is_channel_mask(mask: Tensor, axis: int = 0) -> bool:
+    """True when every output channel (numbered along `axis`, see `out_axis`) of `mask` is all ones or all zeros."""
+    flat = channel_rows(mask, axis)
     return bool(torch.equal(flat.amin(dim=1), flat.amax(dim=1)))
 
 
-def _channel_vector(mask: Tensor) -> Tensor:
-    return mask.reshape(mask.shape[0], -1).amax(dim=1)
+def _channel_vector(mask: Tensor, axis: int = 0) -> Tensor:
+    return channel_rows(mask, axis).amax(dim=1)
 
 
 def _mask_of(module: nn.Module, tensor_name: str) -> Mask | None:
@@ -86,14 +88,14 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor], structured: bool | N
     if missing:
         raise ValueError(f"masks name layers the model does not have: {missing}")
     if structured is None:
-        structured = all(is_channel_mask(m) for m in masks.values())
+        structured = all(is_channel_mask(m, out_axis(modules[n])) for n, m in masks.items())
     for name, mask in masks.items():
         module = modules[name]
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
         _set_mask(module, "weight", mask)
         bias = getattr(module, "bias", None)
         if bias is not None and (structured or is_bn):
-            _set_mask(module, "bias", _channel_vector(mask))
+            _set_mask(module, "bias", _channel_vector(mask, out_axis(module)))
     return model
 
 
@@ -166,7 +168,8 @@ def achieved_sparsity(model_or_masks: nn.Module | dict[str, Tensor], problem: Pr
         if mask is None:
             out[layer.name] = 0.0
         elif problem.structured:
-            out[layer.name] = float((_channel_vector(mask) == 0).float().mean())
+            axis = 1 if layer.op_type == "Conv1D" else 0
+            out[layer.name] = float((_channel_vector(mask, axis) == 0).float().mean())
         else:
             out[layer.name] = float((mask == 0).float().mean())
     return out

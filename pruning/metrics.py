@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pruning._graph import plain_copy, run_model
+from pruning.importance.base import is_conv1d_transposed
 
 __all__ = [
     "count_nonzero",
@@ -30,6 +31,17 @@ def _plain(model: nn.Module) -> nn.Module:
     return model
 
 
+def _count(model: nn.Module, inputs: Any, layer_wise: bool) -> Any:
+    # Torch-Pruning's counter keys hooks on exact types and treats unknown ones as zero-ops; Hugging Face's Conv1D
+    # (GPT-2) computes exactly what a Linear does, so it is counted with the Linear hook (its mapping is per call).
+    from torch_pruning.utils import op_counter
+
+    for module in model.modules():
+        if is_conv1d_transposed(module):
+            op_counter.CUSTOM_MODULES_MAPPING[type(module)] = op_counter.linear_flops_counter_hook
+    return tp.utils.count_ops_and_params(model, inputs, layer_wise=layer_wise)
+
+
 def _as_inputs(dummy_input: Any) -> Any:
     # count_ops_and_params unpacks tuples/lists itself, the same rule as run_model.
     return list(dummy_input) if isinstance(dummy_input, tuple) else dummy_input
@@ -42,7 +54,7 @@ def count_params_flops(model: nn.Module, dummy_input: Any) -> tuple[int, int]:
     """
     was_training = model.training
     with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(_plain(model), _as_inputs(dummy_input))
+        macs, params = _count(_plain(model), _as_inputs(dummy_input), False)
     model.train(was_training)
     return int(params), int(macs)
 
@@ -52,7 +64,7 @@ def layer_stats(model: nn.Module, dummy_input: Any) -> dict[str, tuple[int, int]
     work = _plain(model)
     was_training = model.training
     with torch.no_grad():
-        _, _, flops, params = tp.utils.count_ops_and_params(work, _as_inputs(dummy_input), layer_wise=True)
+        _, _, flops, params = _count(work, _as_inputs(dummy_input), True)
     model.train(was_training)
     out: dict[str, tuple[int, int]] = {}
     for name, module in work.named_modules():

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pruning.config import PruningProblem, PruningUnit, _check_keys, pruned_count
 from pruning.importance import Importance, block_scores, expand_block_mask, get_importance
-from pruning.importance.base import weight_of
+from pruning.importance.base import channel_rows, channel_shape, out_axis, weight_of
 from pruning.masks import apply_masks
 
 __all__ = [
@@ -126,15 +126,16 @@ class _SurvivorsFirst(Importance):
 
     def __init__(self, inner: Importance, previous: dict[str, Tensor], channels: bool) -> None:
         self.inner = inner
-        self.removed = {
-            name: (mask.reshape(mask.shape[0], -1).amax(dim=1) == 0) if channels else (mask == 0)
-            for name, mask in previous.items()
-        }
+        self.previous = previous
+        self.channels = channels
 
     def __call__(self, name: str, module: nn.Module) -> Tensor | None:
         scores = self.inner(name, module)
-        gone = self.removed.get(name)
-        if scores is None or gone is None or not bool(gone.any()):
+        mask = self.previous.get(name)
+        if scores is None or mask is None:
+            return scores
+        gone = (channel_rows(mask, out_axis(module)).amax(dim=1) == 0) if self.channels else (mask == 0)
+        if not bool(gone.any()):
             return scores
         low = min(0.0, float(scores.min()))
         floor = low - 1e-6 * (abs(float(scores.max())) + abs(low) + 1.0)
@@ -214,10 +215,10 @@ def compute_masks(
             channel_keep = select_channels(unit, unit_scores(model, unit, importance), unit.count(sparsity))
             for member in unit.members:
                 weight = weight_of(modules[member])
-                idx = _member_index(unit, member, weight.shape[0], channel_keep.device)
+                axis = out_axis(modules[member])
+                idx = _member_index(unit, member, weight.shape[axis], channel_keep.device)
                 per_channel = channel_keep[idx].to(dtype=weight.dtype, device=weight.device)
-                shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
-                masks[member] = per_channel.view(shape).expand_as(weight).contiguous()
+                masks[member] = per_channel.view(channel_shape(weight, axis)).expand_as(weight).contiguous()
     if previous:
         masks = {name: mask * previous[name].to(mask) if name in previous else mask for name, mask in masks.items()}
     return masks

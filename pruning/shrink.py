@@ -16,14 +16,23 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from pruning import _graph
+from pruning import _blocks, _graph
+from pruning._graph import TraceTimeout
 from pruning.config import PruningProblem, _check_keys
-from pruning.importance.base import weight_of
+from pruning.importance.base import channel_rows, channel_shape, out_axis, weight_of
 from pruning.masks import strip
 from pruning.metrics import count_params_flops
 from pruning.pruner import select_channels
 
-__all__ = ["ShrinkRecipe", "apply_recipe", "predict_params_flops", "predicted_shrunk", "shrink", "shrunk_copy"]
+__all__ = [
+    "ShrinkRecipe",
+    "TraceTimeout",
+    "apply_recipe",
+    "predict_params_flops",
+    "predicted_shrunk",
+    "shrink",
+    "shrunk_copy",
+]
 
 
 class ShrinkRecipe(BaseModel):
@@ -71,21 +80,74 @@ class _Shrinker:
         return rg
 
 
-def _zero_channels(mask: Tensor) -> Tensor:
-    return mask.detach().reshape(mask.shape[0], -1).amax(dim=1).cpu() == 0
+def _zero_channels(mask: Tensor, axis: int = 0) -> Tensor:
+    return channel_rows(mask.detach(), axis).amax(dim=1).cpu() == 0
 
 
-def shrink(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> ShrinkRecipe:
+def _outside_blocks(names: list[str]) -> ValueError:
+    return ValueError(
+        f"{names} lie outside the model's attention heads and MLP channels: their output channels are the "
+        "hidden (residual) dimension or the model's output, which prunehub does not prune"
+    )
+
+
+def _shrink_blocks(model: nn.Module, scan: _blocks.BlockScan, masks: dict[str, Tensor]) -> ShrinkRecipe:
+    """Transformers: remove each block's unit channels that every producer has fully masked."""
+    modules = dict(model.named_modules())
+    by_producer = scan.producer_block()
+    outside = [n for n in masks if n not in by_producer]
+    if outside:
+        raise _outside_blocks(outside)
+    removed: dict[str, list[int]] = {}
+    for block in scan.blocks:
+        if not any(p in masks for p in block.producers):
+            continue
+        missing = [p for p in block.producers if p not in masks]
+        if missing:
+            # a head whose value rows are not masked still contributes: removing it would change the output
+            raise ValueError(f"masks for {block.module!r} must cover all of {block.producers}; missing {missing}")
+        keep = torch.ones(block.channels, dtype=torch.bool)
+        for producer in block.producers:
+            zero = _zero_channels(masks[producer], out_axis(modules[producer]))
+            index = torch.tensor(block.channel_index[producer], dtype=torch.long)
+            dead = torch.ones(block.channels, dtype=torch.long)
+            dead.scatter_reduce_(0, index, zero.long(), reduce="amin")  # a unit channel is dead when all its rows are
+            keep &= dead == 0
+        if bool(keep.all()):
+            continue
+        if not bool(keep.any()):
+            raise ValueError(f"masks remove every head/channel of {block.module!r}; at least one must stay")
+        removed.update(_blocks.shrink_block(model, block, keep))
+    order = {n: i for i, n in enumerate(modules)}
+    return ShrinkRecipe(removed={n: removed[n] for n in sorted(removed, key=order.__getitem__)})
+
+
+def shrink(
+    model: nn.Module, masks: dict[str, Tensor], dummy_input: Any, timeout_s: float | None = None
+) -> ShrinkRecipe:
     """Strip `model` and physically remove its masked output channels, in place.
 
     `masks` are structured masks as `pruning.pruner.compute_masks` returns them (layer name → weight
     mask). A channel is removed when all coupled layers present in `masks` have it fully masked;
     groups tied to the model's output are never shrunk. Returns the recipe (original numbering).
     Parameters are replaced: build optimizers after shrinking.
+
+    A transformer (a model with attention blocks, see `pruning._blocks`) loses whole heads and MLP channels
+    without tracing: q/k/v rows, the output projection's columns and the module's head counts. Other models go
+    through Torch-Pruning's dependency graph, within `timeout_s` (`TraceTimeout` otherwise).
     """
     strip(model)
+    scan = _blocks.find_blocks(model)
+    if scan.blocks:
+        return _shrink_blocks(model, scan, masks)
+    step = [f"tracing {type(model).__name__} to shrink it"]
+    with _graph.time_limit(_graph.trace_timeout_s(timeout_s), lambda: step[0]):
+        return _shrink_traced(model, masks, dummy_input)
+
+
+def _shrink_traced(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> ShrinkRecipe:
     shrinker = _Shrinker(model, dummy_input)
-    zero = {name: _zero_channels(mask) for name, mask in masks.items()}
+    zero = {name: _zero_channels(mask, out_axis(shrinker.modules[name])) for name, mask in masks.items()}
     unknown = [n for n in zero if n not in shrinker.origin]
     if unknown:
         raise ValueError(f"masks name layers that are not prunable modules of the traced model: {unknown}")
@@ -111,9 +173,38 @@ def shrink(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> Shri
     return ShrinkRecipe(removed={n: sorted(shrinker.removed[n]) for n in ordered})
 
 
-def apply_recipe(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any) -> nn.Module:
+def _replay_blocks(model: nn.Module, scan: _blocks.BlockScan, recipe: ShrinkRecipe) -> nn.Module:
+    by_producer = scan.producer_block()
+    outside = [n for n in recipe.removed if n not in by_producer]
+    if outside:
+        raise _outside_blocks(outside)
+    for block in scan.blocks:
+        if not any(p in recipe.removed for p in block.producers):
+            continue
+        first = block.producers[0]
+        index = torch.tensor(block.channel_index[first], dtype=torch.long)
+        gone = torch.zeros(len(block.channel_index[first]), dtype=torch.bool)
+        gone[torch.tensor(recipe.removed.get(first, []), dtype=torch.long)] = True
+        dead = torch.zeros(block.channels, dtype=torch.bool).index_fill_(0, index[gone], True)
+        removed = _blocks.shrink_block(model, block, ~dead)
+        for producer in block.producers:
+            if removed.get(producer, []) != sorted(recipe.removed.get(producer, [])):
+                raise ValueError(f"recipe does not fit this model: {producer!r} would lose {removed.get(producer)}")
+    return model
+
+
+def apply_recipe(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any, timeout_s: float | None = None) -> nn.Module:
     """Replay `recipe` on a fresh, unmasked copy of the original model (in place); returns it."""
     strip(model)
+    scan = _blocks.find_blocks(model)
+    if scan.blocks:
+        return _replay_blocks(model, scan, recipe)
+    step = [f"tracing {type(model).__name__} to replay a shrink recipe"]
+    with _graph.time_limit(_graph.trace_timeout_s(timeout_s), lambda: step[0]):
+        return _replay_traced(model, recipe, dummy_input)
+
+
+def _replay_traced(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any) -> nn.Module:
     shrinker = _Shrinker(model, dummy_input)
     for name, wanted in recipe.removed.items():
         if name not in shrinker.origin:
@@ -159,7 +250,8 @@ def predicted_shrunk(
             weight = weight_of(modules[member])
             idx = unit.channel_index.get(member)
             per = keep[torch.tensor(idx)] if idx is not None else keep
-            masks[member] = per.view((-1,) + (1,) * (weight.dim() - 1)).expand_as(weight).to(weight.dtype)
+            axis = out_axis(modules[member])
+            masks[member] = per.view(channel_shape(weight, axis)).expand_as(weight).to(weight.dtype)
     shrink(work, masks, dummy_input)
     return work
 

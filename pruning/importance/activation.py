@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pruning.importance.base import Importance
+from pruning.importance.base import Importance, is_conv1d_transposed
 
 __all__ = ["ActivationImportance"]
 
 
 def _channel_dim(module: nn.Module, out: Tensor) -> int:
-    # Conv and BatchNorm outputs put channels in dim 1; Linear outputs put them last.
-    if isinstance(module, nn.Linear):
+    # Conv and BatchNorm outputs put channels in dim 1; Linear (and Hugging Face's Conv1D) outputs put them last.
+    if isinstance(module, nn.Linear) or is_conv1d_transposed(module):
         return out.dim() - 1
     return 1 if out.dim() > 1 else 0
 

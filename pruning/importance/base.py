@@ -8,7 +8,16 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Importance", "effective_weight", "is_batchnorm", "weight_of"]
+__all__ = [
+    "Importance",
+    "channel_rows",
+    "channel_shape",
+    "effective_weight",
+    "is_batchnorm",
+    "is_conv1d_transposed",
+    "out_axis",
+    "weight_of",
+]
 
 
 def weight_of(module: nn.Module) -> Tensor:
@@ -17,6 +26,29 @@ def weight_of(module: nn.Module) -> Tensor:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{type(module).__name__} has no weight tensor")
     return weight
+
+
+def is_conv1d_transposed(module: nn.Module) -> bool:
+    """True for Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored transposed,
+    ``(in_features, out_features)``. Recognised by class name (also under a mask parametrization's subclass),
+    so ``pruning`` never imports ``transformers``."""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
+
+
+def out_axis(module: nn.Module) -> int:
+    """The weight axis that numbers output channels: 1 for Hugging Face's ``Conv1D``, 0 for everything else."""
+    return 1 if is_conv1d_transposed(module) else 0
+
+
+def channel_rows(tensor: Tensor, axis: int = 0) -> Tensor:
+    """`tensor` as a 2-D view with one row per output channel (`axis` numbers the channels)."""
+    moved = tensor.movedim(axis, 0) if axis else tensor
+    return moved.reshape(moved.shape[0], -1)
+
+
+def channel_shape(weight: Tensor, axis: int = 0) -> tuple[int, ...]:
+    """The shape a per-channel vector takes to broadcast over `weight` along `axis` (``(C, 1, 1, 1)``, ``(1, C)``)."""
+    return tuple(weight.shape[d] if d == axis else 1 for d in range(weight.dim()))
 
 
 def effective_weight(module: nn.Module) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pruning.importance.base import Importance, effective_weight, is_batchnorm
+from pruning.importance.base import Importance, channel_rows, effective_weight, is_batchnorm, out_axis
 
 __all__ = ["FPGMImportance"]
 
@@ -21,5 +21,5 @@ class FPGMImportance(Importance):
         if is_batchnorm(module):
             return None
         w = effective_weight(module)
-        flat = w.reshape(w.shape[0], -1).double()  # double: sums of many distances tie less by rounding
+        flat = channel_rows(w, out_axis(module)).double()  # double: sums of many distances tie less by rounding
         return torch.cdist(flat, flat).sum(dim=1).float()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pruning.importance.base import Importance, effective_weight, is_batchnorm
+from pruning.importance.base import Importance, channel_rows, effective_weight, is_batchnorm, out_axis
 
 __all__ = ["L1Importance", "L2Importance"]
 
@@ -16,7 +16,7 @@ class _NormImportance(Importance):
         if is_batchnorm(module):
             return None
         w = effective_weight(module)
-        return w.reshape(w.shape[0], -1).norm(p=self.p, dim=1)
+        return channel_rows(w, out_axis(module)).norm(p=self.p, dim=1)
 
 
 class L1Importance(_NormImportance):

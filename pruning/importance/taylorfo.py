@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pruning.importance.base import Importance, is_batchnorm
+from pruning.importance.base import Importance, channel_rows, is_batchnorm, out_axis
 
 __all__ = ["MeasureOnlyOptimizer", "TaylorFOImportance", "run_trainer_measuring"]
 
@@ -89,7 +89,7 @@ class TaylorFOImportance(Importance):
     def collect(self, model: nn.Module, layer_names: Sequence[str], task: Any) -> None:
         modules = dict(model.named_modules())
         tracked = {n: modules[n] for n in layer_names if not is_batchnorm(modules[n])}
-        sums = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in tracked.items()}
+        sums = {n: torch.zeros(m.weight.shape[out_axis(m)], dtype=torch.float64) for n, m in tracked.items()}
 
         def on_step() -> None:
             for n, m in tracked.items():
@@ -97,7 +97,7 @@ class TaylorFOImportance(Importance):
                 if grad is None:
                     continue
                 w = m.weight.detach()
-                contribution = (w * grad.to(w.dtype)).reshape(w.shape[0], -1).sum(dim=1)
+                contribution = channel_rows(w * grad.to(w.dtype), out_axis(m)).sum(dim=1)
                 sums[n] += contribution.double().pow(2).cpu()
 
         steps = run_trainer_measuring(model, task, on_step, self.batches)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pruning.config import (
     PruningProblem,
@@ -70,7 +71,7 @@ def test_valid_config_list_spellings() -> None:
         ]
     )
     assert [e.value for e in entries] == [0.3, 0.4, 0.0]
-    assert entries[0].type_names() == {"Conv2d", "Linear"}
+    assert entries[0].type_names() == {"Conv2d", "Linear", "Conv1D"}  # Linear also selects Hugging Face's Conv1D
     assert is_structured("l1") and not is_structured("level")
     with pytest.raises(ValueError, match="unknown base algorithm"):
         is_structured("random")
@@ -226,3 +227,24 @@ def test_distribution_json_round_trip_and_layer_expansion() -> None:
 def test_pruned_count_rounds(n: int) -> None:
     for i in range(10):
         assert pruned_count(i / 10, n) == round(i / 10 * n)
+
+
+def test_multihead_attention_is_refused_with_its_reason_and_its_neighbours_still_prune() -> None:
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc1 = nn.Linear(16, 32)
+            self.fc2 = nn.Linear(32, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            x = x + self.fc2(torch.relu(self.fc1(x)))
+            return self.head(x.mean(1))
+
+    model, x = Encoder().eval(), torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="'attn' cannot lose whole heads: torch.nn.MultiheadAttention ties"):
+        resolve_config_list(model, [{"sparsity": 0.5, "op_names": ["attn.out_proj"]}], "l1", x)
+    problem = resolve_config_list(model, [{"sparsity": 0.5, "op_types": ["Linear"]}], "l1", x)
+    assert [(u.name, u.channels) for u in problem.units] == [("fc1", 32)]
