@@ -203,8 +203,8 @@ def _scan(archive: zipfile.ZipFile, limits: BundleLimits, dest: Path | None) -> 
     total = 0
     for key, (info, parts) in files.items():
         target = dest.joinpath(*parts) if dest is not None else None
-        if target is not None and not target.resolve().is_relative_to(dest.resolve()):  # belt and braces
-            raise UnsafeBundle(f"bundle entry {key!r}: escapes the bundle folder")
+        if dest is not None and target is not None and not target.resolve().is_relative_to(dest.resolve()):
+            raise UnsafeBundle(f"bundle entry {key!r}: escapes the bundle folder")  # belt and braces
         produced = 0
         out = None
         try:
