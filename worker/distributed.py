@@ -209,7 +209,8 @@ def evaluate(
             )
             return ("gave up", experiment.id)
         runs.take_trial_lease(trial, worker_id)
-        return ("run", (experiment.id, experiment.entrypoint, experiment.problem, trial.extra["job"], trial.attempts))
+        return ("run", (experiment.id, experiment.entrypoint, experiment.bundle, experiment.problem, trial.extra["job"],
+                        trial.attempts))
 
     claimed = transact(session_factory, claim, give_up_after_s=settings.db_retry_s)
     if claimed is None:
@@ -218,7 +219,7 @@ def evaluate(
     if outcome != "run":
         _after_job(trial_id, session_factory, settings, send)
         return outcome
-    experiment_id, entrypoint, problem_json, job_json, attempt = payload
+    experiment_id, entrypoint, bundle, problem_json, job_json, attempt = payload
     job = Job.model_validate(job_json)
 
     def cancelled() -> bool:
@@ -233,7 +234,7 @@ def evaluate(
     deadline = time.monotonic() + settings.job_timeout_s if settings.job_timeout_s else None
     retry = False
     try:
-        with open_task_process(entrypoint, settings) as child, Heartbeat(
+        with open_task_process(entrypoint, settings, bundle=bundle, experiment_id=experiment_id) as child, Heartbeat(
             beat, session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}"
         ):
             answer = child.request(
@@ -308,11 +309,11 @@ def resolve(experiment_id: int, *, session_factory: sessionmaker[Session], setti
         if experiment.problem is not None:
             send(ADVANCE, experiment_id)
             return "already resolved"
-        entrypoint, config = experiment.entrypoint, experiment.config
+        entrypoint, config, bundle = experiment.entrypoint, experiment.config, experiment.bundle
     error: str | None = None
     problem: Any = None
     try:
-        with open_task_process(entrypoint, settings) as child:
+        with open_task_process(entrypoint, settings, bundle=bundle, experiment_id=experiment_id) as child:
             problem = child.request("resolve", {"config": config}, deadline=None)["problem"]
     except (ChildError, ChildDied, JobTimedOut) as exc:
         error = str(exc) if isinstance(exc, ChildError) else f"{exc} while loading the task"
@@ -349,11 +350,12 @@ def export_best(
         assert best is not None
         job_json = runs.model_rebuild_job(best)
         entrypoint, problem_json, best_id = experiment.entrypoint, experiment.problem, best.id
+        bundle = experiment.bundle
     if job_json is None:
         return "skipped"
     job = Job.model_validate(job_json)
     try:
-        with open_task_process(entrypoint, settings) as child:
+        with open_task_process(entrypoint, settings, bundle=bundle, experiment_id=experiment_id) as child:
             answer = child.request("job", {"problem": problem_json, "job": job.model_dump(mode="json")})
             result = Result.model_validate(answer["result"])
     except (ChildError, ChildDied, JobTimedOut) as exc:

@@ -117,10 +117,18 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
 
-def open_task_process(entrypoint: str, settings: Settings) -> Any:
-    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow)."""
+def open_task_process(
+    entrypoint: str, settings: Settings, *, bundle: str | None = None, experiment_id: int | None = None
+) -> Any:
+    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow), importing
+    it from the experiment's uploaded ``bundle`` when it has one (:mod:`worker.bundles`)."""
+    from worker.bundles import BundleSource
     from worker.isolation import task_process
 
+    source = None
+    if bundle is not None:
+        assert experiment_id is not None, "a bundled task process belongs to one experiment"
+        source = BundleSource.of(bundle, experiment_id, settings)
     return task_process(
         entrypoint,
         list(settings.allowed_entrypoints),
@@ -128,6 +136,7 @@ def open_task_process(entrypoint: str, settings: Settings) -> Any:
         device=settings.device,
         memory_limit_mb=settings.job_memory_limit_mb,
         reuse=settings.reuse_task_process,
+        bundle=source,
     )
 
 
@@ -218,6 +227,7 @@ def _run(
         experiment = session.get(Experiment, experiment_id)
         assert experiment is not None
         entrypoint, raw_config, stored_state = experiment.entrypoint, experiment.config, experiment.search_state
+        bundle = experiment.bundle
         stored_problem = experiment.problem
         started_at = experiment.started_at
 
@@ -231,7 +241,7 @@ def _run(
         with session_factory() as session:
             return runs.cancel_requested(session, experiment_id)
 
-    with open_task_process(entrypoint, settings) as child:
+    with open_task_process(entrypoint, settings, bundle=bundle, experiment_id=experiment_id) as child:
         if stored_problem is not None:
             problem = SearchProblem.model_validate(stored_problem)
         else:
