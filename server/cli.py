@@ -2,7 +2,8 @@
 
 Service roles: ``serve`` (the API; ``--with-worker`` also starts a worker process), ``worker``, ``db upgrade``.
 Client commands (``submit``, ``bundles list``, ``watch``, ``status``, ``best``, ``trials``, ``list``, ``cancel``,
-``download``; ``submit --code DIR`` uploads your code as a bundle first) talk HTTP to the API at ``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
+``download``; ``submit --code DIR`` uploads your code as a bundle first) talk HTTP to the API at
+``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
 """
 
 from __future__ import annotations
