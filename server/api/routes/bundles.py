@@ -45,7 +45,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422: {"model": ErrorPublic},
         **_ERRORS,
     },
-    openapi_extra={"requestBody": {"required": True, "content": {"application/zip": {}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
 )
 async def upload_bundle(
     request: Request, response: Response, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
