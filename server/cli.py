@@ -1,8 +1,9 @@
 """The ``prunehub`` command line.
 
 Service roles: ``serve`` (the API; ``--with-worker`` also starts a worker process), ``worker``, ``db upgrade``.
-Client commands (``submit``, ``watch``, ``status``, ``best``, ``trials``, ``list``, ``cancel``, ``download``) talk
-HTTP to the API at ``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
+Client commands (``submit``, ``bundles list``, ``watch``, ``status``, ``best``, ``trials``, ``list``, ``cancel``,
+``download``; ``submit --code DIR`` uploads your code as a bundle first) talk HTTP to the API at
+``PRUNEHUB_API_URL``, never to the database. ``demo`` runs the whole path on the embedded defaults.
 """
 
 from __future__ import annotations
@@ -384,10 +385,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = json.loads(Path(args.file).read_text())
     with _client(args) as client:
+        if args.code:
+            bundle = client.upload_bundle(args.code)
+            print(f"bundle {bundle['id']} ({bundle['size']:,} bytes, {len(bundle['modules'])} modules)")
+            spec["bundle"] = bundle["id"]
         experiment = client.submit(spec)
         print(f"experiment {experiment['id']} {experiment['status']}")
         if args.wait:
             return _finish_watch(client, experiment["id"])
+    return 0
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.bundles(limit=args.limit)
+    if args.json:
+        _print_json(page)
+        return 0
+    for b in page["items"]:
+        modules = ", ".join(b["modules"][:4]) + (", ..." if len(b["modules"]) > 4 else "")
+        print(f"{b['id']}  {b['size']:>10,} B  {b['created_at'][:19]}  {modules}")
     return 0
 
 
@@ -499,7 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit an experiment from a JSON file")
     p.add_argument("file")
     p.add_argument("--wait", action="store_true", help="follow its progress and print the best result")
+    p.add_argument(
+        "--code",
+        metavar="DIR",
+        help="upload DIR (the folder holding your task package, or the package itself) as a bundle and run the "
+        "spec's entrypoint from it",
+    )
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("bundles", help="your uploaded task bundles")
+    bundles = p.add_subparsers(dest="action", required=True)
+    b = bundles.add_parser("list", help="your bundles, newest first")
+    b.add_argument("--limit", type=int, default=100)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bundles)
 
     for name, func, help_text in (
         ("status", cmd_status, "an experiment's status and progress"),

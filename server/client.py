@@ -17,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,6 +62,33 @@ class PrunehubClient:
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """POST /experiments: returns the stored experiment (``status: queued``)."""
         return self._request("POST", "/experiments", json=spec).json()  # type: ignore[no-any-return]
+
+    def upload_bundle(self, path_or_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Upload a task bundle and return its metadata (``id``, ``size``, ``modules``, ...).
+
+        ``path_or_dir`` is a zip file, sent as it is, or a folder, zipped deterministically first
+        (:func:`server.services.bundle_archive.make_bundle`: the same files give the same id). When the server
+        already has a bundle of yours with these bytes, that one is returned and nothing is sent.
+
+        Example::
+
+            bundle = client.upload_bundle("src")  # src/acme_tasks/...
+            client.submit({**spec, "bundle": bundle["id"], "entrypoint": "acme_tasks.resnet"})
+        """
+        from server.services.bundle_archive import bundle_id, make_bundle
+
+        source = Path(path_or_dir)
+        data = make_bundle(source) if source.is_dir() else source.read_bytes()
+        response = self._http.get(f"/bundles/{bundle_id(data)}")
+        if response.status_code == 200:
+            return response.json()  # type: ignore[no-any-return]
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/bundles", content=data, headers={"Content-Type": "application/zip"}
+        ).json()
+
+    def bundles(self, limit: int = 100) -> dict[str, Any]:
+        """GET /bundles: your bundles, newest first."""
+        return self._request("GET", "/bundles", params={"limit": limit}).json()  # type: ignore[no-any-return]
 
     def get(self, experiment_id: int) -> dict[str, Any]:
         return self._request("GET", f"/experiments/{experiment_id}").json()  # type: ignore[no-any-return]

@@ -52,6 +52,19 @@ class Settings(BaseSettings):
     )
     job_timeout_s: float | None = Field(default=None, gt=0, description="kill a job's process after this long")
     job_memory_limit_mb: int | None = Field(default=None, gt=0, description="address-space limit of user code")
+    bundles: bool = Field(
+        default=True, description="accept task bundles (POST /bundles) and experiments that name one"
+    )
+    bundles_admin_only: bool = Field(default=False, description="only admin keys may upload bundles")
+    max_bundle_mb: int = Field(default=64, gt=0, description="largest bundle upload (the zip), in MiB")
+    max_bundle_files: int = Field(default=10_000, gt=0, description="most entries in one bundle")
+    bundle_cache_dir: Path | None = Field(
+        default=None, description="where workers unpack bundles, one folder per hash (default: HOME/bundle-cache)"
+    )
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="parent of the per-experiment HOME of bundled code's task process (default: HOME/scratch)",
+    )
 
     @field_validator("allowed_entrypoints", mode="before")
     @classmethod
@@ -69,6 +82,18 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def max_bundle_bytes(self) -> int:
+        return self.max_bundle_mb * 1024 * 1024
+
+    @property
+    def bundle_cache(self) -> Path:
+        return self.bundle_cache_dir or self.home / "bundle-cache"
+
+    @property
+    def scratch_root(self) -> Path:
+        return self.scratch_dir or self.home / "scratch"
 
     @property
     def local_key_file(self) -> Path:

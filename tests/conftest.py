@@ -173,7 +173,9 @@ def _reset_postgres(url: str) -> None:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS trials, events, experiments, api_keys, alembic_version CASCADE"))
+            conn.execute(
+                text("DROP TABLE IF EXISTS trials, events, experiments, api_keys, bundles, alembic_version CASCADE")
+            )
     finally:
         engine.dispose()
 

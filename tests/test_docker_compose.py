@@ -36,6 +36,16 @@ def test_services_and_healthchecks() -> None:
         assert volume in _compose()["volumes"]
 
 
+def test_the_api_and_every_worker_run_as_an_unprivileged_user() -> None:
+    # Workers run uploaded task bundles as their own user (README, "Bring your own code").
+    services = _compose()["services"]
+    for name in ("api", "worker", "worker-gpu-0", "worker-gpu-1"):
+        user = str(services[name].get("user", "root"))
+        assert user not in ("root", "0") and not user.startswith("0:"), name
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "useradd" in dockerfile and f"USER {services['worker']['user']}" in dockerfile
+
+
 def test_environment_names_what_the_settings_read() -> None:
     fields = {f"PRUNEHUB_{name.upper()}" for name in Settings.model_fields}
     for name, service in _compose()["services"].items():

@@ -45,9 +45,41 @@ def _job(task: Any, store: Any, device: str, request: dict[str, Any]) -> dict[st
     return {"result": result.model_dump(mode="json")}
 
 
+def missing_module_hint(exc: BaseException, bundle_modules: list[str]) -> str | None:
+    """For a :class:`ModuleNotFoundError` anywhere in ``exc``'s chain naming a module that is not the bundle's,
+    the explanation to append to the error; else ``None``. It lives here, not in :mod:`worker.bundles`: a bundled
+    task process cannot import the ``worker`` package."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    tops = {m.split(".")[0] for m in bundle_modules}
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError) and current.name:
+            if current.name.split(".")[0] not in tops:
+                return (
+                    f"The task imports {current.name!r}, which is not installed on the worker; bundles cannot "
+                    f"install packages (vendor it into the bundle, or ask an operator to install it on the workers)"
+                )
+            return None
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _hinted(message: str, exc: BaseException, config: dict[str, Any]) -> str:
+    """A bundled task's error, with the explanation of a missing third-party module appended."""
+    if config.get("bundle") is None:
+        return message
+    hint = missing_module_hint(exc, config.get("bundle_modules") or [])
+    return f"{message}. {hint}" if hint else message
+
+
 def main(argv: list[str]) -> int:
     request_fd, answer_fd, config_json = int(argv[1]), int(argv[2]), argv[3]
     config = json.loads(config_json)
+    if config.get("sys_path") is not None:
+        # A bundled task (worker.bundles): started as a script in isolated mode without site, so this list is the
+        # whole import path: the bundle first, prunehub's pruning library, the standard library, site-packages.
+        sys.path[:] = config["sys_path"]
     _limit_memory(config.get("memory_limit_mb"))
     requests = os.fdopen(request_fd, "rb")
     answers = os.fdopen(answer_fd, "wb", buffering=0)
@@ -76,12 +108,15 @@ def main(argv: list[str]) -> int:
             else:
                 answer({"ok": False, "error": f"unknown request {op!r}", "fatal": True})
         except TaskError as exc:
-            answer({"ok": False, "error": str(exc), "traceback": traceback.format_exc(), "fatal": True})
+            answer(
+                {"ok": False, "error": _hinted(str(exc), exc, config), "traceback": traceback.format_exc(),
+                 "fatal": True}
+            )
         except Exception as exc:  # noqa: BLE001 - the user's code may raise anything; report it
             answer(
                 {
                     "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}",
+                    "error": _hinted(f"{type(exc).__name__}: {exc}", exc, config),
                     "traceback": traceback.format_exc(),
                     "fatal": op == "resolve",
                 }

@@ -22,7 +22,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.bundles import BundleSource
 
 __all__ = [
     "ChildDied",
@@ -84,6 +87,10 @@ class JobProcess:
     ``request(op, payload, should_stop, deadline)`` returns the child's answer or raises one of
     :class:`ChildError`, :class:`ChildDied`, :class:`JobCancelled`, :class:`JobTimedOut`. After a death, a
     cancel or a timeout the next request starts a new child.
+
+    With ``bundle`` the child imports the entrypoint from that uploaded bundle instead of installed code, with a
+    minimal environment and a ``sys.path`` without the service (:mod:`worker.bundles`); a bundle that cannot be
+    used makes the request raise a fatal :class:`ChildError`.
     """
 
     def __init__(
@@ -95,7 +102,9 @@ class JobProcess:
         device: str = "cpu",
         memory_limit_mb: int | None = None,
         poll_interval: float = 0.25,
+        bundle: BundleSource | None = None,
     ) -> None:
+        self.bundle = bundle
         self.entrypoint = entrypoint
         self.allowed_prefixes = allowed_prefixes
         self.artifacts_dir = artifacts_dir
@@ -118,19 +127,34 @@ class JobProcess:
         return self._process.pid if self._process is not None and self._process.poll() is None else None
 
     def _start(self) -> None:
-        request_read, request_write = os.pipe()
-        answer_read, answer_write = os.pipe()
-        config = {
+        config: dict[str, Any] = {
             "entrypoint": self.entrypoint,
             "allowed_prefixes": self.allowed_prefixes,
             "artifacts_dir": self.artifacts_dir,
             "device": self.device,
             "memory_limit_mb": self.memory_limit_mb,
         }
+        command = [sys.executable, "-m", "worker.child"]
+        env: dict[str, str] | None = None
+        cwd: str | None = None
+        if self.bundle is not None:
+            from worker.bundles import BundleUnavailable
+
+            try:
+                launch = self.bundle.launch()
+            except BundleUnavailable as exc:
+                raise ChildError(str(exc), None, fatal=True) from exc
+            command, env, cwd = launch.command, launch.env, launch.cwd
+            # The child checks the entrypoint against the bundle it was given, as it checks the allow-list.
+            config |= {"allowed_prefixes": launch.modules, "sys_path": launch.sys_path, **launch.child_config}
+        request_read, request_write = os.pipe()
+        answer_read, answer_write = os.pipe()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "worker.child", str(request_read), str(answer_write), json.dumps(config)],
+            [*command, str(request_read), str(answer_write), json.dumps(config)],
             pass_fds=(request_read, answer_write),
             stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
             start_new_session=True,  # a signal to the worker's process group does not hit the user's code twice
         )
         os.close(request_read)
@@ -253,12 +277,14 @@ def task_process(
     device: str = "cpu",
     memory_limit_mb: int | None = None,
     reuse: bool = True,
+    bundle: BundleSource | None = None,
 ) -> Iterator[JobProcess]:
     """A task process for ``entrypoint``: the parked one when it matches, else a new one. On a normal exit it is
     parked for the next caller (``reuse``); after an error it is closed (a cancel, timeout or crash killed it
-    already, and a process that saw an unexpected error is not trusted again)."""
+    already, and a process that saw an unexpected error is not trusted again). The bundle is part of the match:
+    a process that imported one bundle's code (for one experiment) never runs another's."""
     global _idle
-    key = (entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb)
+    key = (entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb, bundle)
     child: JobProcess | None = None
     if _idle is not None:
         idle_key, idle_child = _idle
@@ -269,7 +295,12 @@ def task_process(
             idle_child.close()
     if child is None:
         child = JobProcess(
-            entrypoint, allowed_prefixes, artifacts_dir=artifacts_dir, device=device, memory_limit_mb=memory_limit_mb
+            entrypoint,
+            allowed_prefixes,
+            artifacts_dir=artifacts_dir,
+            device=device,
+            memory_limit_mb=memory_limit_mb,
+            bundle=bundle,
         )
     try:
         yield child

@@ -193,10 +193,18 @@ class RunContext:
         return value
 
 
-def open_task_process(entrypoint: str, settings: Settings) -> Any:
-    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow)."""
+def open_task_process(
+    entrypoint: str, settings: Settings, *, bundle: str | None = None, experiment_id: int | None = None
+) -> Any:
+    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow), importing
+    it from the experiment's uploaded ``bundle`` when it has one (:mod:`worker.bundles`)."""
+    from worker.bundles import BundleSource
     from worker.isolation import task_process
 
+    source = None
+    if bundle is not None:
+        assert experiment_id is not None, "a bundled task process belongs to one experiment"
+        source = BundleSource.of(bundle, experiment_id, settings)
     return task_process(
         entrypoint,
         list(settings.allowed_entrypoints),
@@ -204,6 +212,7 @@ def open_task_process(entrypoint: str, settings: Settings) -> Any:
         device=settings.device,
         memory_limit_mb=settings.job_memory_limit_mb,
         reuse=settings.reuse_task_process,
+        bundle=source,
     )
 
 
@@ -465,6 +474,7 @@ def failure_reason(session: Session, experiment_id: int, reason: str | None) -> 
 class _Claimed:
     experiment_id: int
     entrypoint: str
+    bundle: str | None
     kind: str
     config: dict[str, Any]
     problem: dict[str, Any] | None
@@ -517,7 +527,7 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
             _after_job(session, trial, outbox)
             return "gave up", None
         runs.take_trial_lease(trial, worker_id)
-        return "run", _Claimed(experiment.id, experiment.entrypoint, trial.kind, experiment.config,
+        return "run", _Claimed(experiment.id, experiment.entrypoint, experiment.bundle, trial.kind, experiment.config,
                                experiment.problem, dict(trial.extra["job"]), trial.attempts, experiment.started_at)
 
     outcome, claimed = ctx.commit_and_emit(claim)
@@ -593,7 +603,8 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
     started = time.monotonic()
     resolving = claimed.kind == runs.RESOLVE_KIND
     try:
-        with open_task_process(claimed.entrypoint, settings) as child, Heartbeat(
+        with open_task_process(claimed.entrypoint, settings, bundle=claimed.bundle,
+                               experiment_id=claimed.experiment_id) as child, Heartbeat(
             beat, ctx.session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}"
         ):
             if resolving:
@@ -624,6 +635,10 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
             return _Outcome(failed(error))
         error = f"job exceeded job_timeout={settings.job_timeout_s}s"
         return _Outcome(failed(error), fatal=error if resolving else None)
+    except Exception as exc:  # noqa: BLE001 - the worker outlives anything one job does
+        log.exception("trial %s could not run", trial_id)
+        error = f"{type(exc).__name__}: {exc}"
+        return _Outcome(failed(error, traceback=traceback.format_exc()), fatal=error if resolving else None)
 
 
 def _after_job(session: Session, trial: Trial, outbox: list[Message]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
-from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError
+from server.services.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
 from server.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -20,23 +20,29 @@ log = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether announced by Content-Length or streamed."""
+    """Refuse request bodies over ``max_bytes`` with 413, whether announced by Content-Length or streamed.
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    ``routes`` gives single routes, keyed by (method, path), their own limit instead (the bundle upload: a zip of
+    up to ``PRUNEHUB_MAX_BUNDLE_MB``); every other request keeps ``max_bytes``.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, routes: Mapping[tuple[str, str], int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = dict(routes or {})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.routes.get((scope.get("method", ""), scope.get("path", "").rstrip("/")), self.max_bytes)
         too_large = JSONResponse(
-            status_code=413, content={"detail": f"request body over {self.max_bytes} bytes", "field": "body"}
+            status_code=413, content={"detail": f"request body over {max_bytes} bytes", "field": "body"}
         )
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    if int(value) > self.max_bytes:
+                    if int(value) > max_bytes:
                         await too_large(scope, receive, send)
                         return
                 except ValueError:
@@ -48,7 +54,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise _BodyTooLarge
             return message  # type: ignore[no-any-return]
 
@@ -66,7 +72,7 @@ def create_app(
     settings: Settings | None = None, *, dispatcher: Dispatcher | None = None, migrate: bool = True
 ) -> FastAPI:
     """Build the API. Migrations are applied at start (``migrate=False`` when the caller already did)."""
-    from server.api.routes import dashboard, events, experiments, health
+    from server.api.routes import bundles, dashboard, events, experiments, health
     from server.db.migrate import upgrade
     from server.db.session import make_engine, make_session_factory
 
@@ -107,15 +113,22 @@ def create_app(
         status = 400
         if isinstance(exc, NotFound):
             status = 404
+        elif isinstance(exc, Forbidden):
+            status = 403
         elif isinstance(exc, Conflict):
             status = 409
         elif isinstance(exc, InvalidInput):
             status = 422
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        routes={("POST", "/bundles"): settings.max_bundle_bytes},
+    )
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(events.router)
+    app.include_router(bundles.router)
     dashboard.mount(app)
     return app

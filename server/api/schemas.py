@@ -5,13 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from pruning.budget import Budget
 from pruning.search.configs import AlgorithmConfig
+from server.db.models import as_utc
+from server.services.bundle_archive import BUNDLE_ID_PATTERN
 
 __all__ = [
     "BestPublic",
+    "BundlePublic",
+    "BundlesPublic",
     "ErrorPublic",
     "ExperimentCreate",
     "ExperimentPublic",
@@ -36,11 +40,24 @@ _ENTRYPOINT = (
 )
 
 
+_BUNDLE: Any = (
+    str | None,
+    Field(
+        None,
+        pattern=BUNDLE_ID_PATTERN,
+        description="one of your bundles (POST /bundles); the entrypoint is then a module inside it",
+        examples=["sha256:" + "0" * 64],
+    ),
+)
+
+
 def _create_model_for(config_cls: type[BaseModel]) -> type[BaseModel]:
     algorithm = config_cls.model_fields["algorithm"].annotation
     tag = get_args(algorithm)[0]
     name = "".join(part.capitalize() for part in str(tag).split("_")) + "ExperimentCreate"
-    return create_model(name, __base__=config_cls, name=_NAME, entrypoint=_ENTRYPOINT)  # type: ignore[call-overload,no-any-return]
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        name, __base__=config_cls, name=_NAME, entrypoint=_ENTRYPOINT, bundle=_BUNDLE
+    )
 
 
 _CONFIG_CLASSES = get_args(get_args(AlgorithmConfig)[0])
@@ -52,10 +69,10 @@ _CREATE_MODELS = tuple(_create_model_for(cls) for cls in _CONFIG_CLASSES)
 ExperimentCreate = Annotated[Union[_CREATE_MODELS], Field(discriminator="algorithm")]  # type: ignore[valid-type]  # noqa: UP007
 
 
-def split_create(body: BaseModel) -> tuple[str, str, dict[str, Any]]:
-    """(name, entrypoint, algorithm config dict) of a validated create body."""
+def split_create(body: BaseModel) -> tuple[str, str, str | None, dict[str, Any]]:
+    """(name, entrypoint, bundle, algorithm config dict) of a validated create body."""
     data = body.model_dump(mode="json", exclude_none=False)
-    return data.pop("name"), data.pop("entrypoint"), data
+    return data.pop("name"), data.pop("entrypoint"), data.pop("bundle"), data
 
 
 class ErrorPublic(BaseModel):
@@ -83,6 +100,7 @@ class ExperimentPublic(BaseModel):
     name: str
     owner: str
     entrypoint: str
+    bundle: str | None = Field(None, description="the bundle the entrypoint is imported from, if any")
     algorithm: str
     status: str
     progress: Progress
@@ -232,3 +250,26 @@ class ReallocateCreate(BaseModel):
 
     budget: Budget
     name: str | None = Field(None, min_length=1, max_length=200, description="default: the source's, annotated")
+
+
+class BundlePublic(BaseModel):
+    """A task bundle's metadata (``POST /bundles``, ``GET /bundles/{id}``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias="digest", description="sha256:<hex of the zip's bytes>")
+    owner: str
+    size: int = Field(description="bytes of the zip")
+    files: int
+    unpacked_size: int = Field(description="bytes of its files, uncompressed")
+    modules: list[str] = Field(description="importable modules (dotted names): what an entrypoint may name")
+    created_at: datetime
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return as_utc(value)  # SQLite gives stored UTC timestamps back naive
+
+
+class BundlesPublic(BaseModel):
+    items: list[BundlePublic]

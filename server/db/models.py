@@ -1,4 +1,5 @@
-"""Typed SQLAlchemy 2.0 models: ``experiments``, ``trials`` and the append-only ``events`` log."""
+"""Typed SQLAlchemy 2.0 models: ``experiments``, ``trials``, the append-only ``events`` log, ``api_keys`` and
+``bundles``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from server.db.base import Base, JSONType
 
-__all__ = ["ApiKey", "Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "as_utc", "utcnow"]
+__all__ = ["ApiKey", "Bundle", "Event", "Experiment", "ExperimentStatus", "Trial", "TrialStatus", "as_utc", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -68,6 +69,26 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class Bundle(Base):
+    """An uploaded task bundle (a zip of the owner's code) as one owner sees it. The bytes live once in the
+    artifact store under ``digest``; two owners who upload the same bytes each get their own row."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (
+        UniqueConstraint("owner", "digest"),
+        Index("ix_bundles_owner_created", "owner", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(71))  # "sha256:" + 64 hex digits: the public id
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes of the zip
+    files: Mapped[int] = mapped_column(Integer)
+    unpacked_size: Mapped[int] = mapped_column(BigInteger)
+    modules: Mapped[list[str]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Experiment(Base):
     __tablename__ = "experiments"
     __table_args__ = (
@@ -81,6 +102,8 @@ class Experiment(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     entrypoint: Mapped[str] = mapped_column(String(300))
+    # The owner's bundle the entrypoint is imported from (``sha256:<hex>``); None: code installed on the workers.
+    bundle: Mapped[str | None] = mapped_column(String(71), nullable=True)
     algorithm: Mapped[str] = mapped_column(String(40))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
     status: Mapped[str] = mapped_column(String(20), default=ExperimentStatus.queued.value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "InvalidInput", "NotFound", "ServiceError"]
+__all__ = ["Conflict", "Forbidden", "InvalidInput", "NotFound", "ServiceError"]
 
 
 class ServiceError(Exception):
@@ -24,3 +24,7 @@ class InvalidInput(ServiceError):
 
 class Conflict(ServiceError):
     pass
+
+
+class Forbidden(ServiceError):
+    """The caller may not do this at all here (a feature turned off, or reserved to admin keys)."""

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from pruning.search.configs import SearchCommon
 from pruning.task import TaskError, check_entrypoint
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, utcnow
-from server.services import runs
+from server.services import bundles, runs
 from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
@@ -41,19 +41,30 @@ def create_experiment(
     config: SearchCommon,
     allowed_prefixes: Sequence[str],
     idempotency_key: str | None = None,
+    bundle: str | None = None,
+    bundles_enabled: bool = True,
 ) -> Experiment:
     """Store a new ``queued`` experiment, recorded as sent (the caller commits, then enqueues its id; when that
-    fails, :func:`enqueue_failed`)."""
-    try:
-        check_entrypoint(entrypoint, allowed_prefixes)
-    except TaskError as exc:
-        raise InvalidInput(str(exc), field="entrypoint") from exc
+    fails, :func:`enqueue_failed`).
+
+    With ``bundle`` (``sha256:<hex>``, one of ``owner``'s uploads) the entrypoint must be a module of that bundle
+    and the allow-list does not apply; without it the entrypoint must be under ``allowed_prefixes``.
+    """
+    if bundle is not None:
+        row = bundles.usable_bundle(session, owner=owner, digest=bundle, enabled=bundles_enabled)
+        bundles.check_bundle_entrypoint(entrypoint, row.modules, bundle)
+    else:
+        try:
+            check_entrypoint(entrypoint, allowed_prefixes)
+        except TaskError as exc:
+            raise InvalidInput(str(exc), field="entrypoint") from exc
     config_json = config.model_dump(mode="json")
     experiment = Experiment(
         owner=owner,
         idempotency_key=idempotency_key,
         name=name,
         entrypoint=entrypoint,
+        bundle=bundle,
         algorithm=config_json["algorithm"],
         config=config_json,
         status=ExperimentStatus.queued.value,

@@ -104,9 +104,10 @@ def reallocate(
     budget: Budget,
     name: str | None,
     allowed_prefixes: Sequence[str],
+    bundles_enabled: bool = True,
 ) -> Experiment:
     """Store a new ``queued`` sensitivity experiment that re-allocates ``source``'s curves for ``budget``: same
-    owner, entrypoint and config (config list, base algorithm, evaluation, refinement) with the new budget and
+    owner, entrypoint, bundle and config (config list, base algorithm, evaluation, refinement) with the new budget and
     ``curves`` set, so nothing is profiled again. The caller commits, then enqueues its id.
 
     Raises :class:`NotFound` when ``source`` is not a sensitivity experiment, :class:`Conflict` when it has not
@@ -145,6 +146,8 @@ def reallocate(
         entrypoint=source.entrypoint,
         config=parsed,
         allowed_prefixes=allowed_prefixes,
+        bundle=source.bundle,
+        bundles_enabled=bundles_enabled,
     )
     add_event(
         session, experiment.id, "note", text=f"re-allocates the curves of experiment {source.id} for {label}",

@@ -72,6 +72,7 @@ def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False
         name=experiment.name,
         owner=experiment.owner,
         entrypoint=experiment.entrypoint,
+        bundle=experiment.bundle,
         algorithm=experiment.algorithm,
         status=experiment.status,
         progress=Progress(done=experiment.progress_done, total=experiment.progress_total, phase=experiment.phase),
@@ -105,7 +106,7 @@ def create_experiment(
     With an ``Idempotency-Key`` header, a repeated request (a client retrying after a timeout) returns the
     experiment the first one created instead of creating a second.
     """
-    name, entrypoint, raw = split_create(body)
+    name, entrypoint, bundle, raw = split_create(body)
     if idempotency_key:
         existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key)
         if existing is not None:
@@ -119,6 +120,8 @@ def create_experiment(
             config=parse_algorithm_config(raw),
             allowed_prefixes=settings.allowed_entrypoints,
             idempotency_key=idempotency_key,
+            bundle=bundle,
+            bundles_enabled=settings.bundles,
         )
         session.commit()
     except IntegrityError:
@@ -348,7 +351,8 @@ def reallocate(
     """
     source = service.get_experiment(session, experiment_id, principal.scope)
     experiment = sensitivity_service.reallocate(
-        session, source, budget=body.budget, name=body.name, allowed_prefixes=settings.allowed_entrypoints
+        session, source, budget=body.budget, name=body.name, allowed_prefixes=settings.allowed_entrypoints,
+        bundles_enabled=settings.bundles,
     )
     session.commit()
     _enqueue_created(session, dispatcher, experiment.id)

@@ -687,7 +687,10 @@
         el("button", { class: "btn btn-danger", id: "cancel", type: "button", disabled: !canCancel, onclick: cancel }, "Cancel"),
       );
       const facts = [
-        ["Algorithm", e.algorithm], ["Entrypoint", e.entrypoint], ["Best score", fmt(e.best_score)],
+        ["Algorithm", e.algorithm], ["Entrypoint", e.entrypoint],
+        // An uploaded bundle's id (the code the entrypoint came from); installed code shows no row.
+        ...(e.bundle ? [["Bundle", el("code", { id: "bundle", class: "bundle-id", title: "uploaded code (POST /bundles)" }, e.bundle)]] : []),
+        ["Best score", fmt(e.best_score)],
         ["Best sparsity", e.best ? pct(e.best.overall_sparsity) : "–"], ["Trials", e.trials_count],
         ["Created", when(e.created_at)], ["Duration", duration(e.duration_s)], ["Attempts", e.attempts],
       ];
