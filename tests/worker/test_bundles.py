@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,7 +111,10 @@ def test_bundled_code_runs_without_secrets_and_without_the_service_on_its_path(
     assert probe["sys_path"][0] == str(code)
     root = str(ROOT.resolve())
     assert root not in probe["sys_path"] and "" not in probe["sys_path"]
-    assert not [entry for entry in probe["sys_path"] if entry == root or entry.startswith(root + os.sep)]
+    # The interpreter's own folders may sit inside the checkout (CI's .venv); nothing else of it may be there.
+    interpreter = tuple(str(Path(p).resolve()) + os.sep for p in {sys.prefix, sys.base_prefix})
+    assert not [entry for entry in probe["sys_path"] if (entry == root or entry.startswith(root + os.sep))
+                and not (entry + os.sep).startswith(interpreter)]
     assert probe["server_spec"] is False and probe["worker_spec"] is False  # the checkout's packages do not import
     assert not probe["pruning_file"].startswith(root + os.sep)  # the library comes through its link only
     assert Path(probe["pruning_file"]).resolve() == (ROOT / "pruning" / "__init__.py").resolve()
