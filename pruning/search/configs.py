@@ -44,6 +44,12 @@ Ranking = Literal["layer", "global"]
 GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 
 
+# Every boundary model of a config: unknown fields are errors, numbers are finite, and types are strict, so
+# ``"seed": "1"`` or ``"seed": true`` is refused instead of silently becoming 1 (JSON numbers still fill float
+# fields, and a JSON body's strings fill Literal fields).
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class CandidateEval(BaseModel):
     """How a candidate is scored: as it will finish, not as it looks the instant after pruning.
 
@@ -52,7 +58,7 @@ class CandidateEval(BaseModel):
     update) makes a candidate's score predict its score after fine-tuning (EagleEye, Li et al., 2020).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     bn_recalibration: bool | None = Field(
         default=None,
@@ -72,7 +78,7 @@ class SearchCommon(BaseModel):
     and every candidate is projected onto the budget before it is evaluated.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     config_list: list[ConfigEntry] = Field(min_length=1, max_length=256)
     base_algo: BaseAlgo = "l1"
@@ -120,6 +126,8 @@ class SearchCommon(BaseModel):
 class _GlobalRanking(BaseModel):
     """``ranking``: one threshold per layer (each unit at its own sparsity) or one across all selected layers."""
 
+    model_config = _STRICT
+
     ranking: Ranking = Field(
         default="layer",
         description=(
@@ -154,6 +162,8 @@ class UniformConfig(_GlobalRanking, SearchCommon):
 class _AnnealingSchedule(BaseModel):
     """Simulated-annealing fields shared by ``annealing`` and ``autocompress`` (defaults are NNI's)."""
 
+    model_config = _STRICT
+
     start_temperature: float = Field(default=100.0, gt=0, le=1e6)
     stop_temperature: float = Field(default=20.0, gt=0, le=1e6)
     cool_down_rate: float = Field(default=0.9, gt=0, lt=1)
@@ -173,6 +183,8 @@ class _AnnealingSchedule(BaseModel):
 
 class _ADMMSchedule(BaseModel):
     """ADMM fields shared by ``admm`` and ``autocompress``."""
+
+    model_config = _STRICT
 
     rho: float = Field(default=1e-3, gt=0, le=1e3, description="penalty weight of rho/2 ||W - Z + U||^2")
     layer_rho: dict[str, float] = Field(
@@ -369,7 +381,7 @@ class LotteryTicketConfig(_GlobalRanking, SearchCommon):
 class SensitivityPoint(BaseModel):
     """One profiled point of a unit's curve: the unit alone pruned to ``sparsity`` (every other unit dense)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     sparsity: float = Field(gt=0, le=1, description="the unit's sparsity (whole channels for structured units)")
     score: float = Field(allow_inf_nan=False, description="the evaluator's score of that model")
@@ -384,7 +396,7 @@ class SensitivityPoint(BaseModel):
 class UnitCurve(BaseModel):
     """A unit's sensitivity curve, its points in increasing sparsity."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     name: str = Field(min_length=1, max_length=1000)
     points: list[SensitivityPoint] = Field(default_factory=list, max_length=64)
@@ -405,7 +417,7 @@ class SensitivityCurves(BaseModel):
     re-allocate for a FLOPs or params budget of any size.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     resource: Literal["flops", "params", "latency"]
     baseline: float = Field(allow_inf_nan=False, description="score of the unpruned model")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from server.api.guards import RequestGuard, validation_content
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
 from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from server.settings import Settings, get_settings
@@ -17,49 +18,6 @@ from server.settings import Settings, get_settings
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether announced by Content-Length or streamed."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = JSONResponse(
-            status_code=413, content={"detail": f"request body over {self.max_bytes} bytes", "field": "body"}
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    if int(value) > self.max_bytes:
-                        await too_large(scope, receive, send)
-                        return
-                except ValueError:
-                    pass
-        received = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message  # type: ignore[no-any-return]
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(
@@ -113,7 +71,11 @@ def create_app(
             status = 422
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content=validation_content(exc.errors()))
+
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(events.router)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -17,6 +18,10 @@ from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
 from server.services.runs import record_sent
+
+# Ids are 32-bit integers in every database we run on; an offset beyond that is past any page that exists.
+MAX_ID = 2**31 - 1
+MAX_OFFSET = 2**31 - 1
 
 __all__ = [
     "best_trial",
@@ -89,20 +94,43 @@ def get_experiment(
     return experiment
 
 
+_C = TypeVar("_C", bound=BaseModel)
+
+
+class _IdCursor(BaseModel):
+    """Where a newest-first page continues: below this id."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    before_id: int = Field(ge=1, le=MAX_ID)
+
+
+class _OffsetCursor(BaseModel):
+    """Where a ranked page continues: after this many rows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    offset: int = Field(ge=0, le=MAX_OFFSET)
+
+
 def _encode_cursor(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
 
 
-def _decode_cursor(cursor: str | None) -> dict[str, Any]:
+def _decode_cursor(cursor: str | None, kind: type[_C]) -> _C | None:
+    """The position a cursor this API returned names; anything else (hand-made, of the other ordering, out of
+    range, not an integer) is :class:`InvalidInput` naming ``cursor``: it never reaches the database."""
     if not cursor:
-        return {}
+        return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(data, dict):
-            raise ValueError
-        return data
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise InvalidInput("cursor is not a cursor this API returned", field="cursor") from exc
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")), parse_constant=_refuse_constant)
+        return kind.model_validate(data)
+    except (ValueError, UnicodeError, RecursionError) as exc:  # ValidationError is a ValueError
+        raise InvalidInput("cursor is not a cursor this API returned for this listing", field="cursor") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} in a cursor")
 
 
 def list_experiments(
@@ -126,16 +154,17 @@ def list_experiments(
         query = query.where(Experiment.algorithm == algorithm)
     if entrypoint:
         query = query.where(Experiment.entrypoint == entrypoint)
-    position = _decode_cursor(cursor)
     if order_by == "created":
-        if "before_id" in position:
-            query = query.where(Experiment.id < int(position["before_id"]))
+        position = _decode_cursor(cursor, _IdCursor)
+        if position is not None:
+            query = query.where(Experiment.id < position.before_id)
         rows = list(session.scalars(query.order_by(Experiment.id.desc()).limit(limit + 1)))
         next_cursor = _encode_cursor({"before_id": rows[limit - 1].id}) if len(rows) > limit else None
         return rows[:limit], next_cursor
     # Only experiments that have a best score, highest first: meant for comparing experiments of one entrypoint,
     # which share one evaluator (so one scale and one direction).
-    offset = int(position.get("offset", 0))
+    ranked = _decode_cursor(cursor, _OffsetCursor)
+    offset = ranked.offset if ranked else 0
     query = query.where(Experiment.best_score.is_not(None)).order_by(
         Experiment.best_score.desc(), Experiment.id.desc()
     )
@@ -167,8 +196,8 @@ def list_trials(
             for t in session.scalars(query.order_by(Trial.seq))
             if all(str(t.context.get(k)) == str(v) for k, v in context.items())
         ]
-    position = _decode_cursor(cursor)
-    offset = int(position.get("offset", 0))
+    ranked = _decode_cursor(cursor, _OffsetCursor)
+    offset = ranked.offset if ranked else 0
     maximize = experiment.config.get("optimize_mode", "maximize") == "maximize"
     if rows_all is not None:
         if order_by == "score":
