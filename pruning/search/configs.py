@@ -7,6 +7,7 @@ field.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
@@ -200,7 +201,25 @@ class _ADMMSchedule(BaseModel):
         for name, value in self.layer_rho.items():
             if not 0 < value <= 1e3:
                 raise ValueError(f"layer_rho[{name!r}] must be in (0, 1000], got {value}")
+        # Which layers exist is known only once the model is traced (on the worker: check_layer_rho), except when
+        # every selecting entry names its layers: then a key outside those names can never match.
+        entries = [entry for entry in getattr(self, "config_list", []) if not entry.exclude]
+        if entries and all(entry.op_names for entry in entries):
+            self.check_layer_rho({name for entry in entries for name in entry.op_names}, where="the config list")
         return self
+
+    def check_layer_rho(self, layer_names: Iterable[str], *, where: str = "the model") -> None:
+        """Raise ``ValueError`` naming the first ``layer_rho`` key that is not one of ``layer_names``.
+
+        The strategies call it in ``start`` with the traced problem's layers, so a typo fails the experiment with
+        this message instead of silently training every layer at ``rho``.
+        """
+        known = set(layer_names)
+        for name in self.layer_rho:
+            if name not in known:
+                shown = sorted(known)
+                listing = ", ".join(shown[:20]) + (f", ... ({len(shown)} in all)" if len(shown) > 20 else "")
+                raise ValueError(f"layer_rho[{name!r}] names no prunable layer of {where} (its layers: {listing})")
 
 
 class AnnealingConfig(_AnnealingSchedule, SearchCommon):
