@@ -267,9 +267,9 @@ def load_task(entrypoint: str, allowed_prefixes: Sequence[str] | None = None) ->
             except Exception as exc:
                 raise TaskError(f"task factory {entrypoint!r} raised {type(exc).__name__}: {exc}") from exc
             if not all(hasattr(source, name) for name in REQUIRED_NAMES):
-                missing = ", ".join(name for name in REQUIRED_NAMES if not hasattr(source, name))
+                absent = ", ".join(name for name in REQUIRED_NAMES if not hasattr(source, name))
                 raise TaskError(
-                    f"task factory {entrypoint!r} returned a {type(source).__name__} without the task name(s) {missing}"
+                    f"task factory {entrypoint!r} returned a {type(source).__name__} without the task name(s) {absent}"
                 )
     values: dict[str, Any] = {}
     missing = [name for name in REQUIRED_NAMES if getattr(source, name, None) is None]

@@ -7,8 +7,9 @@ field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal, Self, Union
+from typing import Annotated, Any, Literal, NamedTuple, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
@@ -17,6 +18,7 @@ from pruning.config import STRUCTURED_ALGOS, BaseAlgo, ConfigEntry, check_entry_
 
 __all__ = [
     "ALGORITHMS",
+    "EpochTerm",
     "GLOBAL_RANKING_ALGOS",
     "ADMMConfig",
     "AGPConfig",
@@ -49,6 +51,15 @@ GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 # ``"seed": "1"`` or ``"seed": true`` is refused instead of silently becoming 1 (JSON numbers still fill float
 # fields, and a JSON body's strings fill Literal fields).
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class EpochTerm(NamedTuple):
+    """One term of a config's training-work estimate: ``formula`` (of its fields), the ``field`` it is
+    charged to, and the trainer ``epochs`` it comes to."""
+
+    formula: str
+    field: str
+    epochs: int
 
 
 class CandidateEval(BaseModel):
@@ -118,6 +129,29 @@ class SearchCommon(BaseModel):
                 )
         return self
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        """The trainer epochs this config's schedule asks for, term by term; their sum estimates the experiment's
+        training work from above (a candidate count a search decides at run time is its cap, ``max_trials``).
+
+        The API refuses a config whose sum is over ``PRUNEHUB_MAX_EPOCHS_CAP``, naming the largest term's field.
+        """
+        count_text, count = self._candidates()
+        return [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
+
+    def _candidates(self) -> tuple[str, int]:
+        """(what counts them, how many) candidates get the per-candidate fine-tune."""
+        own_text, own = self._own_candidates()
+        if self.max_trials is not None and self.max_trials < own:
+            return "max_trials", self.max_trials
+        return own_text, own
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "1 candidate", 1
+
+    def trial_count_fields(self) -> dict[str, int]:
+        """The fields that ask for a number of trials (capped by ``PRUNEHUB_MAX_TRIALS_CAP``)."""
+        return {"max_trials": self.max_trials} if self.max_trials is not None else {}
+
     @property
     def effective_budget(self) -> Budget | None:
         """The physical budget the search runs under (NetAdapt also reads its older fields)."""
@@ -181,6 +215,12 @@ class _AnnealingSchedule(BaseModel):
             raise ValueError("stop_temperature must be below start_temperature")
         return self
 
+    def proposals(self) -> int:
+        """Proposals of one annealing chain: the temperature cools by ``cool_down_rate`` on each, from
+        ``start_temperature`` down to ``stop_temperature``."""
+        ratio = self.stop_temperature / self.start_temperature
+        return math.ceil(math.log(ratio) / math.log(self.cool_down_rate)) + 1
+
 
 class _ADMMSchedule(BaseModel):
     """ADMM fields shared by ``admm`` and ``autocompress``."""
@@ -232,6 +272,9 @@ class AnnealingConfig(_AnnealingSchedule, SearchCommon):
     algorithm: Literal["annealing"]
     batch_size: int = Field(default=1, ge=1, le=256, description="proposals evaluated independently per step")
 
+    def _own_candidates(self) -> tuple[str, int]:
+        return "annealing proposals", self.proposals()
+
 
 class NetAdaptConfig(SearchCommon):
     """NetAdapt (Yang et al., 2018): shrink one unit per iteration by a measured resource reduction.
@@ -279,6 +322,17 @@ class NetAdaptConfig(SearchCommon):
             )
         return value
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        # One short-term fine-tune per unit tried per iteration: counted per unit (the units are the model's).
+        return [
+            EpochTerm(
+                "max_iterations x short_term_finetune_epochs (per unit)",
+                "short_term_finetune_epochs",
+                self.max_iterations * self.short_term_finetune_epochs,
+            ),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
+
 
 class ADMMConfig(_ADMMSchedule, SearchCommon):
     """ADMM pruning (Zhang et al., 2018) of the config list's distribution, then masked retraining."""
@@ -286,6 +340,14 @@ class ADMMConfig(_ADMMSchedule, SearchCommon):
     algorithm: Literal["admm"]
     num_iterations: int = Field(default=5, ge=1, le=1000, description="outer ADMM iterations (one job each)")
     retrain_epochs: int = Field(default=1, ge=0, le=1000, description="masked retraining after hard pruning")
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        iterations = min(self.num_iterations, self.max_trials) if self.max_trials else self.num_iterations
+        return [
+            EpochTerm("num_iterations x training_epochs", "training_epochs", iterations * self.training_epochs),
+            EpochTerm("retrain_epochs", "retrain_epochs", self.retrain_epochs),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
 
 
 class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
@@ -303,6 +365,22 @@ class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
     batch_size: int = Field(
         default=1, ge=1, le=256, description="annealing proposals per step, evaluated independently (one GPU each)"
     )
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        rounds = self.num_rounds
+        proposals = rounds * self.proposals()
+        if self.max_trials is not None:
+            proposals = min(proposals, self.max_trials)
+        return [
+            EpochTerm(
+                "num_rounds x admm_iterations x training_epochs",
+                "training_epochs",
+                rounds * self.admm_iterations * self.training_epochs,
+            ),
+            EpochTerm("num_rounds x retrain_epochs", "retrain_epochs", rounds * self.retrain_epochs),
+            EpochTerm("annealing proposals x finetune_epochs", "finetune_epochs", proposals * self.finetune_epochs),
+            EpochTerm("final_finetune_epochs", "final_finetune_epochs", self.final_finetune_epochs),
+        ]
 
 
 class OptunaConfig(SearchCommon):
@@ -328,6 +406,12 @@ class OptunaConfig(SearchCommon):
         if self.objectives[0] != "score" or "score" in self.objectives[1:]:
             raise ValueError('objectives must be ["score"] or ["score", <params|flops|latency>]')
         return self
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "num_trials", self.num_trials
+
+    def trial_count_fields(self) -> dict[str, int]:
+        return {**super().trial_count_fields(), "num_trials": self.num_trials}
 
 
 class AGPConfig(_GlobalRanking, SearchCommon):
@@ -368,6 +452,12 @@ class AGPConfig(_GlobalRanking, SearchCommon):
             raise ValueError(f"target_sparsity ({value}) must not be below initial_sparsity ({initial})")
         return value
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("end_step", "end_step", self.end_step),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
+
 
 class IterativeConfig(_GlobalRanking, SearchCommon):
     """Iterative pruning and retraining (Han et al., 2015): ``rounds`` rounds, each pruning ``1 - (1 - s) **
@@ -378,6 +468,12 @@ class IterativeConfig(_GlobalRanking, SearchCommon):
     algorithm: Literal["iterative"]
     rounds: int = Field(default=3, ge=1, le=100, description="prune-and-retrain rounds (one trial each)")
     retrain_epochs: int = Field(default=1, ge=0, le=1000, description="trainer epochs after each pruning")
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("rounds x retrain_epochs", "retrain_epochs", self.rounds * self.retrain_epochs),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
 
 
 class LotteryTicketConfig(_GlobalRanking, SearchCommon):
@@ -395,6 +491,13 @@ class LotteryTicketConfig(_GlobalRanking, SearchCommon):
     prune_iterations: int = Field(default=3, ge=1, le=100, description="pruning rounds after the dense round 0")
     epochs: int = Field(default=1, ge=1, le=1000, description="trainer epochs per round, from the rewound weights")
     rewind_epoch: int = Field(default=0, ge=0, le=1000, description="rewind to the weights after k epochs")
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("(prune_iterations + 1) x epochs", "epochs", (self.prune_iterations + 1) * self.epochs),
+            EpochTerm("rewind_epoch", "rewind_epoch", self.rewind_epoch),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
 
 
 class SensitivityPoint(BaseModel):
@@ -500,6 +603,9 @@ class SensitivityConfig(SearchCommon):
                 f"ratios of each point) but not {self.budget.resource} on every point; profile again under this budget"
             )
         return self
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "(1 + refine_candidates)", 1 + self.refine_candidates
 
 
 AlgorithmConfig = Annotated[

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.guards import RequestGuard, validation_content
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
-from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError
+from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError, TooManyRequests
 from server.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -69,6 +69,12 @@ def create_app(
             status = 409
         elif isinstance(exc, InvalidInput):
             status = 422
+        elif isinstance(exc, TooManyRequests):
+            return JSONResponse(
+                status_code=429,
+                content={"detail": exc.message, "field": exc.field},
+                headers={"Retry-After": str(exc.retry_after_s)},
+            )
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
     @app.exception_handler(RequestValidationError)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "InvalidInput", "NotFound", "ServiceError"]
+__all__ = ["Conflict", "InvalidInput", "NotFound", "ServiceError", "TooManyRequests"]
 
 
 class ServiceError(Exception):
@@ -24,3 +24,11 @@ class InvalidInput(ServiceError):
 
 class Conflict(ServiceError):
     pass
+
+
+class TooManyRequests(ServiceError):
+    """A quota that frees up with time: the caller may retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, field: str | None = None, *, retry_after_s: int) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s

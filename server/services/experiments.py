@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
@@ -17,6 +18,7 @@ from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, u
 from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
+from server.services.limits import Limits, apply_caps, check_quotas
 from server.services.runs import record_sent
 
 # Ids are 32-bit integers in every database we run on; an offset beyond that is past any page that exists.
@@ -33,6 +35,7 @@ __all__ = [
     "list_experiments",
     "list_trials",
     "pareto_trials",
+    "request_hash",
 ]
 
 
@@ -45,21 +48,33 @@ def create_experiment(
     config: SearchCommon,
     allowed_prefixes: Sequence[str],
     idempotency_key: str | None = None,
+    limits: Limits | None = None,
 ) -> Experiment:
     """Store a new ``queued`` experiment, recorded as sent (the caller commits, then enqueues its id; when that
-    fails, :func:`enqueue_failed`)."""
+    fails, :func:`enqueue_failed`).
+
+    With ``limits``, the config is held to the server's caps (422 naming the field and the cap; a missing
+    ``max_minutes`` is filled with the default) and the owner to its quotas (:func:`server.services.limits.
+    check_quotas`). With ``idempotency_key``, the hash of what was asked is stored with it (see
+    :func:`request_hash`)."""
     try:
         check_entrypoint(entrypoint, allowed_prefixes)
     except TaskError as exc:
         raise InvalidInput(str(exc), field="entrypoint") from exc
     config_json = config.model_dump(mode="json")
+    config_bytes = len(json.dumps(config_json, separators=(",", ":")).encode("utf-8"))
+    if limits is not None:
+        config_bytes = apply_caps(config, config_json, limits)
+        check_quotas(session, owner, config_bytes, limits)
     experiment = Experiment(
         owner=owner,
         idempotency_key=idempotency_key,
+        idempotency_hash=request_hash(name, entrypoint, config) if idempotency_key else None,
         name=name,
         entrypoint=entrypoint,
         algorithm=config_json["algorithm"],
         config=config_json,
+        config_bytes=config_bytes,
         status=ExperimentStatus.queued.value,
         progress_total=float(config.max_trials) if config.max_trials else None,
         phase="queued",
@@ -77,8 +92,36 @@ def enqueue_failed(session: Session, experiment_id: int) -> None:
     record_sent(session, [(ADVANCE, experiment_id)], sent=False)
 
 
-def find_by_idempotency_key(session: Session, owner: str, key: str) -> Experiment | None:
-    return session.scalar(select(Experiment).where(Experiment.owner == owner, Experiment.idempotency_key == key))
+def request_hash(name: str, entrypoint: str, config: SearchCommon) -> str:
+    """SHA-256 of a submission as validated (name, entrypoint, config with its defaults), key order aside."""
+    document = {"name": name, "entrypoint": entrypoint, "config": config.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def find_by_idempotency_key(
+    session: Session, owner: str, key: str, body_hash: str | None = None
+) -> Experiment | None:
+    """The experiment ``owner`` created with ``key``, or ``None``.
+
+    With ``body_hash``, a key first used with another request is :class:`InvalidInput` (422) naming
+    ``Idempotency-Key``, as Stripe answers: a retry must repeat the request, not change it. Experiments stored
+    before hashes were kept match any body.
+    """
+    experiment = session.scalar(
+        select(Experiment).where(Experiment.owner == owner, Experiment.idempotency_key == key)
+    )
+    if (
+        experiment is not None
+        and body_hash is not None
+        and experiment.idempotency_hash is not None
+        and experiment.idempotency_hash != body_hash
+    ):
+        raise InvalidInput(
+            f"Idempotency-Key {key!r} was first used with a different request (experiment {experiment.id}); "
+            "a retry must send the same body, a new request needs a new key",
+            field="Idempotency-Key",
+        )
+    return experiment
 
 
 def get_experiment(

@@ -21,6 +21,7 @@ from server.db.models import Experiment, ExperimentStatus
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
 from server.services.experiments import create_experiment
+from server.services.limits import Limits
 
 __all__ = ["SensitivityReport", "UnitReport", "reallocate", "sensitivity_report"]
 
@@ -104,6 +105,7 @@ def reallocate(
     budget: Budget,
     name: str | None,
     allowed_prefixes: Sequence[str],
+    limits: Limits | None = None,
 ) -> Experiment:
     """Store a new ``queued`` sensitivity experiment that re-allocates ``source``'s curves for ``budget``: same
     owner, entrypoint and config (config list, base algorithm, evaluation, refinement) with the new budget and
@@ -145,6 +147,7 @@ def reallocate(
         entrypoint=source.entrypoint,
         config=parsed,
         allowed_prefixes=allowed_prefixes,
+        limits=limits,
     )
     add_event(
         session, experiment.id, "note", text=f"re-allocates the curves of experiment {source.id} for {label}",
