@@ -160,12 +160,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Before anything imports torch: this process only ever sees its own GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         os.environ.setdefault("PRUNEHUB_DEVICE", "cuda")
+    from server.files import secure_home
     from server.settings import get_settings
     from worker.celery_app import make_celery
     from worker.signals import connect_signals
     from worker.tasks import register_tasks
 
     settings = get_settings()
+    secure_home(settings.home)
     Path(settings.artifacts_dir).mkdir(parents=True, exist_ok=True)
     app = make_celery(settings)
     register_tasks(app)
@@ -209,9 +211,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server.api.main import create_app
     from server.db.migrate import upgrade
+    from server.files import secure_home
     from server.settings import get_settings
 
     settings = get_settings()
+    secure_home(settings.home)
     upgrade(settings.database_url)  # before a worker starts: one migrator at a time
     worker = _spawn_worker(args.worker_loglevel) if args.with_worker else None
     try:
@@ -295,12 +299,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (uniform and annealing at the same FLOPs budget on the digits CNN), follow them, print their results side by
     side, keep serving the dashboard."""
     from server.client import PrunehubClient
+    from server.files import secure_home
     from server.settings import get_settings
 
     url = f"http://{args.host}:{args.port}"
     env = {**os.environ, "PRUNEHUB_API_URL": url}
     home = get_settings().home
-    home.mkdir(parents=True, exist_ok=True)
+    secure_home(home)
     log_path = home / "demo.log"
     print(f"starting the API and a worker at {url} (their logs: {log_path}) ...", flush=True)
     serve = ["serve", "--with-worker", "--host", args.host, "--port", str(args.port)]

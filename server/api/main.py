@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server.api.guards import RequestGuard, validation_content
+from server.files import secure_home
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
 from server.services.errors import Conflict, InvalidInput, NotFound, ServiceError, TooManyRequests
 from server.settings import Settings, get_settings
@@ -32,6 +33,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        secure_home(settings.home)
         if migrate:
             upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
