@@ -10,26 +10,83 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "terminal_safe"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # `demo` runs the baseline and one search at the same FLOPs budget, and prints them side by side.
 DEMO_SPECS = (EXAMPLES / "digits_budget_uniform.json", EXAMPLES / "digits_budget_annealing.json")
 
 
-def _client(args: argparse.Namespace) -> Any:
+# C0 controls (ESC starts every terminal escape sequence), DEL and the C1 controls (CSI, OSC as single bytes).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(value: Any) -> Any:
+    """``value`` (a string, or JSON of them) with every control character shown as an escape (``\\x1b``).
+
+    Names, errors, phases and layer names are other people's text (an experiment's owner, the user's model and
+    code): printed raw, an ESC in them would drive the terminal (retitle it, clear it, fake output, or worse).
+    Every CLI command prints what the API returns through this.
+    """
+    if isinstance(value, str):
+        return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    if isinstance(value, list):
+        return [terminal_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {terminal_safe(key): terminal_safe(item) for key, item in value.items()}
+    return value
+
+
+class _TerminalSafeClient:
+    """The API client as the CLI uses it: what each call returns goes through :func:`terminal_safe` (an event
+    stream item by item; a downloaded file as it is)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __enter__(self) -> _TerminalSafeClient:
+        self._client.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attribute(*args, **kwargs)
+            if isinstance(result, bytes | bytearray):
+                return result
+            if isinstance(result, Iterator):
+                return (terminal_safe(item) for item in result)
+            return terminal_safe(result)
+
+        return call
+
+
+def _safe_client(base_url: str, api_key: str | None = None) -> Any:
     from server.client import PrunehubClient
+
+    return _TerminalSafeClient(PrunehubClient(base_url, api_key=api_key))
+
+
+def _client(args: argparse.Namespace) -> Any:
     from server.settings import get_settings
 
     settings = get_settings()
-    return PrunehubClient(args.api_url or settings.api_url, api_key=settings.client_api_key())
+    return _safe_client(args.api_url or settings.api_url, api_key=settings.client_api_key())
 
 
 def _print_json(data: Any) -> None:
@@ -298,7 +355,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Start API + worker quietly (their output goes to ``$PRUNEHUB_HOME/demo.log``), submit the shipped examples
     (uniform and annealing at the same FLOPs budget on the digits CNN), follow them, print their results side by
     side, keep serving the dashboard."""
-    from server.client import PrunehubClient
     from server.files import secure_home
     from server.settings import get_settings
 
@@ -314,7 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "server.cli", *serve], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        with PrunehubClient(url) as client:
+        with _safe_client(url) as client:
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -327,7 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         return 1
                     time.sleep(0.5)
         # The API created the local key on its first start; the embedded demo needs no setup.
-        with PrunehubClient(url, api_key=get_settings().client_api_key()) as client:
+        with _safe_client(url, api_key=get_settings().client_api_key()) as client:
             specs = [json.loads(Path(path).read_text()) for path in args.spec]
             submitted = []
             for spec in specs:
@@ -373,7 +429,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             elif args.action == "list":
                 for key in auth.list_keys(session):
                     state = "revoked" if key.revoked_at else "live"
-                    print(f"{key.prefix}...  {key.owner:<20} {key.role:<6} {state:<8} {key.created_at:%Y-%m-%d}")
+                    owner = terminal_safe(key.owner)
+                    print(f"{key.prefix}...  {owner:<20} {key.role:<6} {state:<8} {key.created_at:%Y-%m-%d}")
             else:
                 count = auth.revoke_key(session, args.prefix)
                 session.commit()
@@ -551,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.client import ApiError
 
         if isinstance(exc, ApiError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {terminal_safe(str(exc))}", file=sys.stderr)
             return 2
         raise
 
