@@ -82,3 +82,29 @@ def running_api(backend: str, tmp_path: Path, **overrides: Any) -> Iterator[Api]
         engine.dispose()
         yield Api(client, keys, url)
 
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """A real HTTP server (uvicorn, in a thread) of the API for ``settings``, without a broker; yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    app = create_app(settings, dispatcher=NoDispatch())  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -3,23 +3,18 @@ characters escaped, in every CLI command that prints it."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from sqlalchemy import update
 
 from server import cli
-from server.api.main import create_app
 from server.db.models import Experiment
 from server.db.session import make_engine, make_session_factory
 from server.services.auth import create_key
 from server.settings import Settings, get_settings
-from tests.conftest import free_port
-from tests.server.hardening import VALID, NoDispatch
+from tests.server.hardening import VALID, serving
 
 # A window-title change, a screen clear, a cursor move and a C1 CSI: each would act on a terminal printed raw.
 HOSTILE = "evil\x1b]0;pwned\x07\x1b[2J\x1b[1;1H\x9b31m"
@@ -32,40 +27,33 @@ def api_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         home=tmp_path, database_url=url, broker_url="filesystem://", artifacts_dir=tmp_path / "artifacts",
         allowed_entrypoints=["examples."], bootstrap_local_key=False,
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, dispatcher=NoDispatch()), port=port, log_level="warning")  # type: ignore[arg-type]
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
-        time.sleep(0.05)
+    with serving(settings) as base:
+        yield from _seeded(base, url, monkeypatch)
+    get_settings.cache_clear()
+
+
+def _seeded(base: str, url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     engine = make_engine(url)
     with make_session_factory(engine)() as session:
         key = create_key(session, HOSTILE)  # an owner name is user text too
         session.commit()
-    monkeypatch.setenv("PRUNEHUB_API_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("PRUNEHUB_API_URL", base)
     monkeypatch.setenv("PRUNEHUB_API_KEY", key)
     monkeypatch.setenv("PRUNEHUB_DATABASE_URL", url)
     get_settings.cache_clear()
     import httpx
 
     created = httpx.post(
-        f"http://127.0.0.1:{port}/experiments", json={**VALID, "name": HOSTILE},
+        f"{base}/experiments", json={**VALID, "name": HOSTILE},
         headers={"Authorization": f"Bearer {key}"},
     )
     assert created.status_code == 201, created.text
-    httpx.post(f"http://127.0.0.1:{port}/experiments/1/cancel", headers={"Authorization": f"Bearer {key}"})
+    httpx.post(f"{base}/experiments/1/cancel", headers={"Authorization": f"Bearer {key}"})
     with make_session_factory(engine)() as session:  # what a worker would store from the user's code
         session.execute(update(Experiment).values(error=f"boom {HOSTILE}", phase=f"phase {HOSTILE}"))
         session.commit()
     engine.dispose()
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    get_settings.cache_clear()
+    yield base
 
 
 @pytest.mark.parametrize(
