@@ -42,7 +42,7 @@ class Budget(BaseModel):
     """Exactly one of ``flops``, ``params`` or ``latency``: the shrunk model's value as a fraction of the dense
     model's measured value (``{"flops": 0.25}`` keeps a quarter of the dense MACs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     flops: float | None = Field(default=None, gt=0, lt=1, description="fraction of the dense model's MACs")
     params: float | None = Field(default=None, gt=0, lt=1, description="fraction of the dense parameter count")

@@ -83,7 +83,9 @@ class ConfigEntry(BaseModel):
     Later entries override earlier ones for the layers they match (NNI's rule).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=False)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, serialize_by_alias=False, strict=True, allow_inf_nan=False
+    )
 
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     sparsity_per_layer: float | None = Field(default=None, ge=0.0, lt=1.0)

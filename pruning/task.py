@@ -1,8 +1,9 @@
 """The user's task module: the contract between prunehub and the user's own code.
 
 An entrypoint is ``"pkg.module"`` (a module defining the names below) or ``"pkg.module:attr"`` (an object with
-these attributes, or a zero-argument factory returning one). The names are NNI's, so NNI users bring their code
-unchanged:
+these attributes, or a public zero-argument function defined in that module that returns one; a class, a builtin,
+an imported function or a private name is refused before anything is called). The names are NNI's, so NNI users
+bring their code unchanged:
 
 ``model() -> nn.Module``
     The pretrained model, a fresh copy on every call.
@@ -66,22 +67,34 @@ _ARITY = {
     "calibration_data": 0,
 }
 
-_ENTRYPOINT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$")
+# Always used with fullmatch: a "$" anchor would accept a trailing newline.
+_ENTRYPOINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 class TaskError(ValueError):
     """The user's task module is missing a name, has one of the wrong shape, or is not allowed."""
 
 
+def _check_form(entrypoint: str) -> None:
+    if not _ENTRYPOINT.fullmatch(entrypoint):
+        raise TaskError(f"entrypoint {entrypoint!r} is not of the form 'package.module' or 'package.module:attr'")
+    _, _, attr = entrypoint.partition(":")
+    if attr.startswith("_"):
+        # Private names (and dunders such as __class__) are never a task: they reach arbitrary callables.
+        raise TaskError(
+            f"entrypoint {entrypoint!r}: attribute {attr!r} is private; name a public task object or factory"
+        )
+
+
 def check_entrypoint(entrypoint: str, allowed_prefixes: Sequence[str]) -> None:
     """Validate the form of ``entrypoint`` and that its module is under one of ``allowed_prefixes``.
 
-    A prefix ``"examples."`` allows ``examples.digits``; a prefix without a trailing dot allows the module
+    The attribute of ``module:attr`` must be public (no leading underscore). A prefix ``"examples."`` allows
+    ``examples.digits``; a prefix without a trailing dot allows the module
     itself and everything below it (``"examples"`` allows ``examples`` and ``examples.digits``, not
     ``examples_evil``). An empty allow-list allows nothing.
     """
-    if not _ENTRYPOINT.match(entrypoint):
-        raise TaskError(f"entrypoint {entrypoint!r} is not of the form 'package.module' or 'package.module:attr'")
+    _check_form(entrypoint)
     module = entrypoint.split(":", 1)[0]
     for prefix in allowed_prefixes:
         if prefix.endswith("."):
@@ -189,6 +202,44 @@ class Task:
         return score
 
 
+def _task_factory(module: Any, attr: str, value: Any) -> Callable[[], Any]:
+    """``value`` if it may be called as the task factory ``module:attr``, else a :class:`TaskError` naming it.
+
+    Only a public function defined in the module itself qualifies: not a class (``:Path`` would construct
+    anything), not a builtin or a wrapper (``:lru_cache``), not a function imported from elsewhere, not one whose
+    own name is private; and it must take no required argument. Nothing is called before this check.
+    """
+    where = f"{module.__name__}:{attr}"
+    if inspect.isclass(value):
+        raise TaskError(
+            f"task attribute {attr!r} of {where!r} is a class without the task names; name a task "
+            "object or a factory function"
+        )
+    if not inspect.isfunction(value):
+        raise TaskError(
+            f"task attribute {attr!r} of {where!r} is a {type(value).__name__}, neither an object "
+            f"with the task names ({', '.join(REQUIRED_NAMES)}) nor a factory function"
+        )
+    if value.__module__ != module.__name__:
+        raise TaskError(
+            f"task attribute {attr!r} of {where!r} is a function imported from {value.__module__!r}; "
+            "a task factory must be defined in the task module"
+        )
+    if value.__name__.startswith("_"):
+        raise TaskError(f"task attribute {attr!r} of {where!r} is the private function {value.__name__!r}")
+    required = [
+        p.name
+        for p in inspect.signature(value).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if required:
+        raise TaskError(
+            f"task factory {attr!r} of {where!r} needs argument(s) {', '.join(required)}; a factory takes none"
+        )
+    return value  # type: ignore[no-any-return]
+
+
 def load_task(entrypoint: str, allowed_prefixes: Sequence[str] | None = None) -> Task:
     """Import ``entrypoint`` and return its checked :class:`Task`.
 
@@ -197,8 +248,8 @@ def load_task(entrypoint: str, allowed_prefixes: Sequence[str] | None = None) ->
     """
     if allowed_prefixes is not None:
         check_entrypoint(entrypoint, allowed_prefixes)
-    elif not _ENTRYPOINT.match(entrypoint):
-        raise TaskError(f"entrypoint {entrypoint!r} is not of the form 'package.module' or 'package.module:attr'")
+    else:
+        _check_form(entrypoint)
     module_name, _, attr = entrypoint.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -209,11 +260,17 @@ def load_task(entrypoint: str, allowed_prefixes: Sequence[str] | None = None) ->
         if not hasattr(module, attr):
             raise TaskError(f"task module {module_name!r} has no attribute {attr!r}")
         source = getattr(module, attr)
-        if not all(hasattr(source, name) for name in REQUIRED_NAMES) and callable(source):
+        if not all(hasattr(source, name) for name in REQUIRED_NAMES):
+            factory = _task_factory(module, attr, source)
             try:
-                source = source()
+                source = factory()
             except Exception as exc:
                 raise TaskError(f"task factory {entrypoint!r} raised {type(exc).__name__}: {exc}") from exc
+            if not all(hasattr(source, name) for name in REQUIRED_NAMES):
+                absent = ", ".join(name for name in REQUIRED_NAMES if not hasattr(source, name))
+                raise TaskError(
+                    f"task factory {entrypoint!r} returned a {type(source).__name__} without the task name(s) {absent}"
+                )
     values: dict[str, Any] = {}
     missing = [name for name in REQUIRED_NAMES if getattr(source, name, None) is None]
     if missing:

@@ -11,26 +11,83 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "terminal_safe"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # `demo` runs the baseline and one search at the same FLOPs budget, and prints them side by side.
 DEMO_SPECS = (EXAMPLES / "digits_budget_uniform.json", EXAMPLES / "digits_budget_annealing.json")
 
 
-def _client(args: argparse.Namespace) -> Any:
+# C0 controls (ESC starts every terminal escape sequence), DEL and the C1 controls (CSI, OSC as single bytes).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(value: Any) -> Any:
+    """``value`` (a string, or JSON of them) with every control character shown as an escape (``\\x1b``).
+
+    Names, errors, phases and layer names are other people's text (an experiment's owner, the user's model and
+    code): printed raw, an ESC in them would drive the terminal (retitle it, clear it, fake output, or worse).
+    Every CLI command prints what the API returns through this.
+    """
+    if isinstance(value, str):
+        return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    if isinstance(value, list):
+        return [terminal_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {terminal_safe(key): terminal_safe(item) for key, item in value.items()}
+    return value
+
+
+class _TerminalSafeClient:
+    """The API client as the CLI uses it: what each call returns goes through :func:`terminal_safe` (an event
+    stream item by item; a downloaded file as it is)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __enter__(self) -> _TerminalSafeClient:
+        self._client.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attribute(*args, **kwargs)
+            if isinstance(result, bytes | bytearray):
+                return result
+            if isinstance(result, Iterator):
+                return (terminal_safe(item) for item in result)
+            return terminal_safe(result)
+
+        return call
+
+
+def _safe_client(base_url: str, api_key: str | None = None) -> Any:
     from server.client import PrunehubClient
+
+    return _TerminalSafeClient(PrunehubClient(base_url, api_key=api_key))
+
+
+def _client(args: argparse.Namespace) -> Any:
     from server.settings import get_settings
 
     settings = get_settings()
-    return PrunehubClient(args.api_url or settings.api_url, api_key=settings.client_api_key())
+    return _safe_client(args.api_url or settings.api_url, api_key=settings.client_api_key())
 
 
 def _print_json(data: Any) -> None:
@@ -161,12 +218,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Before anything imports torch: this process only ever sees its own GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         os.environ.setdefault("PRUNEHUB_DEVICE", "cuda")
+    from server.files import secure_home
     from server.settings import get_settings
     from worker.celery_app import make_celery
     from worker.signals import connect_signals
     from worker.tasks import register_tasks
 
     settings = get_settings()
+    secure_home(settings.home)
     Path(settings.artifacts_dir).mkdir(parents=True, exist_ok=True)
     app = make_celery(settings)
     register_tasks(app)
@@ -210,9 +269,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server.api.main import create_app
     from server.db.migrate import upgrade
+    from server.files import secure_home
     from server.settings import get_settings
 
     settings = get_settings()
+    secure_home(settings.home)
     upgrade(settings.database_url)  # before a worker starts: one migrator at a time
     worker = _spawn_worker(args.worker_loglevel) if args.with_worker else None
     try:
@@ -295,13 +356,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Start API + worker quietly (their output goes to ``$PRUNEHUB_HOME/demo.log``), submit the shipped examples
     (uniform and annealing at the same FLOPs budget on the digits CNN), follow them, print their results side by
     side, keep serving the dashboard."""
-    from server.client import PrunehubClient
+    from server.files import secure_home
     from server.settings import get_settings
 
     url = f"http://{args.host}:{args.port}"
     env = {**os.environ, "PRUNEHUB_API_URL": url}
     home = get_settings().home
-    home.mkdir(parents=True, exist_ok=True)
+    secure_home(home)
     log_path = home / "demo.log"
     print(f"starting the API and a worker at {url} (their logs: {log_path}) ...", flush=True)
     serve = ["serve", "--with-worker", "--host", args.host, "--port", str(args.port)]
@@ -310,7 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [sys.executable, "-m", "server.cli", *serve], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        with PrunehubClient(url) as client:
+        with _safe_client(url) as client:
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -323,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         return 1
                     time.sleep(0.5)
         # The API created the local key on its first start; the embedded demo needs no setup.
-        with PrunehubClient(url, api_key=get_settings().client_api_key()) as client:
+        with _safe_client(url, api_key=get_settings().client_api_key()) as client:
             specs = [json.loads(Path(path).read_text()) for path in args.spec]
             submitted = []
             for spec in specs:
@@ -369,7 +430,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             elif args.action == "list":
                 for key in auth.list_keys(session):
                     state = "revoked" if key.revoked_at else "live"
-                    print(f"{key.prefix}...  {key.owner:<20} {key.role:<6} {state:<8} {key.created_at:%Y-%m-%d}")
+                    owner = terminal_safe(key.owner)
+                    print(f"{key.prefix}...  {owner:<20} {key.role:<6} {state:<8} {key.created_at:%Y-%m-%d}")
             else:
                 count = auth.revoke_key(session, args.prefix)
                 session.commit()
@@ -576,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.client import ApiError
 
         if isinstance(exc, ApiError):
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {terminal_safe(str(exc))}", file=sys.stderr)
             return 2
         raise
 

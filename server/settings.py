@@ -41,6 +41,32 @@ class Settings(BaseSettings):
         description="a message sent this long ago that no worker has taken is presumed lost (a broker that lost "
         "its data) and sent again; a message in flight is never duplicated before",
     )
+    # Limits of a shared service (each a 422 or 429 naming the field and the limit; see the README's "Limits").
+    max_trials_cap: int = Field(
+        default=10_000, ge=1, description="largest max_trials (and optuna num_trials) an experiment may ask for"
+    )
+    max_minutes_cap: float = Field(
+        default=7 * 24 * 60, gt=0, description="largest max_minutes an experiment may ask for"
+    )
+    default_max_minutes: float = Field(
+        default=24 * 60, gt=0, description="max_minutes of an experiment that gives none (stored in its config)"
+    )
+    max_epochs_cap: int = Field(
+        default=10_000,
+        ge=1,
+        description="largest estimate of the trainer epochs an experiment's schedule asks for (e.g. admm: "
+        "num_iterations x training_epochs + retrain_epochs + finetune_epochs)",
+    )
+    max_config_kb: float = Field(default=256, gt=0, description="largest stored config (its JSON text), in KiB")
+    owner_quota_mb: float = Field(
+        default=100, gt=0, description="stored configs per owner, in MiB, over all their experiments"
+    )
+    max_queued_per_owner: int = Field(
+        default=100, ge=1, description="queued experiments per owner; beyond it a submission is a 429"
+    )
+    queued_retry_after_s: int = Field(
+        default=60, ge=1, description="the Retry-After of a 429 for too many queued experiments"
+    )
     device: str = "cpu"
     runner: Literal["inprocess", "distributed"] = Field(
         default="inprocess",

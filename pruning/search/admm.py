@@ -102,6 +102,7 @@ class ADMMSearch:
         self.config = config
 
     def start(self, problem: SearchProblem) -> ADMMState:
+        self.config.check_layer_rho(layer.name for layer in problem.pruning.layers)
         limit = trial_budget(self.config.max_trials, problem.max_trials)
         # The retraining job always runs: ADMM iterations get what the trial budget leaves.
         iterations = self.config.num_iterations if limit is None else min(self.config.num_iterations, limit - 1)

@@ -118,6 +118,7 @@ class AutoCompressSearch:
 
     def start(self, problem: SearchProblem) -> AutoCompressState:
         pruning = problem.pruning
+        self.config.check_layer_rho(layer.name for layer in pruning.layers)
         state = AutoCompressState(
             problem=problem,
             max_trials=trial_budget(self.config.max_trials, problem.max_trials),

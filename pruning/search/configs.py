@@ -7,7 +7,9 @@ field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self, Union
+import math
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal, NamedTuple, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
@@ -16,6 +18,7 @@ from pruning.config import STRUCTURED_ALGOS, BaseAlgo, ConfigEntry, check_entry_
 
 __all__ = [
     "ALGORITHMS",
+    "EpochTerm",
     "GLOBAL_RANKING_ALGOS",
     "ADMMConfig",
     "AGPConfig",
@@ -44,6 +47,21 @@ Ranking = Literal["layer", "global"]
 GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 
 
+# Every boundary model of a config: unknown fields are errors, numbers are finite, and types are strict, so
+# ``"seed": "1"`` or ``"seed": true`` is refused instead of silently becoming 1 (JSON numbers still fill float
+# fields, and a JSON body's strings fill Literal fields).
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class EpochTerm(NamedTuple):
+    """One term of a config's training-work estimate: ``formula`` (of its fields), the ``field`` it is
+    charged to, and the trainer ``epochs`` it comes to."""
+
+    formula: str
+    field: str
+    epochs: int
+
+
 class CandidateEval(BaseModel):
     """How a candidate is scored: as it will finish, not as it looks the instant after pruning.
 
@@ -52,7 +70,7 @@ class CandidateEval(BaseModel):
     update) makes a candidate's score predict its score after fine-tuning (EagleEye, Li et al., 2020).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     bn_recalibration: bool | None = Field(
         default=None,
@@ -72,7 +90,7 @@ class SearchCommon(BaseModel):
     and every candidate is projected onto the budget before it is evaluated.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     config_list: list[ConfigEntry] = Field(min_length=1, max_length=256)
     base_algo: BaseAlgo = "l1"
@@ -111,6 +129,29 @@ class SearchCommon(BaseModel):
                 )
         return self
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        """The trainer epochs this config's schedule asks for, term by term; their sum estimates the experiment's
+        training work from above (a candidate count a search decides at run time is its cap, ``max_trials``).
+
+        The API refuses a config whose sum is over ``PRUNEHUB_MAX_EPOCHS_CAP``, naming the largest term's field.
+        """
+        count_text, count = self._candidates()
+        return [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
+
+    def _candidates(self) -> tuple[str, int]:
+        """(what counts them, how many) candidates get the per-candidate fine-tune."""
+        own_text, own = self._own_candidates()
+        if self.max_trials is not None and self.max_trials < own:
+            return "max_trials", self.max_trials
+        return own_text, own
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "1 candidate", 1
+
+    def trial_count_fields(self) -> dict[str, int]:
+        """The fields that ask for a number of trials (capped by ``PRUNEHUB_MAX_TRIALS_CAP``)."""
+        return {"max_trials": self.max_trials} if self.max_trials is not None else {}
+
     @property
     def effective_budget(self) -> Budget | None:
         """The physical budget the search runs under (NetAdapt also reads its older fields)."""
@@ -119,6 +160,8 @@ class SearchCommon(BaseModel):
 
 class _GlobalRanking(BaseModel):
     """``ranking``: one threshold per layer (each unit at its own sparsity) or one across all selected layers."""
+
+    model_config = _STRICT
 
     ranking: Ranking = Field(
         default="layer",
@@ -154,6 +197,8 @@ class UniformConfig(_GlobalRanking, SearchCommon):
 class _AnnealingSchedule(BaseModel):
     """Simulated-annealing fields shared by ``annealing`` and ``autocompress`` (defaults are NNI's)."""
 
+    model_config = _STRICT
+
     start_temperature: float = Field(default=100.0, gt=0, le=1e6)
     stop_temperature: float = Field(default=20.0, gt=0, le=1e6)
     cool_down_rate: float = Field(default=0.9, gt=0, lt=1)
@@ -170,9 +215,17 @@ class _AnnealingSchedule(BaseModel):
             raise ValueError("stop_temperature must be below start_temperature")
         return self
 
+    def proposals(self) -> int:
+        """Proposals of one annealing chain: the temperature cools by ``cool_down_rate`` on each, from
+        ``start_temperature`` down to ``stop_temperature``."""
+        ratio = self.stop_temperature / self.start_temperature
+        return math.ceil(math.log(ratio) / math.log(self.cool_down_rate)) + 1
+
 
 class _ADMMSchedule(BaseModel):
     """ADMM fields shared by ``admm`` and ``autocompress``."""
+
+    model_config = _STRICT
 
     rho: float = Field(default=1e-3, gt=0, le=1e3, description="penalty weight of rho/2 ||W - Z + U||^2")
     layer_rho: dict[str, float] = Field(
@@ -188,7 +241,25 @@ class _ADMMSchedule(BaseModel):
         for name, value in self.layer_rho.items():
             if not 0 < value <= 1e3:
                 raise ValueError(f"layer_rho[{name!r}] must be in (0, 1000], got {value}")
+        # Which layers exist is known only once the model is traced (on the worker: check_layer_rho), except when
+        # every selecting entry names its layers: then a key outside those names can never match.
+        entries = [entry for entry in getattr(self, "config_list", []) if not entry.exclude]
+        if entries and all(entry.op_names for entry in entries):
+            self.check_layer_rho({name for entry in entries for name in entry.op_names}, where="the config list")
         return self
+
+    def check_layer_rho(self, layer_names: Iterable[str], *, where: str = "the model") -> None:
+        """Raise ``ValueError`` naming the first ``layer_rho`` key that is not one of ``layer_names``.
+
+        The strategies call it in ``start`` with the traced problem's layers, so a typo fails the experiment with
+        this message instead of silently training every layer at ``rho``.
+        """
+        known = set(layer_names)
+        for name in self.layer_rho:
+            if name not in known:
+                shown = sorted(known)
+                listing = ", ".join(shown[:20]) + (f", ... ({len(shown)} in all)" if len(shown) > 20 else "")
+                raise ValueError(f"layer_rho[{name!r}] names no prunable layer of {where} (its layers: {listing})")
 
 
 class AnnealingConfig(_AnnealingSchedule, SearchCommon):
@@ -200,6 +271,9 @@ class AnnealingConfig(_AnnealingSchedule, SearchCommon):
 
     algorithm: Literal["annealing"]
     batch_size: int = Field(default=1, ge=1, le=256, description="proposals evaluated independently per step")
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "annealing proposals", self.proposals()
 
 
 class NetAdaptConfig(SearchCommon):
@@ -248,6 +322,17 @@ class NetAdaptConfig(SearchCommon):
             )
         return value
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        # One short-term fine-tune per unit tried per iteration: counted per unit (the units are the model's).
+        return [
+            EpochTerm(
+                "max_iterations x short_term_finetune_epochs (per unit)",
+                "short_term_finetune_epochs",
+                self.max_iterations * self.short_term_finetune_epochs,
+            ),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
+
 
 class ADMMConfig(_ADMMSchedule, SearchCommon):
     """ADMM pruning (Zhang et al., 2018) of the config list's distribution, then masked retraining."""
@@ -255,6 +340,14 @@ class ADMMConfig(_ADMMSchedule, SearchCommon):
     algorithm: Literal["admm"]
     num_iterations: int = Field(default=5, ge=1, le=1000, description="outer ADMM iterations (one job each)")
     retrain_epochs: int = Field(default=1, ge=0, le=1000, description="masked retraining after hard pruning")
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        iterations = min(self.num_iterations, self.max_trials) if self.max_trials else self.num_iterations
+        return [
+            EpochTerm("num_iterations x training_epochs", "training_epochs", iterations * self.training_epochs),
+            EpochTerm("retrain_epochs", "retrain_epochs", self.retrain_epochs),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
 
 
 class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
@@ -272,6 +365,22 @@ class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
     batch_size: int = Field(
         default=1, ge=1, le=256, description="annealing proposals per step, evaluated independently (one GPU each)"
     )
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        rounds = self.num_rounds
+        proposals = rounds * self.proposals()
+        if self.max_trials is not None:
+            proposals = min(proposals, self.max_trials)
+        return [
+            EpochTerm(
+                "num_rounds x admm_iterations x training_epochs",
+                "training_epochs",
+                rounds * self.admm_iterations * self.training_epochs,
+            ),
+            EpochTerm("num_rounds x retrain_epochs", "retrain_epochs", rounds * self.retrain_epochs),
+            EpochTerm("annealing proposals x finetune_epochs", "finetune_epochs", proposals * self.finetune_epochs),
+            EpochTerm("final_finetune_epochs", "final_finetune_epochs", self.final_finetune_epochs),
+        ]
 
 
 class OptunaConfig(SearchCommon):
@@ -297,6 +406,12 @@ class OptunaConfig(SearchCommon):
         if self.objectives[0] != "score" or "score" in self.objectives[1:]:
             raise ValueError('objectives must be ["score"] or ["score", <params|flops|latency>]')
         return self
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "num_trials", self.num_trials
+
+    def trial_count_fields(self) -> dict[str, int]:
+        return {**super().trial_count_fields(), "num_trials": self.num_trials}
 
 
 class AGPConfig(_GlobalRanking, SearchCommon):
@@ -337,6 +452,12 @@ class AGPConfig(_GlobalRanking, SearchCommon):
             raise ValueError(f"target_sparsity ({value}) must not be below initial_sparsity ({initial})")
         return value
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("end_step", "end_step", self.end_step),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
+
 
 class IterativeConfig(_GlobalRanking, SearchCommon):
     """Iterative pruning and retraining (Han et al., 2015): ``rounds`` rounds, each pruning ``1 - (1 - s) **
@@ -347,6 +468,12 @@ class IterativeConfig(_GlobalRanking, SearchCommon):
     algorithm: Literal["iterative"]
     rounds: int = Field(default=3, ge=1, le=100, description="prune-and-retrain rounds (one trial each)")
     retrain_epochs: int = Field(default=1, ge=0, le=1000, description="trainer epochs after each pruning")
+
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("rounds x retrain_epochs", "retrain_epochs", self.rounds * self.retrain_epochs),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
 
 
 class LotteryTicketConfig(_GlobalRanking, SearchCommon):
@@ -365,11 +492,18 @@ class LotteryTicketConfig(_GlobalRanking, SearchCommon):
     epochs: int = Field(default=1, ge=1, le=1000, description="trainer epochs per round, from the rewound weights")
     rewind_epoch: int = Field(default=0, ge=0, le=1000, description="rewind to the weights after k epochs")
 
+    def epoch_terms(self) -> list[EpochTerm]:
+        return [
+            EpochTerm("(prune_iterations + 1) x epochs", "epochs", (self.prune_iterations + 1) * self.epochs),
+            EpochTerm("rewind_epoch", "rewind_epoch", self.rewind_epoch),
+            EpochTerm("finetune_epochs", "finetune_epochs", self.finetune_epochs),
+        ]
+
 
 class SensitivityPoint(BaseModel):
     """One profiled point of a unit's curve: the unit alone pruned to ``sparsity`` (every other unit dense)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     sparsity: float = Field(gt=0, le=1, description="the unit's sparsity (whole channels for structured units)")
     score: float = Field(allow_inf_nan=False, description="the evaluator's score of that model")
@@ -384,7 +518,7 @@ class SensitivityPoint(BaseModel):
 class UnitCurve(BaseModel):
     """A unit's sensitivity curve, its points in increasing sparsity."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     name: str = Field(min_length=1, max_length=1000)
     points: list[SensitivityPoint] = Field(default_factory=list, max_length=64)
@@ -405,7 +539,7 @@ class SensitivityCurves(BaseModel):
     re-allocate for a FLOPs or params budget of any size.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     resource: Literal["flops", "params", "latency"]
     baseline: float = Field(allow_inf_nan=False, description="score of the unpruned model")
@@ -469,6 +603,9 @@ class SensitivityConfig(SearchCommon):
                 f"ratios of each point) but not {self.budget.resource} on every point; profile again under this budget"
             )
         return self
+
+    def _own_candidates(self) -> tuple[str, int]:
+        return "(1 + refine_candidates)", 1 + self.refine_candidates
 
 
 AlgorithmConfig = Annotated[

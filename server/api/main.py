@@ -3,69 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from server.api.guards import RequestGuard, validation_content
+from server.files import secure_home
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
-from server.services.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
+from server.services.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError, TooManyRequests
 from server.settings import Settings, get_settings
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether announced by Content-Length or streamed.
-
-    ``routes`` gives single routes, keyed by (method, path), their own limit instead (the bundle upload: a zip of
-    up to ``PRUNEHUB_MAX_BUNDLE_MB``); every other request keeps ``max_bytes``.
-    """
-
-    def __init__(self, app: Any, max_bytes: int, routes: Mapping[tuple[str, str], int] | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.routes = dict(routes or {})
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        max_bytes = self.routes.get((scope.get("method", ""), scope.get("path", "").rstrip("/")), self.max_bytes)
-        too_large = JSONResponse(
-            status_code=413, content={"detail": f"request body over {max_bytes} bytes", "field": "body"}
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    if int(value) > max_bytes:
-                        await too_large(scope, receive, send)
-                        return
-                except ValueError:
-                    pass
-        received = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > max_bytes:
-                    raise _BodyTooLarge
-            return message  # type: ignore[no-any-return]
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def create_app(
@@ -80,6 +33,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        secure_home(settings.home)
         if migrate:
             upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -119,12 +73,20 @@ def create_app(
             status = 409
         elif isinstance(exc, InvalidInput):
             status = 422
+        elif isinstance(exc, TooManyRequests):
+            return JSONResponse(
+                status_code=429,
+                content={"detail": exc.message, "field": exc.field},
+                headers={"Retry-After": str(exc.retry_after_s)},
+            )
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content=validation_content(exc.errors()))
+
     app.add_middleware(
-        BodySizeLimit,
-        max_bytes=settings.max_body_bytes,
-        routes={("POST", "/bundles"): settings.max_bundle_bytes},
+        RequestGuard, max_bytes=settings.max_body_bytes, routes={("POST", "/bundles"): settings.max_bundle_bytes}
     )
     app.include_router(health.router)
     app.include_router(experiments.router)

@@ -19,6 +19,7 @@ __all__ = [
     "ErrorPublic",
     "ExperimentCreate",
     "ExperimentPublic",
+    "ExperimentSummary",
     "ExperimentsPublic",
     "ParetoPublic",
     "Progress",
@@ -93,7 +94,10 @@ class BestSummary(BaseModel):
     distribution: dict[str, float]
 
 
-class ExperimentPublic(BaseModel):
+class ExperimentSummary(BaseModel):
+    """An experiment as ``GET /experiments`` lists it: everything but its config and traceback, which can be
+    large (a config list naming thousands of layers) and are on ``GET /experiments/{id}``."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: int
@@ -104,12 +108,10 @@ class ExperimentPublic(BaseModel):
     algorithm: str
     status: str
     progress: Progress
-    config: dict[str, Any]
     best_score: float | None
     best: BestSummary | None = None
     trials_count: int = 0
     error: str | None
-    traceback: str | None = None
     attempts: int
     created_at: datetime
     started_at: datetime | None
@@ -117,8 +119,16 @@ class ExperimentPublic(BaseModel):
     duration_s: float | None = None
 
 
+class ExperimentPublic(ExperimentSummary):
+    """One experiment in full: the summary plus its stored config (with the server's defaults filled in, e.g.
+    ``max_minutes``) and the traceback of a failure."""
+
+    config: dict[str, Any]
+    traceback: str | None = None
+
+
 class ExperimentsPublic(BaseModel):
-    items: list[ExperimentPublic]
+    items: list[ExperimentSummary]
     next_cursor: str | None
 
 

@@ -100,12 +100,16 @@ class Experiment(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), default="local", index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # SHA-256 of the request the key first came with (None: stored before hashes were kept).
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     name: Mapped[str] = mapped_column(String(200))
     entrypoint: Mapped[str] = mapped_column(String(300))
     # The owner's bundle the entrypoint is imported from (``sha256:<hex>``); None: code installed on the workers.
     bundle: Mapped[str | None] = mapped_column(String(71), nullable=True)
     algorithm: Mapped[str] = mapped_column(String(40))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # Size of the config's JSON text in bytes: what an owner's storage quota counts.
+    config_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(20), default=ExperimentStatus.queued.value)
     # progress: done/total in the strategy's own unit (trials, iterations, measured resource), with a phase label.
     progress_done: Mapped[float] = mapped_column(Float, default=0.0)

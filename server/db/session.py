@@ -9,6 +9,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.files import secure_sqlite
+
 __all__ = ["make_engine", "make_session_factory"]
 
 
@@ -16,8 +18,8 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys (its only special case)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            secure_sqlite(Path(parsed.database))  # every owner's experiments and key hashes: 0600
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")

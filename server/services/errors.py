@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "Forbidden", "InvalidInput", "NotFound", "ServiceError"]
+__all__ = ["Conflict", "Forbidden", "InvalidInput", "NotFound", "ServiceError", "TooManyRequests"]
 
 
 class ServiceError(Exception):
@@ -28,3 +28,11 @@ class Conflict(ServiceError):
 
 class Forbidden(ServiceError):
     """The caller may not do this at all here (a feature turned off, or reserved to admin keys)."""
+
+
+class TooManyRequests(ServiceError):
+    """A quota that frees up with time: the caller may retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, field: str | None = None, *, retry_after_s: int) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -17,7 +19,12 @@ from server.services import bundles, runs
 from server.services.dispatch import ADVANCE
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
+from server.services.limits import Limits, apply_caps, check_quotas
 from server.services.runs import record_sent
+
+# Ids are 32-bit integers in every database we run on; an offset beyond that is past any page that exists.
+MAX_ID = 2**31 - 1
+MAX_OFFSET = 2**31 - 1
 
 __all__ = [
     "best_trial",
@@ -29,6 +36,7 @@ __all__ = [
     "list_experiments",
     "list_trials",
     "pareto_trials",
+    "request_hash",
 ]
 
 
@@ -43,13 +51,18 @@ def create_experiment(
     idempotency_key: str | None = None,
     bundle: str | None = None,
     bundles_enabled: bool = True,
+    limits: Limits | None = None,
 ) -> Experiment:
     """Store a new ``queued`` experiment, recorded as sent (the caller commits, then enqueues its id; when that
     fails, :func:`enqueue_failed`).
 
     With ``bundle`` (``sha256:<hex>``, one of ``owner``'s uploads) the entrypoint must be a module of that bundle
     and the allow-list does not apply; without it the entrypoint must be under ``allowed_prefixes``.
-    """
+
+    With ``limits``, the config is held to the server's caps (422 naming the field and the cap; a missing
+    ``max_minutes`` is filled with the default) and the owner to its quotas (:func:`server.services.limits.
+    check_quotas`). With ``idempotency_key``, the hash of what was asked is stored with it (see
+    :func:`request_hash`)."""
     if bundle is not None:
         row = bundles.usable_bundle(session, owner=owner, digest=bundle, enabled=bundles_enabled)
         bundles.check_bundle_entrypoint(entrypoint, row.modules, bundle)
@@ -59,14 +72,20 @@ def create_experiment(
         except TaskError as exc:
             raise InvalidInput(str(exc), field="entrypoint") from exc
     config_json = config.model_dump(mode="json")
+    config_bytes = len(json.dumps(config_json, separators=(",", ":")).encode("utf-8"))
+    if limits is not None:
+        config_bytes = apply_caps(config, config_json, limits)
+        check_quotas(session, owner, config_bytes, limits)
     experiment = Experiment(
         owner=owner,
         idempotency_key=idempotency_key,
+        idempotency_hash=request_hash(name, entrypoint, config, bundle) if idempotency_key else None,
         name=name,
         entrypoint=entrypoint,
         bundle=bundle,
         algorithm=config_json["algorithm"],
         config=config_json,
+        config_bytes=config_bytes,
         status=ExperimentStatus.queued.value,
         progress_total=float(config.max_trials) if config.max_trials else None,
         phase="queued",
@@ -84,8 +103,39 @@ def enqueue_failed(session: Session, experiment_id: int) -> None:
     record_sent(session, [(ADVANCE, experiment_id)], sent=False)
 
 
-def find_by_idempotency_key(session: Session, owner: str, key: str) -> Experiment | None:
-    return session.scalar(select(Experiment).where(Experiment.owner == owner, Experiment.idempotency_key == key))
+def request_hash(name: str, entrypoint: str, config: SearchCommon, bundle: str | None = None) -> str:
+    """SHA-256 of a submission as validated (name, entrypoint, bundle, config with its defaults), key order
+    aside."""
+    document = {"name": name, "entrypoint": entrypoint, "config": config.model_dump(mode="json")}
+    if bundle is not None:
+        document["bundle"] = bundle  # absent without one: hashes stored before bundles existed still match
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def find_by_idempotency_key(
+    session: Session, owner: str, key: str, body_hash: str | None = None
+) -> Experiment | None:
+    """The experiment ``owner`` created with ``key``, or ``None``.
+
+    With ``body_hash``, a key first used with another request is :class:`InvalidInput` (422) naming
+    ``Idempotency-Key``, as Stripe answers: a retry must repeat the request, not change it. Experiments stored
+    before hashes were kept match any body.
+    """
+    experiment = session.scalar(
+        select(Experiment).where(Experiment.owner == owner, Experiment.idempotency_key == key)
+    )
+    if (
+        experiment is not None
+        and body_hash is not None
+        and experiment.idempotency_hash is not None
+        and experiment.idempotency_hash != body_hash
+    ):
+        raise InvalidInput(
+            f"Idempotency-Key {key!r} was first used with a different request (experiment {experiment.id}); "
+            "a retry must send the same body, a new request needs a new key",
+            field="Idempotency-Key",
+        )
+    return experiment
 
 
 def get_experiment(
@@ -101,20 +151,43 @@ def get_experiment(
     return experiment
 
 
+_C = TypeVar("_C", bound=BaseModel)
+
+
+class _IdCursor(BaseModel):
+    """Where a newest-first page continues: below this id."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    before_id: int = Field(ge=1, le=MAX_ID)
+
+
+class _OffsetCursor(BaseModel):
+    """Where a ranked page continues: after this many rows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    offset: int = Field(ge=0, le=MAX_OFFSET)
+
+
 def _encode_cursor(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
 
 
-def _decode_cursor(cursor: str | None) -> dict[str, Any]:
+def _decode_cursor(cursor: str | None, kind: type[_C]) -> _C | None:
+    """The position a cursor this API returned names; anything else (hand-made, of the other ordering, out of
+    range, not an integer) is :class:`InvalidInput` naming ``cursor``: it never reaches the database."""
     if not cursor:
-        return {}
+        return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(data, dict):
-            raise ValueError
-        return data
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise InvalidInput("cursor is not a cursor this API returned", field="cursor") from exc
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")), parse_constant=_refuse_constant)
+        return kind.model_validate(data)
+    except (ValueError, UnicodeError, RecursionError) as exc:  # ValidationError is a ValueError
+        raise InvalidInput("cursor is not a cursor this API returned for this listing", field="cursor") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} in a cursor")
 
 
 def list_experiments(
@@ -138,16 +211,17 @@ def list_experiments(
         query = query.where(Experiment.algorithm == algorithm)
     if entrypoint:
         query = query.where(Experiment.entrypoint == entrypoint)
-    position = _decode_cursor(cursor)
     if order_by == "created":
-        if "before_id" in position:
-            query = query.where(Experiment.id < int(position["before_id"]))
+        position = _decode_cursor(cursor, _IdCursor)
+        if position is not None:
+            query = query.where(Experiment.id < position.before_id)
         rows = list(session.scalars(query.order_by(Experiment.id.desc()).limit(limit + 1)))
         next_cursor = _encode_cursor({"before_id": rows[limit - 1].id}) if len(rows) > limit else None
         return rows[:limit], next_cursor
     # Only experiments that have a best score, highest first: meant for comparing experiments of one entrypoint,
     # which share one evaluator (so one scale and one direction).
-    offset = int(position.get("offset", 0))
+    ranked = _decode_cursor(cursor, _OffsetCursor)
+    offset = ranked.offset if ranked else 0
     query = query.where(Experiment.best_score.is_not(None)).order_by(
         Experiment.best_score.desc(), Experiment.id.desc()
     )
@@ -179,8 +253,8 @@ def list_trials(
             for t in session.scalars(query.order_by(Trial.seq))
             if all(str(t.context.get(k)) == str(v) for k, v in context.items())
         ]
-    position = _decode_cursor(cursor)
-    offset = int(position.get("offset", 0))
+    ranked = _decode_cursor(cursor, _OffsetCursor)
+    offset = ranked.offset if ranked else 0
     maximize = experiment.config.get("optimize_mode", "maximize") == "maximize"
     if rows_all is not None:
         if order_by == "score":

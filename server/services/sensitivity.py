@@ -21,6 +21,7 @@ from server.db.models import Experiment, ExperimentStatus
 from server.services.errors import Conflict, InvalidInput, NotFound
 from server.services.events import add_event
 from server.services.experiments import create_experiment
+from server.services.limits import Limits
 
 __all__ = ["SensitivityReport", "UnitReport", "reallocate", "sensitivity_report"]
 
@@ -105,6 +106,7 @@ def reallocate(
     name: str | None,
     allowed_prefixes: Sequence[str],
     bundles_enabled: bool = True,
+    limits: Limits | None = None,
 ) -> Experiment:
     """Store a new ``queued`` sensitivity experiment that re-allocates ``source``'s curves for ``budget``: same
     owner, entrypoint, bundle and config (config list, base algorithm, evaluation, refinement) with the new budget and
@@ -148,6 +150,7 @@ def reallocate(
         allowed_prefixes=allowed_prefixes,
         bundle=source.bundle,
         bundles_enabled=bundles_enabled,
+        limits=limits,
     )
     add_event(
         session, experiment.id, "note", text=f"re-allocates the curves of experiment {source.id} for {label}",

@@ -98,9 +98,11 @@ def test_idempotency_key_returns_the_first_experiment(app_and_keys) -> None:  # 
     client, keys, _ = app_and_keys
     headers = {**_auth(keys["alice"]), "Idempotency-Key": "retry-1"}
     first = client.post("/experiments", json=VALID, headers=headers)
-    second = client.post("/experiments", json={**VALID, "name": "changed"}, headers=headers)
+    second = client.post("/experiments", json=VALID, headers=headers)
     assert first.status_code == 201 and second.status_code == 201
     assert second.json()["id"] == first.json()["id"] and second.json()["name"] == "ok"
+    # The same key with another body is a 422 (tests/server/test_limits.py has the details).
+    assert client.post("/experiments", json={**VALID, "name": "changed"}, headers=headers).status_code == 422
     # Keys are per owner: bob's identical key is his own experiment.
     other = client.post("/experiments", json=VALID, headers={**_auth(keys["bob"]), "Idempotency-Key": "retry-1"})
     assert other.json()["id"] != first.json()["id"]

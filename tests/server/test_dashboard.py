@@ -61,6 +61,15 @@ def _open(page: Any, url: str, ready: str) -> None:
     page.wait_for_selector(f"body[data-ready={ready}]", timeout=20_000)
 
 
+def wait_until(page: Any, expression: str, timeout: float) -> None:
+    """Poll ``expression`` in the page until it is truthy. Not ``page.wait_for_function``: Playwright builds its
+    predicate with ``eval``, which the dashboard's Content-Security-Policy refuses (as it should)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {timeout} s: {expression}"
+        time.sleep(0.1)
+
+
 def _assert_charts_drawn(page: Any, expected: int) -> None:
     charts = page.evaluate(CHARTS_DRAWN)
     assert len(charts) == expected, charts
@@ -129,7 +138,7 @@ def test_dashboard_in_headless_chromium(live_slow: LiveService, browser: Any, tm
     page.wait_for_selector("body[data-stream=live]", timeout=10_000)
     first = int(page.evaluate("document.body.dataset.trials"))
     assert first >= 2 and page.locator("#trials-body tr").count() == first
-    page.wait_for_function(f"Number(document.body.dataset.trials) >= {first + 2}", timeout=30_000)
+    wait_until(page, f"Number(document.body.dataset.trials) >= {first + 2}", timeout=30)
     later = int(page.evaluate("document.body.dataset.trials"))
     assert page.locator("#trials-body tr").count() == later
     _assert_charts_drawn(page, 4)
@@ -150,7 +159,7 @@ def test_dashboard_in_headless_chromium(live_slow: LiveService, browser: Any, tm
     page.locator("#cancel").click()
     page.wait_for_selector("body[data-status=cancelled]", timeout=60_000)
     final_total = http.get(f"/experiments/{running['id']}/trials").json()["total"]
-    page.wait_for_function(f"Number(document.body.dataset.trials) === {final_total}", timeout=10_000)
+    wait_until(page, f"Number(document.body.dataset.trials) === {final_total}", timeout=10)
     assert page.locator("#trials-body tr").count() == final_total
     assert page.locator("#exp-title .badge").inner_text() == "cancelled"
 

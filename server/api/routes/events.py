@@ -18,6 +18,7 @@ from server.api.deps import ExperimentId, PrincipalDep, SessionDep
 from server.api.schemas import ErrorPublic
 from server.db.models import Event, Experiment, ExperimentStatus
 from server.services import experiments as service
+from server.services.errors import InvalidInput
 from server.services.events import events_after
 
 __all__ = ["format_event", "router"]
@@ -66,13 +67,20 @@ def _poll(
         return [*late, *rows], terminal and len(rows) < BATCH
 
 
+# Event ids are at most a signed 64-bit integer (BIGINT on PostgreSQL); a larger resume point is a 422 before
+# the stream starts, not a 200 and then a driver overflow that aborts it.
+MAX_EVENT_ID = 2**63 - 1
+
+
 def _parse_last_id(header: str | None, query: int | None) -> int | None:
-    if header:
-        try:
-            return int(header.strip())
-        except ValueError:
-            return None
-    return query
+    if header is None or not header.strip():
+        return query
+    text = header.strip()
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_EVENT_ID:
+        raise InvalidInput(
+            f"Last-Event-ID must be an event id (an integer from 0 to {MAX_EVENT_ID})", field="Last-Event-ID"
+        )
+    return int(text)
 
 
 @router.get(
@@ -86,8 +94,12 @@ async def stream_events(
     session: SessionDep,
     principal: PrincipalDep,
     last_event_id: str | None = Header(None, alias="Last-Event-ID", max_length=40),
-    after: int | None = Query(None, ge=0, description="resume after this event id (for clients that cannot set "
-                                                       "the Last-Event-ID header)"),
+    after: int | None = Query(
+        None,
+        ge=0,
+        le=MAX_EVENT_ID,
+        description="resume after this event id (for clients that cannot set the Last-Event-ID header)",
+    ),
 ) -> StreamingResponse:
     """Server-sent events of an experiment, oldest first: ``status`` {status, error?}, ``progress``
     {done, total, phase}, ``trial`` {trial_id, seq, status, score, overall_sparsity, flops_ratio, params_ratio,
@@ -101,10 +113,10 @@ async def stream_events(
 
         curl -N -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/experiments/1/events
     """
+    resume = _parse_last_id(last_event_id, after)  # 422 before the stream starts
     service.get_experiment(session, experiment_id, principal.scope)  # 404 before the stream starts
     session.close()  # the stream opens its own short sessions; none stays open while it sleeps
     session_factory: sessionmaker[Session] = request.app.state.session_factory
-    resume = _parse_last_id(last_event_id, after)
 
     async def messages() -> AsyncIterator[str]:
         yield f"retry: {RETRY_MS}\n\n"

@@ -23,6 +23,7 @@ from server.api.schemas import (
     ExperimentCreate,
     ExperimentPublic,
     ExperimentsPublic,
+    ExperimentSummary,
     ParetoPoint,
     ParetoPublic,
     Progress,
@@ -37,6 +38,7 @@ from server.services import experiments as service
 from server.services import runs
 from server.services import sensitivity as sensitivity_service
 from server.services.errors import NotFound
+from server.services.limits import Limits
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 log = logging.getLogger(__name__)
@@ -46,9 +48,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic},
     409: {"model": ErrorPublic},
 }
+_CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorPublic},
+    413: {"model": ErrorPublic},
+    422: {"model": ErrorPublic},
+    429: {"model": ErrorPublic, "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+}
 
 
-def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False) -> ExperimentPublic:
+def _summary(session: SessionDep, experiment: Experiment, *, count_trials: bool = False) -> dict[str, Any]:
     best = None
     if experiment.best_trial_id is not None:
         trial = session.get(Trial, experiment.best_trial_id)
@@ -61,36 +69,42 @@ def _public(session: SessionDep, experiment: Experiment, *, detail: bool = False
             )
     count = (
         session.scalar(select(func.count()).where(Trial.experiment_id == experiment.id, runs.SEARCH_TRIAL))
-        if detail
+        if count_trials
         else 0
     )
     duration = None
     if experiment.started_at and experiment.finished_at:
         duration = (experiment.finished_at - experiment.started_at).total_seconds()
+    return {
+        "id": experiment.id,
+        "name": experiment.name,
+        "owner": experiment.owner,
+        "entrypoint": experiment.entrypoint,
+        "bundle": experiment.bundle,
+        "algorithm": experiment.algorithm,
+        "status": experiment.status,
+        "progress": Progress(done=experiment.progress_done, total=experiment.progress_total, phase=experiment.phase),
+        "best_score": experiment.best_score,
+        "best": best,
+        "trials_count": count or 0,
+        "error": experiment.error,
+        "attempts": experiment.attempts,
+        "created_at": experiment.created_at,
+        "started_at": experiment.started_at,
+        "finished_at": experiment.finished_at,
+        "duration_s": duration,
+    }
+
+
+def _public(session: SessionDep, experiment: Experiment) -> ExperimentPublic:
     return ExperimentPublic(
-        id=experiment.id,
-        name=experiment.name,
-        owner=experiment.owner,
-        entrypoint=experiment.entrypoint,
-        bundle=experiment.bundle,
-        algorithm=experiment.algorithm,
-        status=experiment.status,
-        progress=Progress(done=experiment.progress_done, total=experiment.progress_total, phase=experiment.phase),
+        **_summary(session, experiment, count_trials=True),
         config=experiment.config,
-        best_score=experiment.best_score,
-        best=best,
-        trials_count=count or 0,
-        error=experiment.error,
-        traceback=experiment.traceback if detail else None,
-        attempts=experiment.attempts,
-        created_at=experiment.created_at,
-        started_at=experiment.started_at,
-        finished_at=experiment.finished_at,
-        duration_s=duration,
+        traceback=experiment.traceback,
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ExperimentPublic, responses=_ERRORS)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ExperimentPublic, responses=_CREATE_ERRORS)
 def create_experiment(
     body: ExperimentCreate,
     session: SessionDep,
@@ -98,41 +112,49 @@ def create_experiment(
     dispatcher: DispatcherDep,
     principal: PrincipalDep,
     idempotency_key: str | None = Header(
-        None, max_length=200, description="a retry with the same key returns the first experiment"
+        None,
+        max_length=200,
+        description="a retry with the same key and body returns the first experiment; another body is a 422",
     ),
 ) -> ExperimentPublic:
     """Submit an experiment. It is stored ``queued`` and handed to a worker after the commit.
 
     With an ``Idempotency-Key`` header, a repeated request (a client retrying after a timeout) returns the
-    experiment the first one created instead of creating a second.
+    experiment the first one created instead of creating a second; the same key with a different body is a 422.
+
+    The server's caps (trials, minutes, trainer epochs, config size) are 422s naming the field and the cap; an
+    owner over the storage quota gets a 422, one with too many experiments queued a 429 with ``Retry-After``.
     """
     name, entrypoint, bundle, raw = split_create(body)
+    config = parse_algorithm_config(raw)
+    body_hash = service.request_hash(name, entrypoint, config, bundle) if idempotency_key else None
     if idempotency_key:
-        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key)
+        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key, body_hash)
         if existing is not None:
-            return _public(session, existing, detail=True)
+            return _public(session, existing)
     try:
         experiment = service.create_experiment(
             session,
             owner=principal.owner,
             name=name,
             entrypoint=entrypoint,
-            config=parse_algorithm_config(raw),
+            config=config,
             allowed_prefixes=settings.allowed_entrypoints,
             idempotency_key=idempotency_key,
             bundle=bundle,
             bundles_enabled=settings.bundles,
+            limits=Limits.from_settings(settings),
         )
         session.commit()
     except IntegrityError:
         # A concurrent request with the same idempotency key won the race: answer with its experiment.
         session.rollback()
-        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key or "")
+        existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key or "", body_hash)
         if existing is None:
             raise
-        return _public(session, existing, detail=True)
+        return _public(session, existing)
     _enqueue_created(session, dispatcher, experiment.id)
-    return _public(session, experiment, detail=True)
+    return _public(session, experiment)
 
 
 def _enqueue_created(session: SessionDep, dispatcher: DispatcherDep, experiment_id: int) -> None:
@@ -167,13 +189,15 @@ def list_experiments(
         limit=limit,
         cursor=cursor,
     )
-    return ExperimentsPublic(items=[_public(session, row) for row in rows], next_cursor=next_cursor)
+    return ExperimentsPublic(
+        items=[ExperimentSummary(**_summary(session, row)) for row in rows], next_cursor=next_cursor
+    )
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
 def get_experiment(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
     """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
-    return _public(session, service.get_experiment(session, experiment_id, principal.scope), detail=True)
+    return _public(session, service.get_experiment(session, experiment_id, principal.scope))
 
 
 @router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
@@ -313,7 +337,7 @@ def cancel_experiment(experiment_id: ExperimentId, session: SessionDep, principa
     experiment = service.get_experiment(session, experiment_id, principal.scope, for_update=True)
     service.cancel_experiment(session, experiment)
     session.commit()
-    return _public(session, experiment, detail=True)
+    return _public(session, experiment)
 
 
 @router.get("/{experiment_id}/sensitivity", response_model=SensitivityPublic, responses=_ERRORS)
@@ -351,9 +375,14 @@ def reallocate(
     """
     source = service.get_experiment(session, experiment_id, principal.scope)
     experiment = sensitivity_service.reallocate(
-        session, source, budget=body.budget, name=body.name, allowed_prefixes=settings.allowed_entrypoints,
+        session,
+        source,
+        budget=body.budget,
+        name=body.name,
+        allowed_prefixes=settings.allowed_entrypoints,
         bundles_enabled=settings.bundles,
+        limits=Limits.from_settings(settings),
     )
     session.commit()
     _enqueue_created(session, dispatcher, experiment.id)
-    return _public(session, experiment, detail=True)
+    return _public(session, experiment)

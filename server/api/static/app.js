@@ -47,11 +47,14 @@
     let fraction = total ? Math.min(1, done / total) : 0;
     if (status === "succeeded") fraction = 1;
     const label = total ? `${+done.toFixed(2)} / ${+total.toFixed(2)}` : `${+done.toFixed(2)}`;
+    const fill = el("div", { class: `progress-fill progress-${status}` });
+    // Through the CSSOM, not a style attribute: the Content-Security-Policy refuses inline styles.
+    fill.style.width = `${(fraction * 100).toFixed(1)}%`;
     return el(
       "div",
       { class: "progress", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
         "aria-valuenow": Math.round(fraction * 100) },
-      el("div", { class: `progress-fill progress-${status}`, style: `width:${(fraction * 100).toFixed(1)}%` }),
+      fill,
       el("span", { class: "progress-label" }, label),
     );
   }
@@ -75,6 +78,8 @@
           if (dialog.returnValue === "save" && input.value.trim()) {
             sessionStorage.setItem(KEY_STORAGE, input.value.trim());
             resolve(true);
+          } else if (dialog.returnValue === "retry") {
+            resolve(true); // closed because a request with the stored key succeeded: retry with that key
           } else {
             if (dialog.returnValue === "clear") sessionStorage.removeItem(KEY_STORAGE);
             resolve(false);
@@ -93,11 +98,22 @@
     }
   }
 
+  // A request with a key succeeded, so the key is good: a dialog still asking for one (opened by a request that
+  // went out before the key was saved) closes, and the requests waiting on it retry with the stored key.
+  function keyAccepted() {
+    const dialog = document.getElementById("key-dialog");
+    if (dialog.open) dialog.close("retry");
+  }
+
   async function request(path, options = {}, retried = false) {
-    const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+    const sent = authHeaders();
+    const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...sent } });
     if (response.status === 401 && !retried) {
+      // Sent before a key was saved: retry with the key there is now instead of asking again.
+      if (authHeaders().Authorization && authHeaders().Authorization !== sent.Authorization) return request(path, options, true);
       if (await askForKey("The server answered 401: enter an API key.")) return request(path, options, true);
     }
+    if (response.ok && sent.Authorization) keyAccepted();
     if (!response.ok) {
       let detail;
       try { detail = await response.json(); } catch { detail = await response.text(); }

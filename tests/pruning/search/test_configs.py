@@ -146,3 +146,49 @@ def test_candidate_eval_defaults_and_its_finetune_spelling() -> None:
                 "candidate_eval": {"finetune_epochs": 2},
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", "1"),
+        ("seed", True),
+        ("seed", 1.5),
+        ("max_trials", "10"),
+        ("finetune_epochs", False),
+        ("max_minutes", "5"),
+        ("max_minutes", float("nan")),
+        ("max_minutes", float("inf")),
+    ],
+)
+def test_numeric_fields_take_numbers_only(field: str, value: object) -> None:
+    """Strict types: a string or a bool is not silently turned into a number, and numbers are finite."""
+    with pytest.raises(ValidationError, match=field):
+        parse_algorithm_config({"algorithm": "uniform", "config_list": CONFIG_LIST, field: value})
+    with pytest.raises(ValidationError, match="sparsity"):
+        parse_algorithm_config({"algorithm": "uniform", "config_list": [{"sparsity": "0.5", "op_types": ["Conv2d"]}]})
+    # A JSON integer still fills a float field.
+    config = parse_algorithm_config({"algorithm": "uniform", "config_list": CONFIG_LIST, "max_minutes": 5})
+    assert config.max_minutes == 5
+
+
+def test_layer_rho_keys_outside_the_named_layers_are_refused_when_the_config_list_names_them() -> None:
+    named = [{"sparsity": 0.5, "op_names": ["conv1", "conv2"]}]
+    config = parse_algorithm_config({"algorithm": "admm", "config_list": named, "layer_rho": {"conv2": 0.1}})
+    assert config.layer_rho == {"conv2": 0.1}  # type: ignore[attr-defined]
+    for algorithm in ("admm", "autocompress"):
+        with pytest.raises(ValidationError, match=r"layer_rho\['conv3'\] names no prunable layer of the config list"):
+            parse_algorithm_config({"algorithm": algorithm, "config_list": named, "layer_rho": {"conv3": 0.1}})
+    # Selected by type: which layers exist is known only on the worker.
+    parse_algorithm_config({"algorithm": "admm", "config_list": CONFIG_LIST, "layer_rho": {"conv3": 0.1}})
+
+
+@pytest.mark.parametrize("algorithm", ["admm", "autocompress"])
+def test_layer_rho_keys_that_name_no_layer_fail_the_start(algorithm: str) -> None:
+    problem = fake_problem()
+    real = problem.pruning.layers[0].name
+    config = parse_algorithm_config({"algorithm": algorithm, "config_list": CONFIG_LIST, "layer_rho": {real: 0.1}})
+    make_strategy(config).start(problem)
+    config = parse_algorithm_config({"algorithm": algorithm, "config_list": CONFIG_LIST, "layer_rho": {"nope": 0.1}})
+    with pytest.raises(ValueError, match=r"layer_rho\['nope'\] names no prunable layer of the model"):
+        make_strategy(config).start(problem)
