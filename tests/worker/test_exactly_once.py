@@ -151,7 +151,8 @@ class TestTwoWorkersServices:
 class TestQueueBehindABusyWorker:
     @pytest.fixture
     def live(self, embedded_env: dict[str, str], tmp_path: Path) -> Iterator[LiveService]:
-        yield from _live(embedded_env, tmp_path, delay=1.0)
+        # 100 waiting + 2 lost + the busy one, from one owner: above the default queued-per-owner cap.
+        yield from _live({**embedded_env, "PRUNEHUB_MAX_QUEUED_PER_OWNER": "1000"}, tmp_path, delay=1.0)
 
     def test_the_broker_holds_one_message_per_waiting_experiment(self, live: LiveService, engine: Engine) -> None:
         queue = live.home / "broker" / "queue"
