@@ -8,7 +8,7 @@ Held-out accuracy of the dense model is about 98%.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -63,13 +63,39 @@ def _cache_path() -> Path:
     return home / "examples" / f"digits-cnn-{_CACHE_VERSION}.safetensors"
 
 
+def seeded(build: Callable[[], nn.Module], seed: int = SEED) -> nn.Module:
+    """``build()`` under ``torch.manual_seed(seed)`` (the same initial weights every call), leaving the caller's
+    random state as it was."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def cached_model(build: Callable[[], nn.Module], path: Path, train: Callable[[], nn.Module]) -> nn.Module:
+    """A fresh ``build()`` with the weights cached at ``path`` (safetensors), in eval mode; on first use
+    ``train()`` makes them and they are written atomically, so concurrent workers never read half a file."""
+    from safetensors.torch import load_file, save_file
+
+    net = build()
+    if path.exists():
+        net.load_state_dict(load_file(str(path)))
+    else:
+        trained = train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(trained.state_dict(), str(tmp))
+        os.replace(tmp, path)
+        net.load_state_dict(trained.state_dict())
+    net.eval()
+    return net
+
+
 def init_model() -> nn.Module:
     """The untrained network, seeded (the same initial weights every call)."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(SEED)
-    net = DigitsCNN()
-    torch.random.set_rng_state(generator_state)
-    return net
+    return seeded(DigitsCNN)
 
 
 def optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -137,18 +163,4 @@ def _train_dense() -> nn.Module:
 
 def model() -> nn.Module:
     """The pretrained CNN, a fresh copy on every call (trained once, then loaded from the cache)."""
-    from safetensors.torch import load_file, save_file
-
-    path = _cache_path()
-    net = DigitsCNN()
-    if path.exists():
-        net.load_state_dict(load_file(str(path)))
-    else:
-        trained = _train_dense()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(trained.state_dict(), str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
-        net.load_state_dict(trained.state_dict())
-    net.eval()
-    return net
+    return cached_model(DigitsCNN, _cache_path(), _train_dense)

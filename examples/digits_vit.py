@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from examples.digits import BATCH_SIZE, SEED, _data, calibration_data, evaluator
+from examples.digits import cached_model, calibration_data, criterion, dummy_input, evaluator, seeded, trainer
 
 __all__ = [
     "DigitsViT",
@@ -68,11 +68,7 @@ def _cache_path() -> Path:
 
 def init_model() -> nn.Module:
     """The untrained network, seeded (the same initial weights every call)."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(SEED)
-    net = DigitsViT()
-    torch.random.set_rng_state(generator_state)
-    return net
+    return seeded(DigitsViT)
 
 
 def optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -80,35 +76,11 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
 
-def criterion() -> nn.Module:
-    return nn.CrossEntropyLoss()
-
-
-def trainer(model: nn.Module, optimizer, criterion, epoch: int, callback=None) -> None:  # type: ignore[no-untyped-def]
-    """One epoch over the training split, shuffled with a seed derived from ``epoch`` (reproducible)."""
-    x_train, y_train, _, _ = _data()
-    model.train()
-    generator = torch.Generator().manual_seed(SEED * 1000 + epoch)
-    order = torch.randperm(len(y_train), generator=generator)
-    for start in range(0, len(order), BATCH_SIZE):
-        idx = order[start : start + BATCH_SIZE]
-        optimizer.zero_grad()
-        loss = criterion(model(x_train[idx]), y_train[idx])
-        loss.backward()
-        if callback is not None:
-            callback()
-        optimizer.step()
-
-
 def fine_tuner(model: nn.Module, epochs: int = 1) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # gentler than pretraining: the weights are already good
     loss = criterion()
     for epoch in range(epochs):
         trainer(model, opt, loss, epoch)
-
-
-def dummy_input() -> torch.Tensor:
-    return torch.zeros(1, 1, 8, 8)
 
 
 def _train_dense() -> nn.Module:
@@ -130,18 +102,4 @@ def _train_dense() -> nn.Module:
 
 def model() -> nn.Module:
     """The pretrained ViT, a fresh copy on every call (trained once, then loaded from the cache)."""
-    from safetensors.torch import load_file, save_file
-
-    path = _cache_path()
-    net = DigitsViT()
-    if path.exists():
-        net.load_state_dict(load_file(str(path)))
-    else:
-        trained = _train_dense()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(trained.state_dict(), str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
-        net.load_state_dict(trained.state_dict())
-    net.eval()
-    return net
+    return cached_model(DigitsViT, _cache_path(), _train_dense)

@@ -10,7 +10,8 @@ exactly what the masked model computes (channels that are masked but not removab
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, Field
@@ -23,6 +24,8 @@ from pruning.importance.base import channel_rows, channel_shape, out_axis, weigh
 from pruning.masks import strip
 from pruning.metrics import count_params_flops
 from pruning.pruner import select_channels
+
+T = TypeVar("T")
 
 __all__ = [
     "ShrinkRecipe",
@@ -136,13 +139,26 @@ def shrink(
     without tracing: q/k/v rows, the output projection's columns and the module's head counts. Other models go
     through Torch-Pruning's dependency graph, within `timeout_s` (`TraceTimeout` otherwise).
     """
+    return _by_structure(
+        model, "shrink it", timeout_s,
+        blocks=lambda scan: _shrink_blocks(model, scan, masks),
+        traced=lambda: _shrink_traced(model, masks, dummy_input),
+    )
+
+
+def _by_structure(
+    model: nn.Module, purpose: str, timeout_s: float | None, *, blocks: Callable[[_blocks.BlockScan], T],
+    traced: Callable[[], T],
+) -> T:
+    """Strip the masks, then do ``blocks(scan)`` for a model with attention blocks (no trace) or ``traced()``
+    within the trace time limit for any other model."""
     strip(model)
     scan = _blocks.find_blocks(model)
     if scan.blocks:
-        return _shrink_blocks(model, scan, masks)
-    step = [f"tracing {type(model).__name__} to shrink it"]
-    with _graph.time_limit(_graph.trace_timeout_s(timeout_s), lambda: step[0]):
-        return _shrink_traced(model, masks, dummy_input)
+        return blocks(scan)
+    description = f"tracing {type(model).__name__} to {purpose}"
+    with _graph.time_limit(_graph.trace_timeout_s(timeout_s), lambda: description):
+        return traced()
 
 
 def _shrink_traced(model: nn.Module, masks: dict[str, Tensor], dummy_input: Any) -> ShrinkRecipe:
@@ -195,13 +211,11 @@ def _replay_blocks(model: nn.Module, scan: _blocks.BlockScan, recipe: ShrinkReci
 
 def apply_recipe(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any, timeout_s: float | None = None) -> nn.Module:
     """Replay `recipe` on a fresh, unmasked copy of the original model (in place); returns it."""
-    strip(model)
-    scan = _blocks.find_blocks(model)
-    if scan.blocks:
-        return _replay_blocks(model, scan, recipe)
-    step = [f"tracing {type(model).__name__} to replay a shrink recipe"]
-    with _graph.time_limit(_graph.trace_timeout_s(timeout_s), lambda: step[0]):
-        return _replay_traced(model, recipe, dummy_input)
+    return _by_structure(
+        model, "replay a shrink recipe", timeout_s,
+        blocks=lambda scan: _replay_blocks(model, scan, recipe),
+        traced=lambda: _replay_traced(model, recipe, dummy_input),
+    )
 
 
 def _replay_traced(model: nn.Module, recipe: ShrinkRecipe, dummy_input: Any) -> nn.Module:

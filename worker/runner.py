@@ -304,24 +304,14 @@ def advance(experiment_id: int, ctx: RunContext) -> str:
         return "failed"
 
 
-def _service_trial(session: Session, experiment: Experiment, kind: str, key: str, step: int,
-                   job: dict[str, Any]) -> Trial:
-    """Insert the ``resolve`` or ``export`` trial: a job of the runner itself, not one the strategy asked for."""
-    seq = 0 if kind == runs.RESOLVE_KIND else (
-        session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment.id)) or 0) + 1
-    trial = Trial(experiment_id=experiment.id, seq=seq, step=step, job_key=key, kind=kind,
-                  status=TrialStatus.pending.value, distribution={}, context={}, extra={"job": job})
-    session.add(trial)
-    session.flush()
-    return trial
-
-
 def _resolve_step(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
     resolve = runs.trial_by_key(session, experiment.id, runs.RESOLVE_KEY)
     if resolve is not None:
         # Finished without storing a problem: its failure ended the experiment, or a racing advance saw it first.
         return "resolving"
-    trial = _service_trial(session, experiment, runs.RESOLVE_KIND, runs.RESOLVE_KEY, 0, {"kind": "resolve"})
+    # The runner's own job, not one the strategy asked for: seq 0, before every search trial.
+    trial = runs.add_job_trial(session, experiment.id, key=runs.RESOLVE_KEY, kind=runs.RESOLVE_KIND,
+                               job={"kind": "resolve"}, step=0, seq=0)
     experiment.phase = "resolving the problem"
     outbox.append((EVALUATE, trial.id))
     return "resolving"
@@ -404,9 +394,9 @@ def _end_search(
         return _finish(session, experiment, reason)
     if reason:
         add_event(session, experiment.id, "note", text=reason)
-    trial = _service_trial(session, experiment, runs.EXPORT_KIND, runs.EXPORT_KEY, experiment.step + 1,
-                           {**job, "best_trial_id": best.id})
-    trial.context = {"reason": reason} if reason else {}
+    trial = runs.add_job_trial(session, experiment.id, key=runs.EXPORT_KEY, kind=runs.EXPORT_KIND,
+                               job={**job, "best_trial_id": best.id}, step=experiment.step + 1,
+                               context={"reason": reason} if reason else {})
     experiment.phase = "saving the best pruned model"
     outbox.append((EVALUATE, trial.id))
     return "exporting"
@@ -589,8 +579,11 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
         deadline = job_deadline if deadline is None else min(deadline, job_deadline)
 
     def cancelled() -> bool:
-        with ctx.session_factory() as session:
-            return runs.cancel_requested(session, claimed.experiment_id)
+        try:
+            with ctx.session_factory() as session:
+                return runs.cancel_requested(session, claimed.experiment_id)
+        except DB_CONNECTION_ERRORS:
+            return False  # the database is away: keep running and ask again at the next poll
 
     def beat(session: Session) -> None:
         trial = session.get(Trial, trial_id)
@@ -684,14 +677,14 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
         return "skipped"
     transport = InProcessTransport()
     ctx = RunContext(session_factory, settings, worker_id, transport)
-    with session_factory() as session:
-        left = session.scalars(
-            select(Trial.id).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
-            .order_by(Trial.seq)
-        ).all()
-    transport.emit([(EVALUATE, trial_id) for trial_id in left])
-    transport.emit([entry] if name == EVALUATE and target not in left else [])
-    transport.emit([(ADVANCE, experiment_id)])
+
+    def unfinished(session: Session) -> list[int]:
+        query = select(Trial.id).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
+        return list(session.scalars(query.order_by(Trial.seq)))
+
+    # The jobs a dead worker left (an entry evaluations.run among them), then the advance that tells their step.
+    left = transact(session_factory, unfinished, give_up_after_s=settings.db_retry_s)
+    transport.emit([*((EVALUATE, trial_id) for trial_id in left), (ADVANCE, experiment_id)])
     beat = Heartbeat(
         lambda session: runs.heartbeat(session, experiment_id, worker_id),
         session_factory,
@@ -700,8 +693,10 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
     )
     with beat:
         while transport.queue:
+            # Each use case waits out a database outage in its own transactions (transact).
             task, target_id = transport.queue.popleft()
-            _drain_one(task, target_id, ctx)
+            outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
+            log.debug("%s(%s): %s", task, target_id, outcome)
 
     def release(session: Session) -> str:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)
@@ -711,24 +706,6 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
         return experiment.status
 
     return transact(session_factory, release, give_up_after_s=settings.db_retry_s)
-
-
-def _drain_one(task: str, target_id: int, ctx: RunContext) -> None:
-    give_up_at = time.monotonic() + ctx.settings.db_retry_s
-    delay = 0.5
-    while True:
-        try:
-            outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
-            log.debug("%s(%s): %s", task, target_id, outcome)
-            return
-        except DB_CONNECTION_ERRORS as exc:
-            # A database restart mid-run: recorded trials stand; the job whose result was lost runs once more.
-            if time.monotonic() >= give_up_at:
-                raise
-            log.warning("database unavailable during %s(%s) (%s); retrying in %.1fs", task, target_id,
-                        type(exc).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
 
 def run_experiment(

@@ -23,7 +23,18 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from examples.digits import SEED, _data, criterion, dummy_input, evaluator, fine_tuner, optimizer, trainer
+from examples.digits import (
+    SEED,
+    _data,
+    cached_model,
+    criterion,
+    dummy_input,
+    evaluator,
+    fine_tuner,
+    optimizer,
+    seeded,
+    trainer,
+)
 
 __all__ = [
     "DepthwiseDigits",
@@ -80,34 +91,21 @@ def _cache_path() -> Path:
 
 def init_model() -> nn.Module:
     """The untrained network, seeded."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(SEED)
-    net = DepthwiseDigits()
-    torch.random.set_rng_state(state)
-    return net
+    return seeded(DepthwiseDigits, SEED)
 
 
 def model() -> nn.Module:
     """The pretrained network, a fresh copy on every call (trained once, then loaded from the cache)."""
-    from safetensors.torch import load_file, save_file
+    return cached_model(DepthwiseDigits, _cache_path(), _train_dense)
 
-    path = _cache_path()
-    net = DepthwiseDigits()
-    if path.exists():
-        net.load_state_dict(load_file(str(path)))
-    else:
-        trained = init_model()
-        opt = optimizer(trained)
-        loss = criterion()
-        for epoch in range(EPOCHS):
-            trainer(trained, opt, loss, epoch)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(trained.state_dict(), str(tmp))
-        os.replace(tmp, path)
-        net.load_state_dict(trained.state_dict())
-    net.eval()
-    return net
+
+def _train_dense() -> nn.Module:
+    trained = init_model()
+    opt = optimizer(trained)
+    loss = criterion()
+    for epoch in range(EPOCHS):
+        trainer(trained, opt, loss, epoch)
+    return trained
 
 
 def calibration_data() -> Iterator[torch.Tensor]:

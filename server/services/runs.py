@@ -18,6 +18,7 @@ from server.services.dispatch import ADVANCE, EVALUATE
 from server.services.events import add_event
 
 __all__ = [
+    "add_job_trial",
     "add_trial",
     "attach_model_result",
     "cancel_requested",
@@ -35,7 +36,6 @@ __all__ = [
     "record_decisions",
     "record_result",
     "save_progress",
-    "start_trial",
     "take_trial_lease",
     "store_problem",
     "trial_by_key",
@@ -274,30 +274,42 @@ def trial_by_key(session: Session, experiment_id: int, job_key: str) -> Trial | 
 def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialStatus, step: int | None = None) -> Trial:
     """Insert the trial row of ``job`` with the next sequence number. A job key the experiment already has fails
     at the flush (unique per experiment): the caller decides whether that is a replay or a lost race."""
-    seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
+    return add_job_trial(
+        session, experiment_id, key=job.key, kind=job.kind, job=job.model_dump(mode="json"), status=status,
+        step=step, distribution=dict(job.distribution), context=dict(job.context),
+    )
+
+
+def add_job_trial(
+    session: Session,
+    experiment_id: int,
+    *,
+    key: str,
+    kind: str,
+    job: dict[str, Any],
+    status: TrialStatus = TrialStatus.pending,
+    step: int | None = None,
+    seq: int | None = None,
+    distribution: dict[str, float] | None = None,
+    context: dict[str, Any] | None = None,
+) -> Trial:
+    """Insert a trial row running ``job`` (JSON), by default with the next sequence number: what
+    :func:`add_trial` does for a strategy's job, and the runner for its own (resolve, export)."""
+    if seq is None:
+        seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
     trial = Trial(
         experiment_id=experiment_id,
         seq=seq,
         step=step,
-        job_key=job.key,
-        kind=job.kind,
+        job_key=key,
+        kind=kind,
         status=status.value,
-        distribution=dict(job.distribution),
-        context=dict(job.context),
-        extra={"job": job.model_dump(mode="json")},  # kept so the best model can be rebuilt for download
+        distribution=distribution or {},
+        context=context or {},
+        extra={"job": job},  # kept so the best model can be rebuilt for download
     )
     session.add(trial)
     session.flush()
-    return trial
-
-
-def start_trial(session: Session, experiment: Experiment, job: Any, worker_id: str) -> Trial:
-    """The trial row of ``job``, ``running`` under ``worker_id``'s lease (created if new; a job key whose run a dead
-    worker left unfinished is taken over)."""
-    trial = trial_by_key(session, experiment.id, job.key)
-    if trial is None:
-        trial = add_trial(session, experiment.id, job, status=TrialStatus.running)
-    take_trial_lease(trial, worker_id)
     return trial
 
 

@@ -24,6 +24,26 @@ SLOW_ANNEALING: dict[str, Any] = {
     "seed": 0,
 }
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (which never downloads a browser of its own)."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (`make browser` installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
 
 @pytest.fixture
 def eval_delay() -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,6 @@ from tests.server.conftest import SLOW_ANNEALING
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-    "--disable-component-update", "--disable-sync",
-]
 XSS_NAME = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
 BASE = {key: SLOW_ANNEALING[key] for key in ("config_list", "base_algo", "seed")}
 ANNEALING = {**SLOW_ANNEALING, "name": "annealing running", "max_trials": 60}
@@ -41,19 +35,6 @@ CHARTS_DRAWN = """() => [...document.querySelectorAll('canvas')].map((canvas) =>
 @pytest.fixture
 def eval_delay() -> float:
     return 0.7  # the running experiment must still run while the page is checked
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (`make browser` installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def _open(page: Any, url: str, ready: str) -> None:

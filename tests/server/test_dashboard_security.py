@@ -3,7 +3,6 @@ that policy without a single violation, and an API-key dialog that closes once a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,8 @@ from server.db.session import make_engine, make_session_factory
 from server.services.auth import create_key
 from server.settings import Settings
 from tests.server.hardening import VALID, NoDispatch, serving
-from tests.server.test_dashboard import CHROMIUM_ARGS, wait_until
+from tests.server.test_dashboard import wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
 # Every CSP violation the page reports, collected before any of its scripts run.
 RECORD_VIOLATIONS = """window.__violations = [];
 document.addEventListener('securitypolicyviolation', (e) => window.__violations.push(
@@ -46,20 +44,6 @@ def test_the_dashboard_sends_a_self_only_policy_and_no_framing(tmp_path: Path) -
         api = client.get("/experiments")  # every response: no sniffing, no framing
         assert api.headers["x-content-type-options"] == "nosniff" and api.headers["x-frame-options"] == "DENY"
         assert "content-security-policy" not in client.get("/docs").headers  # Swagger UI loads from its CDN
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (`make browser` installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.mark.integration
