@@ -225,16 +225,19 @@ def api_throughput(quick: bool) -> dict[str, Any]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def orchestration(backend: str, trials: int) -> dict[str, Any]:
+def orchestration(backend: str, trials: int, code_root: Path | None = None) -> dict[str, Any]:
+    """One no-op annealing run on ``backend`` (``embedded`` or ``postgres``); ``code_root`` runs the service from
+    another source tree (``bench.orchestration_ab`` compares a baseline commit with this one)."""
     home = Path(tempfile.mkdtemp(prefix=f"prunehub-bench-orch-{backend}-"))
     procs = Processes(home)
+    code = {"PYTHONPATH": str(code_root)} if code_root is not None else {}
     try:
         if backend == "postgres":
             _prepare_postgres()
             _flush_redis()
-            env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+            env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL, **code)
         else:
-            env = service_env(home)
+            env = service_env(home, **code)
         url = procs.serve(env, free_port())
         procs.cli(env, "worker.log", "worker", "--loglevel", "WARNING")
         spec = {
@@ -287,6 +290,12 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
         wall = (finished - started).total_seconds()
         n = len(items)
         trial_sum = sum(float(t.get("duration_s") or 0.0) for t in items)
+        # Steady state: the search's own trials, from the first one's creation to the last one's end, without the
+        # start-up (the task process importing torch and tracing the model, once per worker) and the export.
+        search = [t for t in items if t.get("kind") not in ("resolve", "export")]
+        span = (max(datetime.fromisoformat(t["finished_at"]) for t in search if t["finished_at"])
+                - min(datetime.fromisoformat(t["created_at"]) for t in search)).total_seconds() if search else 0.0
+        search_sum = sum(float(t.get("duration_s") or 0.0) for t in search)
         result = {
             "backend": backend,
             "status": "succeeded",
@@ -297,11 +306,16 @@ def orchestration(backend: str, trials: int) -> dict[str, Any]:
             "wall_per_trial_ms": wall / n * 1e3 if n else None,
             "trial_mean_ms": trial_sum / n * 1e3 if n else None,
             "submit_to_done_s": client_wall,
+            "search_trials": len(search),
+            "steady_wall_per_trial_ms": span / len(search) * 1e3 if search else None,
+            "steady_overhead_per_trial_ms": (span - search_sum) / len(search) * 1e3 if search else None,
+            "start_up_s": sum(float(t.get("duration_s") or 0.0) for t in items if t.get("kind") == "resolve"),
         }
         print(
             f"orchestration ({backend}): {n} trials, experiment {wall:.1f} s, trials {trial_sum:.1f} s → "
             f"overhead {result['overhead_per_trial_ms']:.0f} ms/trial, wall {result['wall_per_trial_ms']:.0f} "
-            f"ms/trial (submit→done {client_wall:.1f} s)",
+            f"ms/trial (submit→done {client_wall:.1f} s); steady state {result['steady_wall_per_trial_ms']:.1f} "
+            f"ms/trial wall, {result['steady_overhead_per_trial_ms']:.1f} ms outside the job",
             flush=True,
         )
         return result

@@ -340,13 +340,14 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
         return _finish(session, experiment, export.context.get("reason"))
     config, strategy, state = _load(experiment)
     experiment_id = experiment.id
+    told: dict[str, Trial] = {}
     if experiment.step > 0:
         step_trials = select(Trial).where(
             Trial.experiment_id == experiment_id, Trial.step == experiment.step, runs.SEARCH_TRIAL
         )
         trials = list(session.scalars(step_trials.order_by(Trial.seq)))
         state = strategy.tell(state, [trial_to_result(t) for t in trials])
-        persist_told_state(session, experiment, state, {t.job_key for t in trials}, config.max_trials)
+        told = {t.job_key: t for t in trials}
     finished = runs.finished_trials(session, experiment_id)
     stop_reason = None
     if config.max_minutes is not None and elapsed_minutes(experiment.started_at) >= config.max_minutes:
@@ -354,10 +355,15 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
     state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
     if jobs and config.max_trials is not None and finished >= config.max_trials:
         stop_reason, jobs = f"stopped after max_trials={config.max_trials}", []
+    # The state is serialised once per step, after ask (what the next tell continues from); the told step's
+    # decisions are in its history already. Serialising it after tell too doubled the cost of every step.
+    state_json = state.model_dump(mode="json")
+    if told:
+        persist_told_state(session, experiment, state, state_json, told, finished, config.max_trials)
     if not jobs:
         if stop_reason is None and not state.done:
             raise RuntimeError("the strategy asked for no job but is not done")
-        return _end_search(session, experiment, state, stop_reason or state.stop_reason, outbox)
+        return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox)
     next_step = experiment.step + 1
     for job in jobs:
         trial = runs.trial_by_key(session, experiment_id, job.key)
@@ -369,8 +375,9 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
             trial.step = next_step  # recorded before a restart (an older database): its result is told, not re-run
         if trial.status not in runs.FINISHED:
             outbox.append((EVALUATE, trial.id))
-    experiment.search_state = state.model_dump(mode="json")  # the state after ask: tell continues from it
-    experiment.state_version += 1
+    if not told:
+        experiment.search_state = state_json  # the first step's state (persist_told_state saved the others)
+        experiment.state_version += 1
     experiment.step = next_step
     experiment.phase = f"step {next_step}: {len(jobs)} job(s)"
     add_event(session, experiment_id, "step", step=next_step, jobs=len(jobs))
@@ -380,10 +387,11 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
 
 
 def _end_search(
-    session: Session, experiment: Experiment, state: Any, reason: str | None, outbox: list[Message]
+    session: Session, experiment: Experiment, state: Any, state_json: dict[str, Any], reason: str | None,
+    outbox: list[Message],
 ) -> str:
     """The strategy is done (or a budget ran out): export the best trial's model when it has none, else finish."""
-    experiment.search_state = state.model_dump(mode="json")
+    experiment.search_state = state_json
     if state.best_key is None:
         runs.finish_experiment(session, experiment, ExperimentStatus.failed,
                                error=failure_reason(session, experiment.id, reason))
@@ -410,15 +418,15 @@ def _finish(session: Session, experiment: Experiment, reason: str | None) -> str
 
 
 def persist_told_state(
-    session: Session, experiment: Experiment, state: Any, keys: set[str], max_trials: int | None
+    session: Session, experiment: Experiment, state: Any, state_json: dict[str, Any], told: dict[str, Trial],
+    finished: int, max_trials: int | None,
 ) -> None:
-    """After a tell: copy the strategy's decisions onto the step's trials (accepted, rejected and chosen are known
-    only now), then save the state, the progress and the best so far."""
-    state_json = state.model_dump(mode="json")
-    decisions = _decisions(state_json, keys)
+    """After a tell: copy the strategy's decisions onto the told step's trials (``told``, by job key: accepted,
+    rejected and chosen are known only now), then save the state (``state_json``, its serialised form), the
+    progress (``finished`` trials) and the best so far."""
+    decisions = _decisions(state_json, set(told))
     if decisions:
-        runs.record_decisions(session, experiment.id, decisions)
-    finished = runs.finished_trials(session, experiment.id)
+        runs.record_decisions(session, experiment.id, decisions, known=told)
     runs.save_progress(
         session,
         experiment,
@@ -429,6 +437,7 @@ def persist_told_state(
         else (float(max_trials) if max_trials else None),
         phase=state.phase or f"{experiment.algorithm}: {finished} trial(s)",
         best_key=state.best_key,
+        known=told,
     )
 
 

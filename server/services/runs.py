@@ -6,7 +6,7 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -271,6 +271,14 @@ def trial_by_key(session: Session, experiment_id: int, job_key: str) -> Trial | 
     return session.scalar(select(Trial).where(Trial.experiment_id == experiment_id, Trial.job_key == job_key))
 
 
+def _known_or_query(
+    session: Session, experiment_id: int, job_key: str, known: Mapping[str, Trial] | None
+) -> Trial | None:
+    if known is not None and job_key in known:
+        return known[job_key]
+    return trial_by_key(session, experiment_id, job_key)
+
+
 def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialStatus, step: int | None = None) -> Trial:
     """Insert the trial row of ``job`` with the next sequence number. A job key the experiment already has fails
     at the flush (unique per experiment): the caller decides whether that is a replay or a lost race."""
@@ -381,12 +389,15 @@ def attach_model_result(session: Session, trial: Trial, result: Any) -> None:
         add_event(session, trial.experiment_id, "note", text=f"could not save the best model: {result.error}")
 
 
-def record_decisions(session: Session, experiment_id: int, decisions: dict[str, dict[str, Any]]) -> None:
+def record_decisions(
+    session: Session, experiment_id: int, decisions: dict[str, dict[str, Any]], known: Mapping[str, Trial] | None = None
+) -> None:
     """Store the strategy's decision (accepted, rejected, chosen, ...) in the context of each trial, with the
-    acceptance probability of a worse-or-equal annealing proposal."""
+    acceptance probability of a worse-or-equal annealing proposal. ``known`` (job key → trial) are trials the
+    caller has loaded already (the told step's): they are not queried again."""
     for job_key, record in decisions.items():
         decision = record["decision"]
-        trial = trial_by_key(session, experiment_id, job_key)
+        trial = _known_or_query(session, experiment_id, job_key, known)
         if trial is not None and trial.context.get("decision") != decision:
             context = dict(trial.context)
             context["decision"] = decision
@@ -407,8 +418,10 @@ def save_progress(
     progress_total: float | None,
     phase: str | None,
     best_key: str | None,
+    known: Mapping[str, Trial] | None = None,
 ) -> None:
-    """Persist the search state after a tell, with progress and the strategy's best so far."""
+    """Persist the search state after a tell, with progress and the strategy's best so far (looked up in
+    ``known``, the trials the caller has loaded, before the database)."""
     experiment.search_state = state
     experiment.state_version += 1
     experiment.progress_done = progress
@@ -416,7 +429,7 @@ def save_progress(
     experiment.phase = phase
     experiment.heartbeat_at = utcnow()
     if best_key is not None:
-        best = trial_by_key(session, experiment.id, best_key)
+        best = _known_or_query(session, experiment.id, best_key, known)
         if best is not None and best.id != experiment.best_trial_id:
             experiment.best_trial_id = best.id
             experiment.best_score = best.score
