@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch first, pinned: this machine's local CPU build. An unpinned torch would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install dev demo test lint typecheck browser bench clean
+.PHONY: install dev demo test lint typecheck browser bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: dev
 		&& touch $(NNI_VENV)/.installed ) > $(VENV)/nni-install.log 2>&1 \
 		|| echo "NNI could not be installed (see $(VENV)/nni-install.log); the report records the NNI runs as failed"
 	PRUNEHUB_BENCH_NNI_PYTHON=$(NNI_VENV)/bin/python $(PY) -m bench.run_all $(BENCH_ARGS)
+
+# The real service on CUDA device 0 (bench/gpu_check.py, under 10 minutes) → docs/gpu-check.md; without CUDA it
+# exits non-zero at once with "no CUDA device". Needs a CUDA build of torch in the venv (TORCH_SPEC).
+gpu-check: dev
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf .prunehub .pytest_cache .mypy_cache .ruff_cache
