@@ -1,6 +1,6 @@
 """Scaling with evaluation workers: the distributed runner against real Redis and PostgreSQL.
 
-For 1, 2 and 4 evaluation worker processes (one coordinator besides), a NetAdapt search and a batched annealing
+For 1, 2, 3 and 4 evaluation worker processes (one coordinator besides), a NetAdapt search and a batched annealing
 search (``batch_size`` 4) run on ``bench.tasks.sleepy``, whose evaluator sleeps a fixed time in place of GPU work.
 Reported: wall time from submission to the end of the experiment, speed-up against one worker, and efficiency
 (speed-up / workers). Then the orchestration overhead per job with a no-op evaluator (sleep 0): wall time per
@@ -118,7 +118,7 @@ class _Cluster:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    counts = (1, 2) if quick else (1, 2, 4)
+    counts = (1, 2) if quick else (1, 2, 3, 4)
     sleep_s = 1.0 if quick else SLEEP_S
     searches = {"netadapt": SEARCHES["netadapt"]} if quick else SEARCHES
     rows: list[dict[str, Any]] = []

@@ -309,7 +309,9 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None) -> d
             "search_trials": len(search),
             "steady_wall_per_trial_ms": span / len(search) * 1e3 if search else None,
             "steady_overhead_per_trial_ms": (span - search_sum) / len(search) * 1e3 if search else None,
-            "start_up_s": sum(float(t.get("duration_s") or 0.0) for t in items if t.get("kind") == "resolve"),
+            # From the experiment's start to its first search trial: the task process's start and the tracing.
+            "start_up_s": (min(datetime.fromisoformat(t["created_at"]) for t in search) - started).total_seconds()
+            if search else None,
         }
         print(
             f"orchestration ({backend}): {n} trials, experiment {wall:.1f} s, trials {trial_sum:.1f} s → "
