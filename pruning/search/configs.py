@@ -120,6 +120,21 @@ class SearchCommon(BaseModel):
     @model_validator(mode="after")
     def _budget_rules(self) -> Self:
         check_entry_sparsities(self.config_list, budget=self.budget is not None)
+        for i, entry in enumerate(self.config_list):
+            if entry.pattern is None or entry.exclude:
+                continue
+            if self.base_algo in STRUCTURED_ALGOS:
+                raise ValueError(
+                    f"config_list[{i}].pattern: N:M keeps N of every M weights chosen by element scores; base_algo "
+                    f"{self.base_algo!r} removes whole channels (use 'level' or 'wanda')"
+                )
+            # Searches move sparsities continuously; an N:M unit is only patterned or dense, so only the baseline
+            # (which evaluates the config list as given) takes it.
+            if getattr(self, "algorithm", None) != "uniform" or getattr(self, "ranking", "layer") != "layer":
+                raise ValueError(
+                    f"config_list[{i}].pattern: N:M entries are evaluated by algorithm 'uniform' (ranking 'layer') "
+                    "only; searches over which layers get the pattern are not available yet"
+                )
         if self.budget is not None and self.budget.resource in ("flops", "latency"):
             if self.base_algo not in STRUCTURED_ALGOS:
                 raise ValueError(
