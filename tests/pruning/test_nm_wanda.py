@@ -95,3 +95,38 @@ def test_pattern_validation_names_the_field() -> None:
             nn.Sequential(nn.Conv2d(1, 2, 1)), [{"sparsity": 0.5, "op_types": ["Conv2d"]}], "wanda",
             torch.zeros(1, 1, 2, 2),
         )
+
+
+def test_uniform_job_exports_the_pattern(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pruning.artifacts import ArtifactStore
+    from pruning.jobs import execute_job
+    from pruning.search.base import Job, SearchProblem
+
+    torch.manual_seed(0)
+    state = TwoLinear().state_dict()
+
+    def model() -> nn.Module:
+        net = TwoLinear()
+        net.load_state_dict(state)
+        return net
+
+    inputs = [torch.randn(4, 8) for _ in range(3)]
+    task = Task(
+        entrypoint="tests.nm",
+        model=model,
+        evaluator=lambda net: float(net(inputs[0]).detach().sum()),
+        dummy_input=lambda: inputs[0],
+        calibration_data=lambda: iter(inputs),
+    )
+    pruning = resolve_config_list(model(), [{"pattern": "2:4", "op_names": ["fc1"]}], "wanda", inputs[0])
+    store = ArtifactStore(tmp_path)
+    job = Job(key="uniform-0", distribution={"fc1": 0.5}, save_artifact=True)
+    result = execute_job(task, SearchProblem(pruning=pruning), job, store)
+    assert result.status == "succeeded", result.error
+    assert result.requested == {"fc1": 0.5} and result.achieved == {"fc1": 0.5}
+    assert "not measured" in result.extra["nm"]["speedup"]
+    tensors, meta = store.get(result.extra["model_artifact"])
+    assert meta["patterns"]["fc1"]["pattern"] == "2:4"
+    weight = tensors["fc1.weight"]
+    assert weight.dim() == 2 and weight.is_contiguous() and satisfies_pattern(weight, (2, 4))
+    assert result.params == sum(p.numel() for p in model().parameters()) - 16 * 4  # half of fc1's 128 weights
