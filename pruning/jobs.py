@@ -388,6 +388,7 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
         bn_recalibration=bool(recalibrate),
         calibration_batches=config.candidate_eval.calibration_batches,
     )
+    problem = _owl_prior(task, config, model, problem)
     budget = problem.budget
     if budget is None:
         return problem
@@ -409,5 +410,18 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
     units = [u.model_copy(update={"initial_sparsity": uniform.distribution[u.name]}) for u in pruning.units]
     pruning = pruning.model_copy(update={"units": units})
     pruning.target_sparsity = overall_sparsity(uniform.distribution, pruning)
-    return problem.model_copy(update={"pruning": pruning})
+    return _owl_prior(task, config, model, problem.model_copy(update={"pruning": pruning}))
+
+
+def _owl_prior(task: Task, config: Any, model: Any, problem: SearchProblem) -> SearchProblem:
+    """With ``prior: "owl"``, every unit starts at its OWL sparsity around the problem's target (the search starts
+    from its initial distribution, which this sets)."""
+    if getattr(config, "prior", None) != "owl":
+        return problem
+    from pruning.owl import outlier_ratios, owl_allocation
+
+    pruning = problem.pruning
+    allocation = owl_allocation(outlier_ratios(model, pruning, task), pruning, pruning.target_sparsity)
+    units = [u.model_copy(update={"initial_sparsity": allocation[u.name]}) for u in pruning.units]
+    return problem.model_copy(update={"pruning": pruning.model_copy(update={"units": units})})
 

@@ -220,9 +220,21 @@ class _AnnealingSchedule(BaseModel):
     perturbation_magnitude: float = Field(
         default=0.35, gt=0, le=1, description="noise magnitude per unit at the start temperature"
     )
-    prior: Literal["uniform", "size"] = Field(
-        default="uniform", description="start distribution: uniform, or bigger units pruned more ('size')"
+    prior: Literal["uniform", "size", "owl"] = Field(
+        default="uniform",
+        description="start distribution: uniform, bigger units pruned more ('size'), or outlier-weighted layer-wise "
+        "sparsity ('owl': layers with more wanda-score outliers pruned less; fine-grained Linear layers)",
     )
+
+    @model_validator(mode="after")
+    def _owl_fine_grained(self) -> Self:
+        base_algo = getattr(self, "base_algo", None)
+        if self.prior == "owl" and base_algo in STRUCTURED_ALGOS:
+            raise ValueError(
+                f"prior: 'owl' allocates fine-grained layer sparsity; base_algo must be 'level' or 'wanda', not "
+                f"{base_algo!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stop_below_start(self) -> Self:

@@ -130,3 +130,83 @@ def test_uniform_job_exports_the_pattern(tmp_path) -> None:  # type: ignore[no-u
     weight = tensors["fc1.weight"]
     assert weight.dim() == 2 and weight.is_contiguous() and satisfies_pattern(weight, (2, 4))
     assert result.params == sum(p.numel() for p in model().parameters()) - 16 * 4  # half of fc1's 128 weights
+
+
+class ThreeLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _owl_task() -> Task:
+    torch.manual_seed(0)
+    state = ThreeLinear().state_dict()
+    with torch.no_grad():
+        # Planted outliers: every 4th weight of b is 100 times the largest initial weight.
+        state["b.weight"].view(-1)[::4] = 25.0
+
+    def model() -> nn.Module:
+        net = ThreeLinear()
+        net.load_state_dict(state)
+        return net
+
+    inputs = [torch.randn(8, 16) for _ in range(2)]
+    x_eval = torch.randn(32, 16)
+    return Task(
+        entrypoint="tests.owl",
+        model=model,
+        evaluator=lambda net: float(-(net(x_eval) - model()(x_eval)).pow(2).mean().detach()),
+        dummy_input=lambda: inputs[0],
+        calibration_data=lambda: iter(inputs),
+    )
+
+
+def test_owl_prunes_the_outlier_layer_less_and_keeps_the_mean() -> None:
+    from pruning.config import overall_sparsity
+    from pruning.owl import outlier_ratios, owl_allocation
+
+    task = _owl_task()
+    config_list = [{"sparsity": 0.5, "op_types": ["Linear"]}]
+    problem = resolve_config_list(task.model(), config_list, "wanda", task.dummy_input())
+    ratios = outlier_ratios(task.model(), problem, task)
+    assert ratios["b"] > ratios["a"] and ratios["b"] > ratios["c"]
+    allocation = owl_allocation(ratios, problem, 0.5)
+    assert allocation["b"] < 0.5 and allocation["b"] == min(allocation.values())
+    assert max(abs(v - 0.5) for v in allocation.values()) <= 0.16 + 1e-9
+    assert overall_sparsity(allocation, problem) == pytest.approx(0.5)
+
+
+def test_annealing_with_owl_starts_from_the_owl_allocation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pruning.artifacts import ArtifactStore
+    from pruning.jobs import execute_job, resolve_problem
+    from pruning.owl import outlier_ratios, owl_allocation
+    from pruning.search import make_strategy
+
+    task = _owl_task()
+    config = parse_algorithm_config(
+        {
+            "algorithm": "annealing",
+            "base_algo": "wanda",
+            "prior": "owl",
+            "cool_down_rate": 0.5,
+            "stop_temperature": 40,
+            "config_list": [{"sparsity": 0.5, "op_types": ["Linear"]}],
+        }
+    )
+    problem = resolve_problem(task, config)
+    strategy = make_strategy(config)
+    state, jobs = strategy.ask(strategy.start(problem))
+    expected = owl_allocation(outlier_ratios(task.model(), problem.pruning, task), problem.pruning, 0.5)
+    assert jobs[0].distribution == pytest.approx(expected)
+    store = ArtifactStore(tmp_path)
+    while jobs:
+        state = strategy.tell(state, [execute_job(task, problem, job, store) for job in jobs])
+        state, jobs = strategy.ask(state)
+    assert state.done and state.best_key is not None
+    with pytest.raises(ValidationError, match="prior: 'owl'"):
+        parse_algorithm_config({**config.model_dump(), "base_algo": "l1"})
