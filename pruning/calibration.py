@@ -18,7 +18,7 @@ from pruning._graph import run_model
 from pruning.metrics import to_device
 from pruning.task import Task
 
-__all__ = ["has_batchnorm", "recalibrate_batchnorm"]
+__all__ = ["feed_calibration", "has_batchnorm", "recalibrate_batchnorm"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -47,6 +47,45 @@ class _CountingOptimizer(torch.optim.Optimizer):
             raise _Enough
 
 
+def feed_calibration(model: nn.Module, task: Task, batches: int, needed_by: str) -> int:
+    """Run ``batches`` forward passes of ``model`` on calibration inputs, for whatever hooks or statistics the
+    caller has in place; returns the batches that went through. The model's mode is the caller's to set.
+
+    Batches come from the task's ``calibration_data()`` (under ``no_grad``); without it the task's ``trainer``
+    runs with an optimizer that never steps, stopped after ``batches`` steps, and the gradients it computed are
+    discarded (each parameter's ``.grad`` is restored). ``needed_by`` names the caller in the error a task
+    without either gets.
+    """
+    used = 0
+    if task.calibration_data is not None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            for batch in task.calibration_data():
+                if used >= batches:
+                    break
+                run_model(model, to_device(batch, device))
+                used += 1
+        return used
+    trainer = task.require("trainer", needed_by)
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
+    optimizer = _CountingOptimizer(params, batches)
+    try:
+        epoch = 0
+        while optimizer.steps < batches:
+            before = optimizer.steps
+            trainer(model, optimizer, task.make_criterion(), epoch)
+            epoch += 1
+            if optimizer.steps == before:
+                break  # a trainer that never steps its optimizer: nothing more to learn from it
+    except _Enough:
+        pass
+    finally:
+        for param, grad in zip(params, saved_grads, strict=True):
+            param.grad = grad
+    return optimizer.steps
+
+
 def recalibrate_batchnorm(model: nn.Module, task: Task, batches: int) -> int:
     """Re-estimate every BatchNorm layer's running statistics of ``model`` in place, as cumulative averages over
     ``batches`` batches in train mode; returns the batches used (0 when the model has no BatchNorm).
@@ -63,35 +102,9 @@ def recalibrate_batchnorm(model: nn.Module, task: Task, batches: int) -> int:
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # None = cumulative moving average over every batch seen since the reset
-    used = 0
     try:
         model.train()
-        if task.calibration_data is not None:
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            with torch.no_grad():
-                for batch in task.calibration_data():
-                    if used >= batches:
-                        break
-                    run_model(model, to_device(batch, device))
-                    used += 1
-        else:
-            trainer = task.require("trainer", "BatchNorm recalibration without calibration_data()")
-            params = [p for p in model.parameters() if p.requires_grad]
-            saved_grads = [None if p.grad is None else p.grad.clone() for p in params]
-            optimizer = _CountingOptimizer(params, batches)
-            try:
-                epoch = 0
-                while optimizer.steps < batches:
-                    before = optimizer.steps
-                    trainer(model, optimizer, task.make_criterion(), epoch)
-                    epoch += 1
-                    if optimizer.steps == before:
-                        break  # a trainer that never steps its optimizer: nothing more to learn from it
-            except _Enough:
-                pass
-            used = optimizer.steps
-            for param, grad in zip(params, saved_grads, strict=True):
-                param.grad = grad
+        used = feed_calibration(model, task, batches, "BatchNorm recalibration without calibration_data()")
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE_ALGOS",
     "DEFAULT_MAX_SPARSITY",
+    "LINEAR_ONLY_ALGOS",
     "OP_TYPES",
     "STRUCTURED_ALGOS",
     "BaseAlgo",
@@ -52,9 +53,11 @@ __all__ = [
     "validate_config_list",
 ]
 
-BASE_ALGOS = ("level", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation")
+BASE_ALGOS = ("level", "wanda", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation")
 STRUCTURED_ALGOS = frozenset({"l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation"})
-BaseAlgo = Literal["level", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation"]
+BaseAlgo = Literal["level", "wanda", "l1", "l2", "fpgm", "slim", "taylorfo", "apoz", "mean_activation"]
+# Criteria that score every input channel's activations, so they apply to layers with one (Linear, GPT-2's Conv1D).
+LINEAR_ONLY_ALGOS = frozenset({"wanda"})
 OP_TYPES = ("Conv1d", "Conv2d", "Linear", "Conv1D", "BatchNorm1d", "BatchNorm2d", "default")
 DEFAULT_MAX_SPARSITY = 0.95
 
@@ -62,7 +65,7 @@ Distribution = dict[str, float]
 
 
 def is_structured(base_algo: str) -> bool:
-    """True when `base_algo` removes whole output channels (everything except ``level``)."""
+    """True when `base_algo` removes whole output channels (everything except ``level`` and ``wanda``)."""
     if base_algo not in BASE_ALGOS:
         raise ValueError(f"unknown base algorithm {base_algo!r}; expected one of {', '.join(BASE_ALGOS)}")
     return base_algo in STRUCTURED_ALGOS
@@ -98,6 +101,11 @@ class ConfigEntry(BaseModel):
     block_width: int | None = Field(default=None, ge=1)
     block_pooling: Literal["avg", "max"] = "avg"
     prune_hidden: bool = False
+    pattern: str | None = Field(
+        default=None,
+        description="N:M semi-structured sparsity of Linear layers ('2:4', '4:8'): N of every M consecutive input "
+        "weights kept per output row; the layer's sparsity is then 1 - N/M",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ConfigEntry:
@@ -111,6 +119,17 @@ class ConfigEntry(BaseModel):
             raise ValueError(f"unknown op_types {unknown}; expected some of {list(OP_TYPES)}")
         if (self.block_height is None) != (self.block_width is None):
             raise ValueError("block_height and block_width go together")
+        if self.pattern is not None:
+            from pruning.nm import parse_pattern
+
+            try:
+                parse_pattern(self.pattern)
+            except ValueError as exc:
+                raise ValueError(f"pattern: {exc}") from None
+            if self.sets_sparsity:
+                raise ValueError("pattern: an N:M entry's sparsity is 1 - N/M; do not give sparsity as well")
+            if self.block is not None:
+                raise ValueError("pattern: N:M sparsity and block sparsity do not combine")
         if self.prune_hidden:
             raise ValueError(
                 "prune_hidden: pruning a transformer's hidden (embedding/residual) dimension is not supported; "
@@ -125,11 +144,23 @@ class ConfigEntry(BaseModel):
 
     @property
     def value(self) -> float:
-        """The entry's sparsity, whichever of the three spellings was used (0 for exclude entries)."""
+        """The entry's sparsity, whichever of the three spellings was used (``1 - N/M`` for an N:M pattern, 0 for
+        exclude entries)."""
         for v in (self.sparsity, self.sparsity_per_layer, self.total_sparsity):
             if v is not None:
                 return v
+        if self.nm is not None:
+            return 1.0 - self.nm[0] / self.nm[1]
         return 0.0
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` of the entry's pattern, when it has one."""
+        if self.pattern is None:
+            return None
+        from pruning.nm import parse_pattern
+
+        return parse_pattern(self.pattern)
 
     @property
     def block(self) -> tuple[int, int] | None:
@@ -162,7 +193,12 @@ def check_entry_sparsities(entries: list[ConfigEntry], *, budget: bool) -> None:
                 f"config_list[{i}].{field}: with a budget, config-list entries only select layers (and may set "
                 "max_sparsity); the budget decides how much is pruned"
             )
-        if not budget and not entry.sets_sparsity:
+        if budget and entry.pattern is not None:
+            raise ValueError(
+                f"config_list[{i}].pattern: an N:M layer is either patterned or dense, so a budget cannot scale it; "
+                "use algorithm 'pattern' with a score_target to search which layers get the pattern"
+            )
+        if not budget and not entry.sets_sparsity and entry.pattern is None:
             raise ValueError(
                 f"config list entry {i} (config_list[{i}]): an entry needs sparsity, sparsity_per_layer or "
                 "total_sparsity (or exclude: true), unless the experiment has a budget"
@@ -226,6 +262,12 @@ class PruningUnit(BaseModel):
     block: tuple[int, int] | None = None
     block_pooling: Literal["avg", "max"] = "avg"
     channel_index: dict[str, list[int]] = Field(default_factory=dict)
+    pattern: tuple[int, int] | None = None  # N:M: the unit is either patterned (sparsity 1 - N/M) or dense (0)
+
+    @property
+    def pattern_sparsity(self) -> float | None:
+        """``1 - N/M`` for an N:M unit (the only non-zero sparsity it takes), else ``None``."""
+        return None if self.pattern is None else 1.0 - self.pattern[0] / self.pattern[1]
 
     def count(self, sparsity: float) -> int:
         """Channels (structured) removed at `sparsity`; at least one channel always survives."""
@@ -385,6 +427,26 @@ def _type_name(module: nn.Module) -> str:
     return cls.__name__
 
 
+def _check_pattern_layer(i: int, nm: tuple[int, int], name: str, kind: str, module: nn.Module, base_algo: str) -> None:
+    """An N:M entry applies to a Linear (or Conv1D) layer whose input features divide into groups of M, with a
+    fine-grained criterion (its element scores choose the N kept in each group)."""
+    if base_algo in STRUCTURED_ALGOS:
+        raise ValueError(
+            f"config_list[{i}].pattern: N:M keeps N of every M weights chosen by element scores; base algorithm "
+            f"{base_algo!r} removes whole channels (use 'level' or 'wanda')"
+        )
+    if kind not in ("Linear", "Conv1D"):
+        raise ValueError(f"config_list[{i}].pattern: N:M applies to Linear layers, not {name!r} ({kind})")
+    from pruning.importance.base import weight_of
+
+    shape = tuple(weight_of(module).shape)
+    in_features = int(shape[0] if kind == "Conv1D" else shape[1])
+    if in_features % nm[1]:
+        raise ValueError(
+            f"config_list[{i}].pattern: layer {name!r} has {in_features} input features, not a multiple of M={nm[1]}"
+        )
+
+
 def resolve_config_list(
     model: nn.Module,
     config_list: list[dict[str, Any]] | list[ConfigEntry],
@@ -460,6 +522,13 @@ def resolve_config_list(
                 raise ValueError(
                     f"config list entry {i}: base algorithm {base_algo!r} cannot prune layer {name!r} ({kind})"
                 )
+            if base_algo in LINEAR_ONLY_ALGOS and kind not in ("Linear", "Conv1D") and not entry.exclude:
+                raise ValueError(
+                    f"config list entry {i}: base algorithm {base_algo!r} scores the input channels of Linear (and "
+                    f"Conv1D) layers, not {name!r} ({kind}); select Linear layers only"
+                )
+            if entry.nm is not None and not entry.exclude:
+                _check_pattern_layer(i, entry.nm, name, kind, module, base_algo)
             if entry.block is not None and not entry.exclude:
                 if structured or kind != "Linear":
                     raise ValueError(
@@ -513,6 +582,7 @@ def resolve_config_list(
                     max_sparsity=cap,
                     block=entry.block,
                     block_pooling=entry.block_pooling,
+                    pattern=entry.nm,
                 )
             )
     else:

@@ -37,6 +37,7 @@ __all__ = [
     "load_pruned",
     "measure_model",
     "measured_budget_ratio",
+    "pattern_layers",
     "resolve_problem",
     "save_checkpoint",
     "save_pruned_model",
@@ -70,10 +71,40 @@ def load_checkpoint(task: Task, store: ArtifactStore, artifact_id: str | None) -
     return model, masks
 
 
+def pattern_layers(pruning: PruningProblem, distribution: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per N:M layer that the distribution patterns: its pattern, the axis its groups run along, and whether
+    ``torch.sparse.to_sparse_semi_structured`` takes its weight (a 2:4-compatible pattern and a kernel-sized shape;
+    the weight is stored dense with exact zeros, Conv1D's transposed: hand the kernel ``weight.t()``)."""
+    from pruning.nm import kernel_shape_ok, pattern_text
+
+    out: dict[str, dict[str, Any]] = {}
+    for unit in pruning.units:
+        if unit.pattern is None or distribution.get(unit.name, 0.0) == 0.0:
+            continue
+        layer = pruning.layer(unit.name)
+        transposed = layer.op_type == "Conv1D"
+        rows, cols = (layer.weight_shape[1], layer.weight_shape[0]) if transposed else layer.weight_shape[:2]
+        n, m = unit.pattern
+        out[unit.name] = {
+            "pattern": pattern_text(unit.pattern),
+            "input_axis": 0 if transposed else 1,
+            "semi_structured": m == 4 and n <= 2 and kernel_shape_ok(rows, cols),
+        }
+    return out
+
+
 def save_pruned_model(
-    store: ArtifactStore, model: Any, recipe: Any, *, entrypoint: str, base_algo: str, score: float | None
+    store: ArtifactStore,
+    model: Any,
+    recipe: Any,
+    *,
+    entrypoint: str,
+    base_algo: str,
+    score: float | None,
+    patterns: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Store the shrunk model's weights and the recipe that rebuilds its shape; return the artifact id."""
+    """Store the shrunk model's weights and the recipe that rebuilds its shape; return the artifact id.
+    ``patterns`` (see :func:`pattern_layers`) records each N:M layer in the metadata."""
     meta = {
         "format": MODEL_FORMAT,
         "entrypoint": entrypoint,
@@ -81,6 +112,8 @@ def save_pruned_model(
         "score": score,
         "recipe": recipe.model_dump(mode="json") if recipe is not None else None,
     }
+    if patterns:
+        meta["patterns"] = patterns
     return store.put(dict(model.state_dict()), meta)
 
 
@@ -222,6 +255,13 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     achieved = achieved_sparsity(masks, pruning)
     dummy = task.dummy_input()
     metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
+    if any(u.pattern is not None and distribution.get(u.name, 0.0) > 0 for u in pruning.units):
+        # N:M zeros run on dense kernels here: params count the non-zeros, FLOPs and latency stay dense.
+        extra["nm"] = {
+            "layers": pattern_layers(pruning, distribution),
+            "speedup": "not measured: FLOPs and latency are of the dense kernels; the semi-structured kernel "
+            "is not timed",
+        }
     spread = metrics.pop("latency_spread_ms", None)
     if spread is not None:
         extra["latency_spread_ms"] = spread
@@ -241,7 +281,8 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     if job.save_artifact:
         checkpoint = save_checkpoint(store, model, masks)
         model_id = save_pruned_model(
-            store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score
+            store, shrunk, recipe, entrypoint=task.entrypoint, base_algo=pruning.base_algo, score=score,
+            patterns=pattern_layers(pruning, distribution),
         )
         result = result.model_copy(update={"artifact": checkpoint, "extra": {**extra, "model_artifact": model_id}})
     return result
@@ -347,6 +388,7 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
         bn_recalibration=bool(recalibrate),
         calibration_batches=config.candidate_eval.calibration_batches,
     )
+    problem = _owl_prior(task, config, model, problem)
     budget = problem.budget
     if budget is None:
         return problem
@@ -368,5 +410,18 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
     units = [u.model_copy(update={"initial_sparsity": uniform.distribution[u.name]}) for u in pruning.units]
     pruning = pruning.model_copy(update={"units": units})
     pruning.target_sparsity = overall_sparsity(uniform.distribution, pruning)
-    return problem.model_copy(update={"pruning": pruning})
+    return _owl_prior(task, config, model, problem.model_copy(update={"pruning": pruning}))
+
+
+def _owl_prior(task: Task, config: Any, model: Any, problem: SearchProblem) -> SearchProblem:
+    """With ``prior: "owl"``, every unit starts at its OWL sparsity around the problem's target (the search starts
+    from its initial distribution, which this sets)."""
+    if getattr(config, "prior", None) != "owl":
+        return problem
+    from pruning.owl import outlier_ratios, owl_allocation
+
+    pruning = problem.pruning
+    allocation = owl_allocation(outlier_ratios(model, pruning, task), pruning, pruning.target_sparsity)
+    units = [u.model_copy(update={"initial_sparsity": allocation[u.name]}) for u in pruning.units]
+    return problem.model_copy(update={"pruning": pruning.model_copy(update={"units": units})})
 

@@ -204,7 +204,9 @@ def compute_masks(
             scores = importance(unit.name, module)
             if scores is None:
                 raise ValueError(f"{_criterion_name(importance)} cannot score layer {unit.name!r}")
-            if unit.block is not None:
+            if unit.pattern is not None:
+                keep = _pattern_keep(unit, module, scores, sparsity)
+            elif unit.block is not None:
                 blocks = block_scores(scores, unit.block, unit.block_pooling)
                 keep = keep_mask(blocks.reshape(-1), pruned_count(sparsity, blocks.numel())).view(blocks.shape)
                 keep = expand_block_mask(keep, unit.block, tuple(weight.shape))
@@ -222,6 +224,21 @@ def compute_masks(
     if previous:
         masks = {name: mask * previous[name].to(mask) if name in previous else mask for name, mask in masks.items()}
     return masks
+
+
+def _pattern_keep(unit: PruningUnit, module: nn.Module, scores: Tensor, sparsity: float) -> Tensor:
+    """An N:M unit is patterned (sparsity ``1 - N/M``) or dense (0); anything else is a request it cannot meet."""
+    from pruning.nm import nm_keep_mask, pattern_text
+
+    assert unit.pattern is not None and unit.pattern_sparsity is not None
+    if sparsity == 0.0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if abs(sparsity - unit.pattern_sparsity) > 1e-9:
+        raise ValueError(
+            f"unit {unit.name!r} has pattern {pattern_text(unit.pattern)}: its sparsity is 0 or "
+            f"{unit.pattern_sparsity:g}, not {sparsity:g}"
+        )
+    return nm_keep_mask(scores, unit.pattern, input_axis=0 if out_axis(module) == 1 else 1)
 
 
 def prune(

@@ -18,6 +18,7 @@ from pruning.importance.mean_activation import MeanActivationImportance
 from pruning.importance.norms import L1Importance, L2Importance
 from pruning.importance.slim import SlimImportance
 from pruning.importance.taylorfo import MeasureOnlyOptimizer, TaylorFOImportance, run_trainer_measuring
+from pruning.importance.wanda import WandaImportance
 
 __all__ = [
     "APoZImportance",
@@ -30,6 +31,7 @@ __all__ = [
     "MeasureOnlyOptimizer",
     "SlimImportance",
     "TaylorFOImportance",
+    "WandaImportance",
     "block_scores",
     "expand_block_mask",
     "get_importance",
@@ -38,6 +40,7 @@ __all__ = [
 
 _CRITERIA: dict[str, type[Importance]] = {
     "level": LevelImportance,
+    "wanda": WandaImportance,
     "l1": L1Importance,
     "l2": L2Importance,
     "fpgm": FPGMImportance,

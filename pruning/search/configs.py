@@ -120,6 +120,21 @@ class SearchCommon(BaseModel):
     @model_validator(mode="after")
     def _budget_rules(self) -> Self:
         check_entry_sparsities(self.config_list, budget=self.budget is not None)
+        for i, entry in enumerate(self.config_list):
+            if entry.pattern is None or entry.exclude:
+                continue
+            if self.base_algo in STRUCTURED_ALGOS:
+                raise ValueError(
+                    f"config_list[{i}].pattern: N:M keeps N of every M weights chosen by element scores; base_algo "
+                    f"{self.base_algo!r} removes whole channels (use 'level' or 'wanda')"
+                )
+            # Searches move sparsities continuously; an N:M unit is only patterned or dense, so only the baseline
+            # (which evaluates the config list as given) takes it.
+            if getattr(self, "algorithm", None) != "uniform" or getattr(self, "ranking", "layer") != "layer":
+                raise ValueError(
+                    f"config_list[{i}].pattern: N:M entries are evaluated by algorithm 'uniform' (ranking 'layer') "
+                    "only; searches over which layers get the pattern are not available yet"
+                )
         if self.budget is not None and self.budget.resource in ("flops", "latency"):
             if self.base_algo not in STRUCTURED_ALGOS:
                 raise ValueError(
@@ -205,9 +220,21 @@ class _AnnealingSchedule(BaseModel):
     perturbation_magnitude: float = Field(
         default=0.35, gt=0, le=1, description="noise magnitude per unit at the start temperature"
     )
-    prior: Literal["uniform", "size"] = Field(
-        default="uniform", description="start distribution: uniform, or bigger units pruned more ('size')"
+    prior: Literal["uniform", "size", "owl"] = Field(
+        default="uniform",
+        description="start distribution: uniform, bigger units pruned more ('size'), or outlier-weighted layer-wise "
+        "sparsity ('owl': layers with more wanda-score outliers pruned less; fine-grained Linear layers)",
     )
+
+    @model_validator(mode="after")
+    def _owl_fine_grained(self) -> Self:
+        base_algo = getattr(self, "base_algo", None)
+        if self.prior == "owl" and base_algo in STRUCTURED_ALGOS:
+            raise ValueError(
+                f"prior: 'owl' allocates fine-grained layer sparsity; base_algo must be 'level' or 'wanda', not "
+                f"{base_algo!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stop_below_start(self) -> Self:
