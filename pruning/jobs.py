@@ -256,11 +256,14 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     dummy = task.dummy_input()
     metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
     if any(u.pattern is not None and distribution.get(u.name, 0.0) > 0 for u in pruning.units):
+        from pruning.nm import semi_structured_kernel
+
         # N:M zeros run on dense kernels here: params count the non-zeros, FLOPs and latency stay dense.
+        why = semi_structured_kernel(device) or "this device has it; prunehub does not time it yet"
         extra["nm"] = {
             "layers": pattern_layers(pruning, distribution),
-            "speedup": "not measured: FLOPs and latency are of the dense kernels; the semi-structured kernel "
-            "is not timed",
+            "speedup": f"not measured: FLOPs and latency are of the dense kernels; the semi-structured kernel is "
+            f"not timed ({why})",
         }
     spread = metrics.pop("latency_spread_ms", None)
     if spread is not None:

@@ -20,7 +20,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import Tensor, nn
+    from torch import Tensor
 
 __all__ = [
     "PATTERN_MS",
@@ -30,7 +30,6 @@ __all__ = [
     "pattern_text",
     "satisfies_pattern",
     "semi_structured_kernel",
-    "semi_structured_weight",
 ]
 
 # M = 4 is the hardware pattern (2:4, and 1:4 which satisfies it); M = 8 (4:8 and the like) is the next
@@ -62,13 +61,6 @@ def parse_pattern(text: str) -> tuple[int, int]:
 def pattern_text(pattern: tuple[int, int]) -> str:
     """``(2, 4)`` -> ``"2:4"``."""
     return f"{pattern[0]}:{pattern[1]}"
-
-
-def _input_axis(module: nn.Module | None) -> int:
-    from pruning.importance.base import is_conv1d_transposed
-
-    # Linear: (out, in), groups along axis 1; Conv1D: (in, out), groups along axis 0.
-    return 0 if module is not None and is_conv1d_transposed(module) else 1
 
 
 def nm_keep_mask(scores: Tensor, pattern: tuple[int, int], input_axis: int = 1) -> Tensor:
@@ -107,18 +99,10 @@ def kernel_shape_ok(out_features: int, in_features: int) -> bool:
     return out_features % rows == 0 and in_features % cols == 0
 
 
-def semi_structured_weight(module: nn.Module) -> Tensor:
-    """The module's weight in the layout ``to_sparse_semi_structured`` takes: dense, contiguous, 2-D
-    ``(out_features, in_features)`` (Conv1D's transposed back), detached. Cast and move it yourself."""
-    from pruning.importance.base import weight_of
-
-    weight = weight_of(module).detach()
-    return (weight.t() if _input_axis(module) == 0 else weight).contiguous()
-
-
 def semi_structured_kernel(device: Any) -> str | None:
     """Why the semi-structured kernel cannot run on `device`, or ``None`` when it can (CUDA, compute
-    capability >= 8.0). Used to say on every trial that no speed-up was measured rather than to fake one."""
+    capability >= 8.0). Each N:M trial records it, so that it says why no speed-up was measured rather than
+    fake one."""
     import torch
 
     dev = torch.device(device)
