@@ -48,7 +48,7 @@ async def run_and_close(session: Session, work: Callable[[Session], _T], *, sing
 
     def run() -> _T:
         try:
-            if single_read:
+            if single_read and not session.in_transaction():  # (a key lookup may have begun one: keep it)
                 session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             return work(session)
         finally:
