@@ -527,6 +527,22 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
                 f"{r['p99_ms']:.1f} ({r['bare_p99_ms']:.1f}) | ×{r['p99_ms_ratio']:.2f} | {r['errors']} |"
             )
         lines.append("")
+        same = api.get("same_server")
+        if same:
+            lines += [
+                f"`GET /experiments/{{id}}` against `/healthz` on the same server ({same['client']}, "
+                f"{same['rows'][0]['clients']} connections, median of {same['rounds']} rounds of "
+                f"{same['seconds_per_run']:.0f} s, alternating):",
+                "",
+                "| server | GET req/s | /healthz req/s | ratio | GET p99 ms | /healthz p99 ms | errors |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in same["rows"]:
+                lines.append(
+                    f"| {r['server']} | {r['get_rps']:.0f} | {r['healthz_rps']:.0f} | ×{r['get_to_healthz']:.2f} | "
+                    f"{r['get_p99_ms']:.1f} | {r['healthz_p99_ms']:.1f} | {r['errors']} |"
+                )
+            lines.append("")
     orch = sv.get("orchestration") or []
     if orch:
         lines += [

@@ -9,18 +9,26 @@ per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worke
    the bare endpoint. The load generator shares the two cores with the servers, so absolute numbers are a floor;
    the ratios are the claim.
    No worker runs during this part: POSTed experiments stay queued (db 5 is flushed afterwards).
+   Then, on the same prunehub server, ``GET /experiments/{id}`` against ``/healthz`` (no database, no key) at 32
+   connections, alternating: the ratio of their requests/s and the p99 of each (the API's target: at least 0.4x
+   of ``/healthz`` with p99 at most 100 ms). ``wrk`` drives this part when it is installed (a C load generator
+   costs the two cores less than our own client), else the asyncio client. With ``--baseline DIR`` (a checkout of
+   an earlier commit), a second ``prunehub serve`` from DIR on the same database is measured alternately with it:
+   before and after in one run.
 2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis) run
    ``annealing`` on ``bench.tasks.noop`` (a tiny model whose evaluator returns a constant at once) for N trials.
    Overhead per trial = (experiment wall time − sum of trial durations) / N; also the wall time per trial.
 
-    python -m bench.service [--quick]
+    python -m bench.service [--quick] [--api-only] [--baseline DIR] [--json FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import PG_ADMIN_URL, ROOT, Processes, free_port, loadavg, main, service_env
+from bench.common import PG_ADMIN_URL, ROOT, Processes, free_port, loadavg, service_env
 
 PG_URL = os.environ.get("PRUNEHUB_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/prunehub_bench")
 REDIS_URL = os.environ.get("PRUNEHUB_BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
@@ -41,11 +49,13 @@ BODY = json.loads((ROOT / "examples" / "digits_uniform.json").read_text())
 
 def _prepare_postgres() -> None:
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
+    name = make_url(PG_URL).database
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = 'prunehub_bench'")).scalar():
-            conn.execute(text("CREATE DATABASE prunehub_bench"))
+        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}).scalar():
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     engine = create_engine(PG_URL)
     with engine.begin() as conn:
@@ -73,7 +83,8 @@ def _api_key(home: Path, env: dict[str, str]) -> str:
 def _flush_redis() -> None:
     import redis
 
-    assert REDIS_URL.rstrip("/").endswith("/5"), "benchmarks use Redis db 5 only"
+    # db 5 is the benchmarks' own; another db only when PRUNEHUB_BENCH_REDIS_URL names it on purpose.
+    assert REDIS_URL.rstrip("/").endswith("/5") or "PRUNEHUB_BENCH_REDIS_URL" in os.environ, "Redis db 5 only"
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 
@@ -154,13 +165,101 @@ async def _drive(url: str, method: str, clients: int, seconds: float, headers: d
     }
 
 
-def api_throughput(quick: bool) -> dict[str, Any]:
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk(url: str, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    """One ``wrk`` run (one thread, ``clients`` keep-alive connections): requests/s, p50/p99, non-2xx count."""
+    args = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "--timeout", "10s"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def percentile(label: str) -> float:
+        found = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        return float(found.group(1)) * _WRK_UNITS[found.group(2)] if found else float("nan")
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return {"requests": requests, "errors": errors, "rps": rps, "p50_ms": percentile("50"), "p99_ms": percentile("99")}
+
+
+def _load(url: str, clients: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    """``wrk`` when installed, else the asyncio client (both GET on keep-alive connections)."""
+    if shutil.which("wrk"):
+        return _wrk(url, clients, seconds, headers)
+    return asyncio.run(_drive(url, "GET", clients, seconds, headers))
+
+
+def same_server(
+    servers: dict[str, str], experiment_id: int, headers: dict[str, str], quick: bool, clients: int = 32
+) -> dict[str, Any]:
+    """``GET /experiments/{id}`` and ``/healthz`` of each server in ``servers`` (label → base URL), every target
+    once per round in rotating order; per server, the medians and the ratio of the two."""
+    seconds = 3.0 if quick else 5.0
+    rounds = 2 if quick else 3
+    targets = [
+        (label, path, f"{url}{path}")
+        for label, url in servers.items()
+        for path in ("/healthz", f"/experiments/{experiment_id}")
+    ]
+    for _label, _path, url in targets:  # warm-up
+        _load(url, clients, 1.0, headers)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in range(rounds):
+        shift = r % len(targets)
+        for label, path, url in targets[shift:] + targets[:shift]:
+            runs.setdefault((label, path), []).append(_load(url, clients, seconds, headers))
+    rows = []
+    for label in servers:
+        health = runs[(label, "/healthz")]
+        detail = runs[(label, f"/experiments/{experiment_id}")]
+
+        def med(values: list[dict[str, Any]], key: str) -> float:
+            return statistics.median(x[key] for x in values)
+
+        row = {
+            "server": label,
+            "clients": clients,
+            "get_rps": med(detail, "rps"),
+            "get_p50_ms": med(detail, "p50_ms"),
+            "get_p99_ms": med(detail, "p99_ms"),
+            "healthz_rps": med(health, "rps"),
+            "healthz_p99_ms": med(health, "p99_ms"),
+            "errors": sum(x["errors"] for x in detail + health),
+        }
+        row["get_to_healthz"] = row["get_rps"] / row["healthz_rps"]
+        rows.append(row)
+        print(
+            f"[{label}] GET /experiments/{{id}} vs /healthz, same server, {clients} connections: "
+            f"{row['get_rps']:.0f} vs {row['healthz_rps']:.0f} req/s (x{row['get_to_healthz']:.2f}), "
+            f"p99 {row['get_p99_ms']:.1f} ms vs {row['healthz_p99_ms']:.1f} ms, errors {row['errors']}",
+            flush=True,
+        )
+    return {
+        "rows": rows,
+        "client": "wrk" if shutil.which("wrk") else "asyncio",
+        "seconds_per_run": seconds,
+        "rounds": rounds,
+        "raw": {f"{label} {path}": values for (label, path), values in runs.items()},
+    }
+
+
+def api_throughput(quick: bool, baseline: Path | None = None) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="prunehub-bench-api-"))
     procs = Processes(home)
     _prepare_postgres()
     _flush_redis()
     try:
-        env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL)
+        # Every POST stays queued (no worker): lift the per-owner queue cap, or the POST rows measure 429s.
+        env = service_env(
+            home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL, PRUNEHUB_MAX_QUEUED_PER_OWNER="10000000"
+        )
         api_port, bare_port = free_port(), free_port()
         bare = procs.spawn(
             [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port), "--log-level", "warning"],
@@ -218,7 +317,23 @@ def api_throughput(quick: bool) -> dict[str, Any]:
                     f"errors {row['errors']}",
                     flush=True,
                 )
-        return {"rows": rows, "seconds_per_run": seconds, "rounds": rounds, "loadavg": loads, "raw": raw}
+        servers = {"prunehub": f"http://127.0.0.1:{api_port}"}
+        if baseline is not None:
+            # The earlier checkout's server on the same database and experiment (the schema is the same).
+            old_env = {**env, "PYTHONPATH": str(baseline.resolve())}
+            old_port = free_port()
+            procs.serve(old_env, old_port, log="baseline-api.log")
+            servers = {"baseline": f"http://127.0.0.1:{old_port}", **servers}
+        same = same_server(servers, experiment_id, headers, quick)
+        loads.append(loadavg())
+        return {
+            "rows": rows,
+            "same_server": same,
+            "seconds_per_run": seconds,
+            "rounds": rounds,
+            "loadavg": loads,
+            "raw": raw,
+        }
     finally:
         procs.stop()
         _flush_redis()
@@ -328,14 +443,17 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None) -> d
         shutil.rmtree(home, ignore_errors=True)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, *, api_only: bool = False, baseline: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {}
     try:
-        out["api"] = api_throughput(quick)
+        out["api"] = api_throughput(quick, baseline)
     except Exception as exc:  # recorded in the report, never hidden
         out["api"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         print(f"API benchmark failed: {exc}", flush=True)
+    if api_only:
+        out["wall_s"] = time.perf_counter() - started
+        return out
     trials = 10 if quick else 40
     out["orchestration"] = []
     for backend in ("embedded", "postgres"):
@@ -348,5 +466,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     return out
 
 
+def _cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--api-only", action="store_true", help="the API part only (no orchestration)")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of an earlier commit to compare")
+    args = parser.parse_args()
+    result = run(args.quick, api_only=args.api_only, baseline=args.baseline)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
 if __name__ == "__main__":
-    main(run, __doc__)
+    _cli()

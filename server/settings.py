@@ -30,6 +30,25 @@ class Settings(BaseSettings):
         default=True, description="create an admin key for 'local' on first start when none exists (embedded)"
     )
     max_body_bytes: int = Field(default=1_000_000, gt=0, description="larger request bodies are refused (413)")
+    # Admission control of the API (server/api/admission.py): requests in flight at once, how long an excess request
+    # waits for a slot, and how many may wait; beyond either, a 503 with Retry-After. The API's database pool and
+    # threadpool are sized from max_concurrent_requests, so an admitted request never waits on the pool.
+    max_concurrent_requests: int = Field(
+        default=32, ge=1, le=1000, description="API requests served at once; more wait for a slot, then get a 503"
+    )
+    admission_wait_s: float = Field(
+        default=2.0, ge=0, le=60, description="how long a request over max_concurrent_requests waits for a slot"
+    )
+    admission_queue: int = Field(
+        default=512, ge=0, description="requests that may wait for a slot; one more is a 503 at once"
+    )
+    auth_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="how long an API process trusts a key it has checked: a revocation made in another process "
+        "takes effect there within this time (in the same process, at once); 0 checks every request",
+    )
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
     db_retry_s: float = Field(default=300.0, ge=0, description="how long a worker waits out a database outage")

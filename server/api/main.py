@@ -6,12 +6,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from server.api.admission import Admission, AdmissionGuard
 from server.api.guards import RequestGuard, validation_content
 from server.files import secure_home
+from server.services.auth import KeyCache
 from server.services.dispatch import CeleryDispatcher, Dispatcher, make_broker_app
 from server.services.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError, TooManyRequests
 from server.settings import Settings, get_settings
@@ -19,6 +24,10 @@ from server.settings import Settings, get_settings
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+# Connections and threads beyond the admitted requests: /readyz and /healthz (never admitted, so they answer when
+# the API is full) and the short polls of event streams, which give their slot back once their headers are out.
+POOL_RESERVE = 8
 
 
 def create_app(
@@ -36,10 +45,15 @@ def create_app(
         secure_home(settings.home)
         if migrate:
             upgrade(settings.database_url)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.max_concurrent_requests + POOL_RESERVE)
+        # Every sync route and dependency runs on anyio's threadpool (40 threads by default): at least one thread
+        # per pooled connection, so a request holding a connection always gets a thread to finish on.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.max_concurrent_requests + POOL_RESERVE)
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.key_cache = KeyCache(settings.auth_cache_s)
         if settings.bootstrap_local_key:
             from server.services.auth import ensure_local_key
 
@@ -81,6 +95,23 @@ def create_app(
             )
         return JSONResponse(status_code=status, content={"detail": exc.message, "field": exc.field})
 
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        # Admission keeps requests below the pool's size; should the pool still run dry (a connection leak, a
+        # database that stopped answering), the caller hears "busy, retry", never a 500.
+        log.error("database pool exhausted")
+        content = {"detail": "the database is busy; retry", "field": None}
+        return JSONResponse(status_code=503, content=content, headers={"Retry-After": "1"})
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        if not exc.connection_invalidated:
+            raise exc  # a real bug: the server error middleware answers 500 and logs it
+        # The database dropped the connection (a restart): SQLAlchemy has invalidated the pool, a retry reconnects.
+        log.warning("database connection lost (%s); the pool reconnects", type(exc.orig).__name__)
+        content = {"detail": "the database connection was lost; retry", "field": None}
+        return JSONResponse(status_code=503, content=content, headers={"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content=validation_content(exc.errors()))
@@ -88,6 +119,11 @@ def create_app(
     app.add_middleware(
         RequestGuard, max_bytes=settings.max_body_bytes, routes={("POST", "/bundles"): settings.max_bundle_bytes}
     )
+    # Added last, so it runs first: a refused request costs no body read. One per app, read by /readyz.
+    app.state.admission = Admission(
+        settings.max_concurrent_requests, settings.admission_wait_s, settings.admission_queue
+    )
+    app.add_middleware(AdmissionGuard, admission=app.state.admission)
     app.include_router(health.router)
     app.include_router(experiments.router)
     app.include_router(events.router)

@@ -14,13 +14,23 @@ from server.files import secure_sqlite
 __all__ = ["make_engine", "make_session_factory"]
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys (its only special case)."""
+def make_engine(url: str, *, pool_size: int | None = None) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys (its only special case).
+
+    ``pool_size`` (the API: its admission limit plus a reserve) gives a fixed pool of that many connections, for
+    SQLite too (whose default pool, 5 + 10, is smaller than the admitted requests), that fails fast: the caller
+    admits no more concurrent users than connections, so a wait on the pool means something is wrong, and a 10 s
+    timeout surfaces it as a 503 (see ``server.api.main``) instead of a 30 s stall. Without it (workers, the CLI):
+    10 connections plus 20 overflow."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
             secure_sqlite(Path(parsed.database))  # every owner's experiments and key hashes: 0600
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        in_memory = not parsed.database or parsed.database == ":memory:"  # one shared connection, no pool to size
+        sized = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": 10}
+        if pool_size is None or in_memory:
+            sized = {}
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **sized)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -36,6 +46,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    if pool_size is not None:
+        # No pre-ping: it was a round trip on every checkout, i.e. on every request. A connection the database
+        # dropped fails its request once, SQLAlchemy then invalidates the whole pool, and the API answers that
+        # request 503 + Retry-After (server.api.main), so the client's retry gets a fresh connection.
+        return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=10, pool_recycle=1800)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 

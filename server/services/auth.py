@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,16 @@ from sqlalchemy.orm import Session
 from server.db.models import ApiKey
 from server.services.errors import InvalidInput
 
-__all__ = ["Principal", "authenticate", "create_key", "ensure_local_key", "hash_key", "list_keys", "revoke_key"]
+__all__ = [
+    "KeyCache",
+    "Principal",
+    "authenticate",
+    "create_key",
+    "ensure_local_key",
+    "hash_key",
+    "list_keys",
+    "revoke_key",
+]
 
 KEY_PREFIX = "ph_"
 ROLES = ("user", "admin")
@@ -54,26 +65,86 @@ def create_key(session: Session, owner: str, role: str = "user") -> str:
     return token
 
 
-def authenticate(session: Session, token: str | None) -> Principal | None:
-    """The principal of a live key, or ``None``."""
+class KeyCache:
+    """Keys this process has found live, trusted for ``ttl_s`` seconds without asking the database again.
+
+    One per API process (``app.state``), shared by its threads. Why: the key lookup was a query on every request,
+    a third of the cost of a ``GET /experiments/{id}``. The price is bounded: a key revoked by another process (the
+    CLI's ``prunehub keys revoke``) is refused here within ``ttl_s``; one revoked through :func:`revoke_key` with
+    this cache is refused at once. Only live keys are cached: an unknown or revoked key is looked up every time.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal, str, float]] = {}  # key hash -> (principal, prefix, expiry)
+        self._lock = threading.Lock()
+
+    def get_token(self, token: str) -> Principal | None:
+        """The cached principal of a plain ``token`` (no database access, so callable on an event loop)."""
+        if not token.startswith(KEY_PREFIX) or len(token) > 200:
+            return None
+        return self.get(hash_key(token))
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        if entry[2] <= time.monotonic():
+            with self._lock:
+                self._entries.pop(key_hash, None)
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, principal: Principal, prefix: str) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()  # a flood of distinct live keys: start over rather than grow
+            self._entries[key_hash] = (principal, prefix, time.monotonic() + self.ttl_s)
+
+    def forget_prefix(self, prefix: str) -> None:
+        """Drop every cached key shown as ``prefix`` (what :func:`revoke_key` revokes)."""
+        with self._lock:
+            for key_hash in [h for h, (_, p, _) in self._entries.items() if p == prefix]:
+                del self._entries[key_hash]
+
+
+def authenticate(session: Session, token: str | None, cache: KeyCache | None = None) -> Principal | None:
+    """The principal of a live key, or ``None``. With ``cache``, a key found live within its ttl is not looked up
+    again (see :class:`KeyCache`)."""
     if not token or not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None)))
+    key_hash = hash_key(token)
+    if cache is not None:
+        cached = cache.get(key_hash)
+        if cached is not None:
+            return cached
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     if key is None:
         return None
-    return Principal(owner=key.owner, admin=key.role == "admin")
+    principal = Principal(owner=key.owner, admin=key.role == "admin")
+    if cache is not None:
+        cache.put(key_hash, principal, key.prefix)
+    return principal
 
 
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
-def revoke_key(session: Session, prefix: str) -> int:
+def revoke_key(session: Session, prefix: str, cache: KeyCache | None = None) -> int:
+    """Revoke the live keys shown as ``prefix``; returns how many. ``cache`` (this process's) forgets them at once;
+    other processes' caches within their ttl."""
     from server.db.models import utcnow
 
     keys = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))))
     for key in keys:
         key.revoked_at = utcnow()
+    session.flush()
+    if cache is not None:
+        cache.forget_prefix(prefix)
     return len(keys)
 
 

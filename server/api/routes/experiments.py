@@ -11,11 +11,10 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, status
 from fastapi.responses import Response
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from pruning.search.configs import parse_algorithm_config
-from server.api.deps import DispatcherDep, ExperimentId, PrincipalDep, SessionDep, SettingsDep
+from server.api.deps import DispatcherDep, ExperimentId, PrincipalDep, SessionDep, SettingsDep, run_and_close
 from server.api.schemas import (
     BestPublic,
     BestSummary,
@@ -35,7 +34,6 @@ from server.api.schemas import (
 )
 from server.db.models import Experiment, Trial
 from server.services import experiments as service
-from server.services import runs
 from server.services import sensitivity as sensitivity_service
 from server.services.errors import NotFound
 from server.services.limits import Limits
@@ -56,22 +54,15 @@ _CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _summary(session: SessionDep, experiment: Experiment, *, count_trials: bool = False) -> dict[str, Any]:
+def _summary(experiment: Experiment, best_trial: Trial | None, trials_count: int = 0) -> dict[str, Any]:
     best = None
-    if experiment.best_trial_id is not None:
-        trial = session.get(Trial, experiment.best_trial_id)
-        if trial is not None:
-            best = BestSummary(
-                trial_id=trial.id,
-                score=trial.score,
-                overall_sparsity=trial.overall_sparsity,
-                distribution=trial.distribution,
-            )
-    count = (
-        session.scalar(select(func.count()).where(Trial.experiment_id == experiment.id, runs.SEARCH_TRIAL))
-        if count_trials
-        else 0
-    )
+    if best_trial is not None:
+        best = BestSummary(
+            trial_id=best_trial.id,
+            score=best_trial.score,
+            overall_sparsity=best_trial.overall_sparsity,
+            distribution=best_trial.distribution,
+        )
     duration = None
     if experiment.started_at and experiment.finished_at:
         duration = (experiment.finished_at - experiment.started_at).total_seconds()
@@ -86,7 +77,7 @@ def _summary(session: SessionDep, experiment: Experiment, *, count_trials: bool 
         "progress": Progress(done=experiment.progress_done, total=experiment.progress_total, phase=experiment.phase),
         "best_score": experiment.best_score,
         "best": best,
-        "trials_count": count or 0,
+        "trials_count": trials_count,
         "error": experiment.error,
         "attempts": experiment.attempts,
         "created_at": experiment.created_at,
@@ -96,11 +87,12 @@ def _summary(session: SessionDep, experiment: Experiment, *, count_trials: bool 
     }
 
 
-def _public(session: SessionDep, experiment: Experiment) -> ExperimentPublic:
+def _public(
+    session: SessionDep, experiment: Experiment, detail: tuple[Trial | None, int] | None = None
+) -> ExperimentPublic:
+    best, count = detail if detail is not None else service.detail_of(session, experiment)
     return ExperimentPublic(
-        **_summary(session, experiment, count_trials=True),
-        config=experiment.config,
-        traceback=experiment.traceback,
+        **_summary(experiment, best, count), config=experiment.config, traceback=experiment.traceback
     )
 
 
@@ -189,15 +181,25 @@ def list_experiments(
         limit=limit,
         cursor=cursor,
     )
-    return ExperimentsPublic(
-        items=[ExperimentSummary(**_summary(session, row)) for row in rows], next_cursor=next_cursor
-    )
+    best = service.best_trials_of(session, rows)
+    items = [
+        ExperimentSummary(**_summary(row, best.get(row.best_trial_id) if row.best_trial_id else None)) for row in rows
+    ]
+    return ExperimentsPublic(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
-def get_experiment(experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep) -> ExperimentPublic:
+async def get_experiment(
+    experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep
+) -> ExperimentPublic:
     """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
-    return _public(session, service.get_experiment(session, experiment_id, principal.scope))
+
+    # The API's most polled route: one query, one thread hop (the key comes from the process's cache).
+    def read(session: SessionDep) -> ExperimentPublic:
+        experiment, best, count = service.experiment_detail(session, experiment_id, principal.scope)
+        return _public(session, experiment, (best, count))
+
+    return await run_and_close(session, read, single_read=True)
 
 
 @router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
