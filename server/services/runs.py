@@ -125,10 +125,11 @@ def _serialize_starts(session: Session) -> None:
 
 def fairest_queued(session: Session, max_running_per_owner: int | None) -> Experiment | None:
     """Lock and return the queued experiment a free worker starts next: of the owners below
-    ``max_running_per_owner`` running (or cancelling) experiments, the one with the fewest running; of theirs,
-    the oldest. ``None`` when there is none. The database chooses, not the broker's order: every message that
-    would start an experiment is a token for this choice, and each end of a run sends one more (the worker's
-    ``kick``), so an experiment of an owner at the cap starts when one of theirs finishes.
+    ``max_running_per_owner`` running (or cancelling) experiments, the one with the fewest running (on a tie,
+    the one whose last start is oldest, or who never started one); of theirs, the oldest. ``None`` when there is
+    none. The database chooses, not the broker's order: every message that would start an experiment is a token
+    for this choice, and each end of a run sends one more (``worker.runner.kick_queue``), so an experiment of an
+    owner at the cap starts when one of theirs finishes.
     """
     _serialize_starts(session)
     other = aliased(Experiment)
@@ -139,7 +140,12 @@ def fairest_queued(session: Session, max_running_per_owner: int | None) -> Exper
     query = select(Experiment).where(Experiment.status == ExperimentStatus.queued.value)
     if max_running_per_owner is not None:
         query = query.where(running < max_running_per_owner)
-    query = query.order_by(running, Experiment.created_at, Experiment.id).limit(1)
+    # Ties (often: nobody running, one worker) go to the owner served least recently, so owners take turns.
+    last_start = (
+        select(func.max(other.started_at)).where(other.owner == Experiment.owner)
+        .correlate(Experiment).scalar_subquery()
+    )
+    query = query.order_by(running, last_start.asc().nulls_first(), Experiment.created_at, Experiment.id).limit(1)
     # SKIP LOCKED: a row another transaction holds (a cancel, say) is passed over rather than waited for.
     return session.scalar(query.with_for_update(skip_locked=True, of=Experiment))
 
