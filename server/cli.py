@@ -213,7 +213,17 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _die_with_parent(args: argparse.Namespace) -> None:
+    """A process started by another prunehub process (``--parent-pid``) ends when that one dies, even by SIGKILL,
+    instead of running on under PID 1 (a restart would then find two workers)."""
+    if args.parent_pid is not None:
+        from worker.child import die_with_parent
+
+        die_with_parent(args.parent_pid)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    _die_with_parent(args)
     if args.gpu is not None:
         # Before anything imports torch: this process only ever sees its own GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
@@ -261,7 +271,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _spawn_worker(loglevel: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--loglevel", loglevel])
+    command = ["worker", "--loglevel", loglevel, "--parent-pid", str(os.getpid())]
+    return subprocess.Popen([sys.executable, "-m", "server.cli", *command])
+
+
+# Every stop path ends every process within 10 s: the API drains for at most API_DRAIN_S, the worker gets
+# WORKER_STOP_S to finish its warm shutdown, then SIGKILL, which takes its pool and task processes with it (each
+# dies with its parent). A running experiment's lease then goes stale and the next worker resumes it.
+API_DRAIN_S = 2
+WORKER_STOP_S = 5.0
+SERVE_STOP_S = 8.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,19 +291,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.files import secure_home
     from server.settings import get_settings
 
+    _die_with_parent(args)
     settings = get_settings()
     secure_home(settings.home)
     upgrade(settings.database_url)  # before a worker starts: one migrator at a time
     worker = _spawn_worker(args.worker_loglevel) if args.with_worker else None
     try:
-        uvicorn.run(create_app(settings, migrate=False), host=args.host, port=args.port, log_level="warning")
+        # An open event stream would otherwise hold a graceful shutdown forever.
+        uvicorn.run(create_app(settings, migrate=False), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=API_DRAIN_S)
     finally:
         if worker is not None:
-            _stop(worker)
+            _stop(worker, timeout=WORKER_STOP_S)
     return 0
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -365,7 +388,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     secure_home(home)
     log_path = home / "demo.log"
     print(f"starting the API and a worker at {url} (their logs: {log_path}) ...", flush=True)
-    serve = ["serve", "--with-worker", "--host", args.host, "--port", str(args.port)]
+    serve = ["serve", "--with-worker", "--host", args.host, "--port", str(args.port), "--parent-pid",
+             str(os.getpid())]
     with open(log_path, "ab") as log:  # the child processes keep their own descriptors
         server = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *serve], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -409,7 +433,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping API and worker ...")
     finally:
-        _stop(server, timeout=30)
+        _stop(server, timeout=SERVE_STOP_S)
     return 0
 
 
@@ -541,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--with-worker", action="store_true", help="also run one worker process")
     p.add_argument("--worker-loglevel", default="WARNING")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # die with it (the demo)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker")
@@ -548,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--gpu", type=int, default=None, help="serve this GPU only (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # die with it (serve)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("db", help="database migrations")

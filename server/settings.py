@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     max_queued_per_owner: int = Field(
         default=100, ge=1, description="queued experiments per owner; beyond it a submission is a 429"
     )
+    max_running_per_owner: int | None = Field(
+        default=None,
+        ge=1,
+        description="running experiments per owner; more stay queued until one of theirs ends (none: no limit). "
+        "Whatever the limit, a free worker starts the queued experiment of the owner with the fewest running",
+    )
     queued_retry_after_s: int = Field(
         default=60, ge=1, description="the Retry-After of a 429 for too many queued experiments"
     )

@@ -19,6 +19,39 @@ import traceback
 from typing import Any
 
 
+def die_with_parent(parent_pid: int, *, deathsig: bool = True, interval_s: float = 0.5) -> None:
+    """End this process when ``parent_pid``, its parent, dies, even by SIGKILL: a process that outlives its parent
+    is reparented to PID 1 and keeps running (a second worker after a restart, user code holding a GPU).
+
+    On Linux, ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL when the parent *thread* that forked us exits;
+    callers whose parent may fork from a short-lived thread pass ``deathsig=False``. Either way a daemon thread
+    watches ``getppid()`` (for other systems, and for that thread case), and a parent that died before this call
+    (``getppid()`` is no longer ``parent_pid``) ends us at once. Stdlib only: a bundled task process imports no
+    prunehub package but this script."""
+    if deathsig and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still ends us
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def _limit_memory(megabytes: int | None) -> None:
     if megabytes:
         import resource
@@ -76,6 +109,8 @@ def _hinted(message: str, exc: BaseException, config: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     request_fd, answer_fd, config_json = int(argv[1]), int(argv[2]), argv[3]
     config = json.loads(config_json)
+    if config.get("parent_pid") is not None:
+        die_with_parent(int(config["parent_pid"]))  # a killed supervisor never leaves the user's code running
     if config.get("sys_path") is not None:
         # A bundled task (worker.bundles): started as a script in isolated mode without site, so this list is the
         # whole import path: the bundle first, prunehub's pruning library, the standard library, site-packages.

@@ -133,6 +133,7 @@ class JobProcess:
             "artifacts_dir": self.artifacts_dir,
             "device": self.device,
             "memory_limit_mb": self.memory_limit_mb,
+            "parent_pid": os.getpid(),
         }
         command = [sys.executable, "-m", "worker.child"]
         env: dict[str, str] | None = None

@@ -51,6 +51,7 @@ __all__ = [
     "Transport",
     "advance",
     "evaluate",
+    "kick_queue",
     "run_experiment",
     "run_inprocess",
     "transact",
@@ -256,12 +257,15 @@ def _max_minutes(config: dict[str, Any]) -> float | None:
 
 
 def advance(experiment_id: int, ctx: RunContext) -> str:
-    """Advance the experiment by at most one step; returns what happened (for logs and tests)."""
+    """Advance the experiment by at most one step; returns what happened (for logs and tests).
 
-    def work(session: Session, outbox: list[Message]) -> str:
-        experiment = session.get(Experiment, experiment_id, with_for_update=True)
-        if experiment is None:
-            return "missing"
+    An advance of a queued experiment is a start token: it starts :func:`~server.services.runs.fairest_queued`'s
+    choice instead, and sends the token on when that was another experiment (whose own message then finds it
+    running and does nothing)."""
+    target = experiment_id  # the experiment this call works on (a start token may choose another)
+
+    def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
+        experiment_id = experiment.id
         status = ExperimentStatus(experiment.status)
         if status.terminal:
             return "terminal"
@@ -285,6 +289,22 @@ def advance(experiment_id: int, ctx: RunContext) -> str:
             return _resolve_step(session, experiment, outbox)
         return _advance_step(session, experiment, outbox)
 
+    def work(session: Session, outbox: list[Message]) -> str:
+        nonlocal target
+        target = experiment_id
+        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        if experiment is None:
+            return "missing"
+        status = ExperimentStatus(experiment.status)
+        if status is ExperimentStatus.queued:
+            chosen = runs.fairest_queued(session, ctx.settings.max_running_per_owner)
+            if chosen is None:
+                return "waiting: every owner with a queued experiment is at max_running_per_owner"
+            if chosen.id != experiment_id:
+                outbox.append((ADVANCE, experiment_id))  # still queued: its token rides on
+                experiment, target = chosen, chosen.id
+        return _advance_locked(session, experiment, outbox)
+
     try:
         return ctx.commit_and_emit(work)
     except IntegrityError:
@@ -292,11 +312,11 @@ def advance(experiment_id: int, ctx: RunContext) -> str:
     except DB_CONNECTION_ERRORS:
         raise
     except Exception as exc:  # noqa: BLE001 - a strategy or a stored state that fails ends its experiment only
-        log.exception("advancing experiment %s failed", experiment_id)
+        log.exception("advancing experiment %s failed", target)
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
         def fail(session: Session) -> None:
-            experiment = session.get(Experiment, experiment_id, with_for_update=True)
+            experiment = session.get(Experiment, target, with_for_update=True)
             if experiment is not None and not ExperimentStatus(experiment.status).terminal:
                 runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=error, traceback=tb)
 
@@ -677,7 +697,8 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
                 return None
             experiment_id = trial.experiment_id
         experiment = runs.claim_experiment(
-            session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts
+            session, experiment_id, worker_id, lease_grace_s=settings.lease_grace_s, max_attempts=settings.max_attempts,
+            max_running_per_owner=settings.max_running_per_owner,
         )
         return experiment.id if experiment is not None else None
 
@@ -715,6 +736,26 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
         return experiment.status
 
     return transact(session_factory, release, give_up_after_s=settings.db_retry_s)
+
+
+ENDED = frozenset(status.value for status in ExperimentStatus if status.terminal)
+"""The outcomes after which a run's place is free: :func:`kick_queue` then."""
+
+
+def kick_queue(ctx: RunContext) -> int | None:
+    """Send a start token (``experiments.run``) for the queued experiment that may start now, if any, and return
+    its id. Called after a run ended, so that an experiment of an owner at ``max_running_per_owner`` (whose own
+    message found the owner at the cap and did nothing) starts when one of theirs finishes, not when the reaper
+    finds it. A token too many starts nothing that should not start: it only ever starts the fairest choice."""
+
+    def work(session: Session, outbox: list[Message]) -> int | None:
+        chosen = runs.fairest_queued(session, ctx.settings.max_running_per_owner)
+        if chosen is None:
+            return None
+        outbox.append((ADVANCE, chosen.id))
+        return chosen.id
+
+    return ctx.commit_and_emit(work)
 
 
 def run_experiment(

@@ -52,9 +52,17 @@ def reset_context() -> None:
 
 
 def connect_signals() -> None:
-    """Hook Celery's process signals (called by ``prunehub worker``)."""
+    """Hook Celery's process signals (called by ``prunehub worker``, in its main process): each pool process dies
+    with the main process (a SIGKILLed worker leaves no pool process running its task under PID 1) and builds its
+    context."""
     from celery.signals import worker_process_init
+
+    from worker.child import die_with_parent
+
+    main_pid = os.getpid()
 
     @worker_process_init.connect(weak=False)
     def _init_process(**_kwargs: object) -> None:
+        # The watchdog only: the pool may fork from a thread of the main process that ends before it does.
+        die_with_parent(main_pid, deathsig=False)
         get_context()

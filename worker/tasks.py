@@ -19,15 +19,21 @@ def register_tasks(app: Celery) -> None:
     send = CeleryDispatcher(app).send
 
     def handle(task: str, target_id: int) -> str:
-        from worker.runner import CeleryTransport, RunContext, advance, evaluate, run_inprocess
+        from worker.runner import ENDED, CeleryTransport, RunContext, advance, evaluate, kick_queue, run_inprocess
         from worker.signals import get_context
 
         context = get_context()
         factory, settings, worker_id = context.session_factory, context.settings, context.worker_id
-        if settings.runner == "inprocess":
-            return run_inprocess((task, target_id), session_factory=factory, settings=settings, worker_id=worker_id)
         ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings))
-        return advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
+        if settings.runner == "inprocess":
+            outcome = run_inprocess((task, target_id), session_factory=factory, settings=settings,
+                                    worker_id=worker_id)
+        else:
+            outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
+        if outcome in ENDED:
+            # A run ended (or, distributed, a trial failed: a token too many is harmless): start who is next.
+            kick_queue(ctx)
+        return outcome
 
     @app.task(name=ADVANCE, acks_late=True, ignore_result=True)
     def advance_experiment(experiment_id: int) -> str:

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, exists, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc, utcnow
 from server.services.dispatch import ADVANCE, EVALUATE
@@ -27,6 +27,7 @@ __all__ = [
     "last_failure",
     "model_rebuild_job",
     "experiments_to_resend",
+    "fairest_queued",
     "heartbeat",
     "lease_is_live",
     "lease_is_live_at",
@@ -57,23 +58,33 @@ def lease_is_live_at(heartbeat_at: datetime | None, grace_s: float) -> bool:
 
 
 def claim_experiment(
-    session: Session, experiment_id: int, worker_id: str, *, lease_grace_s: float = 30.0, max_attempts: int = 3
+    session: Session,
+    experiment_id: int,
+    worker_id: str,
+    *,
+    lease_grace_s: float = 30.0,
+    max_attempts: int = 3,
+    max_running_per_owner: int | None = None,
 ) -> Experiment | None:
     """Lock the row and take the lease for ``worker_id``; ``None`` when there is nothing to run.
 
-    A cancelled or finished experiment, a missing id, or one whose lease another worker holds (a duplicate
-    delivery: Redis redelivers long tasks after its visibility timeout) returns ``None`` without touching it. A
-    running experiment with a stale lease is taken over and resumes from its persisted state. A ``cancelling``
-    experiment that no worker holds becomes ``cancelled`` here.
+    A running experiment with a stale lease is taken over and resumes from its persisted state. A ``cancelling``
+    experiment that no worker holds becomes ``cancelled`` here. A message naming a queued experiment is a start
+    token: the experiment started is :func:`fairest_queued`'s choice, which may be another one (or none, when
+    every owner with a queued experiment is at ``max_running_per_owner``). So is a message naming a cancelled or
+    finished experiment, a missing id, or one whose lease another worker holds (a duplicate delivery: Redis
+    redelivers long tasks after its visibility timeout): that experiment is not touched.
     """
     experiment = session.get(Experiment, experiment_id, with_for_update=True)
-    if experiment is None:
-        return None
-    status = ExperimentStatus(experiment.status)
-    if status.terminal:
-        return None
-    if experiment.lease_owner != worker_id and lease_is_live(experiment, lease_grace_s):
-        return None
+    status = ExperimentStatus(experiment.status) if experiment is not None else ExperimentStatus.cancelled
+    busy = experiment is not None and experiment.lease_owner != worker_id and lease_is_live(experiment, lease_grace_s)
+    if experiment is None or status.terminal or status is ExperimentStatus.queued or busy:
+        # A start token (see fairest_queued): also a duplicate or late message, whose experiment another worker
+        # holds or that has ended, so a token spent on another experiment's start is never lost.
+        experiment = fairest_queued(session, max_running_per_owner)
+        if experiment is None:
+            return None
+        status = ExperimentStatus.queued
     if experiment.attempts >= max_attempts:
         # Every delivery so far died mid-run (a worker killed, a machine lost): stop instead of looping.
         finish_experiment(
@@ -96,6 +107,47 @@ def claim_experiment(
     experiment.phase = "starting"
     add_event(session, experiment.id, "status", status="running", attempt=experiment.attempts)
     return experiment
+
+
+ACTIVE = (ExperimentStatus.running.value, ExperimentStatus.cancelling.value)
+
+
+def _serialize_starts(session: Session) -> None:
+    """Hold, until this transaction ends, the one lock every start takes, so that two workers starting at once
+    count each other's starts (without it both see an owner under the cap and both start one of theirs)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(7218530441)"))  # a fixed key: "prunehub starts"
+    else:
+        # SQLite has one writer: a write (of nothing) takes its lock now, before the counts are read.
+        session.execute(update(Experiment).where(Experiment.id == -1).values(status=Experiment.status)
+                        .execution_options(synchronize_session=False))
+
+
+def fairest_queued(session: Session, max_running_per_owner: int | None) -> Experiment | None:
+    """Lock and return the queued experiment a free worker starts next: of the owners below
+    ``max_running_per_owner`` running (or cancelling) experiments, the one with the fewest running (on a tie,
+    the one whose last start is oldest, or who never started one); of theirs, the oldest. ``None`` when there is
+    none. The database chooses, not the broker's order: every message that would start an experiment is a token
+    for this choice, and each end of a run sends one more (``worker.runner.kick_queue``), so an experiment of an
+    owner at the cap starts when one of theirs finishes.
+    """
+    _serialize_starts(session)
+    other = aliased(Experiment)
+    running = (
+        select(func.count()).where(other.owner == Experiment.owner, other.status.in_(ACTIVE))
+        .correlate(Experiment).scalar_subquery()
+    )
+    query = select(Experiment).where(Experiment.status == ExperimentStatus.queued.value)
+    if max_running_per_owner is not None:
+        query = query.where(running < max_running_per_owner)
+    # Ties (often: nobody running, one worker) go to the owner served least recently, so owners take turns.
+    last_start = (
+        select(func.max(other.started_at)).where(other.owner == Experiment.owner)
+        .correlate(Experiment).scalar_subquery()
+    )
+    query = query.order_by(running, last_start.asc().nulls_first(), Experiment.created_at, Experiment.id).limit(1)
+    # SKIP LOCKED: a row another transaction holds (a cancel, say) is passed over rather than waited for.
+    return session.scalar(query.with_for_update(skip_locked=True, of=Experiment))
 
 
 def _no_message_in_flight(model: type[Experiment] | type[Trial], lost: datetime) -> ColumnElement[bool]:
