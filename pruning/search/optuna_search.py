@@ -9,7 +9,9 @@ the target is infeasible to the sampler as well as to us.
 Our own trial history in the state is the only source of truth: every ask rebuilds an in-memory study
 from it (``study.add_trial(optuna.trial.create_trial(...))``) with a sampler seeded from the state's
 generator, so a fresh strategy continuing from a reloaded state asks exactly the same next proposal.
-``parallelism`` trials are asked at once (TPE's constant liar keeps them apart).
+``parallelism`` trials are asked at once (TPE's constant liar keeps them apart). Trial 0 is always the
+uniform start (every unit at its config entry's sparsity, as ``uniform`` evaluates it), so the best candidate
+score is never below the baseline's.
 """
 
 from __future__ import annotations
@@ -132,9 +134,14 @@ class OptunaSearch:
         trials: list[OptunaTrial] = []
         jobs: list[Job] = []
         for _ in range(count):
-            asked = study.ask(spaces)
             number = len(state.trials) + len(trials)
-            params = {name: float(asked.params[name]) for name in pruning.unit_names()}
+            if number == 0:
+                # Trial 0 is the uniform start (what ``uniform`` evaluates at the same budget), so the best
+                # candidate score is never below uniform's and TPE's model begins from the baseline.
+                params = {u.name: min(u.initial_sparsity, u.max_sparsity) for u in pruning.units}
+            else:
+                asked = study.ask(spaces)
+                params = {name: float(asked.params[name]) for name in pruning.unit_names()}
             distribution = rescale(params, target, pruning)
             key = f"optuna-{number}"
             trials.append(OptunaTrial(number=number, key=key, params=params, distribution=distribution))

@@ -56,3 +56,14 @@ def test_parallel_asks_are_distinct() -> None:
     run = drive(optuna_config(parallelism=4, num_trials=8), fake_problem(), FakeExecutor())
     distributions = [tuple(sorted(j.distribution.items())) for j in run.jobs]
     assert len(set(distributions)) == len(distributions) == 8
+
+
+def test_first_trial_is_the_uniform_start_and_best_is_never_below_it() -> None:
+    from pruning.config import initial_distribution
+
+    problem = fake_problem(seed=5)
+    run = drive(optuna_config(num_trials=6), problem, FakeExecutor())
+    assert run.jobs[0].distribution == initial_distribution(problem.pruning)
+    trials = run.state.trials  # type: ignore[attr-defined]
+    uniform_score = trials[0].values[0]
+    assert run.state.best_score is not None and run.state.best_score >= uniform_score
