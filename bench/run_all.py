@@ -38,6 +38,8 @@ SECTIONS: list[tuple[str, str]] = [
     ("quality", "bench.quality"),
     ("service", "bench.service"),
     ("scaling", "bench.scaling"),
+    ("transformer_memory", "bench.transformer_memory"),
+    ("transformer_real", "bench.transformer_real"),
 ]
 
 

@@ -278,7 +278,7 @@ def _slice_param(module: nn.Module, name: str, axis: int, idx: Tensor) -> None:
     param = getattr(module, name, None)
     if not isinstance(param, Tensor):
         return
-    data = param.data.index_select(axis, idx.to(param.device)).clone()
+    data = param.data.index_select(axis, idx.to(param.device))  # a new tensor already: no clone
     setattr(module, name, nn.Parameter(data, requires_grad=param.requires_grad))
 
 

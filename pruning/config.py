@@ -479,7 +479,12 @@ def resolve_config_list(
     else:
         cfg = validate_config_list([e.model_dump() if isinstance(e, ConfigEntry) else e for e in config_list])
 
-    work = _graph.plain_copy(model)
+    from torch.nn.utils import parametrize
+
+    # Resolving only reads the model: a copy (a second set of weights) is needed only to strip masks before
+    # counting or tracing, and for Torch-Pruning's trace, which runs on a model of its own (see below).
+    masked = any(parametrize.is_parametrized(m) for m in model.modules())
+    work = _graph.plain_copy(model) if masked else model
     modules = dict(work.named_modules())
     order = {name: i for i, name in enumerate(modules)}
     allowed = {"Conv1d", "Conv2d", "Linear", "Conv1D"} | ({"BatchNorm1d", "BatchNorm2d"} if structured else set())
@@ -597,7 +602,7 @@ def resolve_config_list(
                 for b in sorted(scan.blocks, key=lambda b: order[b.producers[0]])
             ]
         else:
-            groups = _graph.channel_groups(work, dummy_input, trace_timeout_s)
+            groups = _graph.channel_groups(work if masked else _graph.plain_copy(model), dummy_input, trace_timeout_s)
         covered: set[str] = set()
         for group in groups:
             members = group.members

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
+import sys
 import time
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -31,15 +32,45 @@ def _plain(model: nn.Module) -> nn.Module:
     return model
 
 
+def _shell(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s module tree that shares every parameter and buffer with it (no tensor is copied)."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def _count(model: nn.Module, inputs: Any, layer_wise: bool) -> Any:
-    # Torch-Pruning's counter keys hooks on exact types and treats unknown ones as zero-ops; Hugging Face's Conv1D
-    # (GPT-2) computes exactly what a Linear does, so it is counted with the Linear hook (its mapping is per call).
+    # Torch-Pruning's `count_ops_and_params`, run on a shell copy: it deep-copies the model itself (its hooks and
+    # counters must not stay on the caller's modules), which for a 124M-parameter GPT-2 is a whole second copy of
+    # the weights. The shell carries the hooks and counters instead and shares the tensors.
     from torch_pruning.utils import op_counter
 
+    # Its counter keys hooks on exact types and treats unknown ones as zero-ops; Hugging Face's Conv1D (GPT-2)
+    # computes exactly what a Linear does, so it is counted with the Linear hook (the mapping is per call).
     for module in model.modules():
         if is_conv1d_transposed(module):
             op_counter.CUSTOM_MODULES_MAPPING[type(module)] = op_counter.linear_flops_counter_hook
-    return tp.utils.count_ops_and_params(model, inputs, layer_wise=layer_wise)
+    shell = _shell(model)
+    counting = op_counter.add_flops_counting_methods(shell)
+    counting.eval()
+    counting.start_flops_count(ost=sys.stdout, verbose=False, ignore_list=[])
+    try:
+        if isinstance(inputs, dict):
+            counting(**inputs)
+        else:
+            run_model(counting, inputs)
+        macs, params, shell_flops, shell_params = counting.compute_average_flops_cost()
+    finally:
+        counting.stop_flops_count()
+        op_counter.CUSTOM_MODULES_MAPPING = {}
+    if not layer_wise:
+        return macs, params
+    pairs = list(zip(model.modules(), shell.modules(), strict=True))
+    return (
+        macs,
+        params,
+        {ours: shell_flops.get(theirs) for ours, theirs in pairs},
+        {ours: shell_params.get(theirs) for ours, theirs in pairs},
+    )
 
 
 def _as_inputs(dummy_input: Any) -> Any:

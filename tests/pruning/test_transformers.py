@@ -265,3 +265,24 @@ def test_conv1d_is_scored_per_output_column(algo: str) -> None:
         as_linear.weight.copy_(c_fc.weight.t())
     expected = get_importance(algo)("fc", as_linear)
     assert expected is not None and torch.allclose(scores, expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_resolve_count_and_shrink_never_copy_a_weight(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 16 item 6: resolving and shrinking must hold at most two copies of the weights (bench/transformer_memory
+    # measures the peak); here, structurally, none of it deep-copies a tensor of an unmasked transformer
+    model, x = _build(family)
+    reference = _run(model, x)
+
+    def refuse(self: Tensor, memo: dict[int, Any]) -> Tensor:
+        raise AssertionError(f"a tensor of shape {tuple(self.shape)} was deep-copied")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", refuse)
+    problem = resolve_config_list(model, LINEAR, "l1", x)
+    masks = compute_masks(model, problem, {n: 0.5 for n in problem.unit_names()})
+    shrink(model, masks, x)
+    params, _ = count_params_flops(model, x)
+    monkeypatch.undo()
+    assert params < problem.dense_params
+    assert _run(model, x).shape == reference.shape
