@@ -17,6 +17,8 @@ __all__ = [
     "BundlePublic",
     "BundlesPublic",
     "ErrorPublic",
+    "ValidationErrorPublic",
+    "ValidationIssue",
     "ExperimentCreate",
     "ExperimentPublic",
     "ExperimentSummary",
@@ -78,6 +80,23 @@ def split_create(body: BaseModel) -> tuple[str, str, str | None, dict[str, Any]]
 
 class ErrorPublic(BaseModel):
     detail: str
+    field: str | None = None
+
+
+class ValidationIssue(BaseModel):
+    """One problem of a request that failed validation: where (``["body", "seed"]``), what, and its kind."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any = None
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: request validation gives FastAPI's list of issues, a use case's own check one message; ``field``
+    names the first offending field either way."""
+
+    detail: str | list[ValidationIssue]
     field: str | None = None
 
 

@@ -1,5 +1,11 @@
-"""A property-based fuzz of the OpenAPI schema (schemathesis) over every route: no 5xx, and every 4xx is a JSON
-error that names the problem."""
+"""A property-based fuzz of the OpenAPI schema (schemathesis) over every route, on SQLite and on PostgreSQL, with
+every schemathesis check but one: no 5xx, every response (errors included) matches the declared schema, status
+codes and headers, schema-invalid input is refused, and every 4xx is a JSON error that names the problem.
+
+Left out: ``positive_data_acceptance`` (ST202, "a schema-valid request must be accepted"). Our request rules go
+beyond what JSON Schema says: a config entry needs ``op_types`` or ``op_names``, an entrypoint must name an
+importable task, a budget forbids ``sparsity`` in its entries, an upload must be a real zip, re-allocation needs a
+finished sensitivity run. Such requests are schema-valid and rightly refused with a 422 naming the field."""
 
 from __future__ import annotations
 
@@ -29,13 +35,21 @@ def zip_bytes(ctx, value) -> bytes:  # type: ignore[no-untyped-def]
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def test_every_route_survives_schema_fuzzing(tmp_path: Path) -> None:
-    from schemathesis.checks import not_a_server_error
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/fuzz.db"
+    return str(request.getfixturevalue("services_env")["PRUNEHUB_DATABASE_URL"])
 
+
+def test_every_route_survives_schema_fuzzing(tmp_path: Path, database_url: str) -> None:
+    from schemathesis.checks import CHECKS, positive_data_acceptance
+
+    checks = [check for check in CHECKS.get_all() if check is not positive_data_acceptance]
     app = create_app(
         Settings(
             home=tmp_path,
-            database_url=f"sqlite:///{tmp_path}/fuzz.db",
+            database_url=database_url,
             broker_url="filesystem://",
             artifacts_dir=tmp_path / "artifacts",
             allowed_entrypoints=["examples."],
@@ -54,7 +68,7 @@ def test_every_route_survives_schema_fuzzing(tmp_path: Path) -> None:
             @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             def fuzz(case) -> None:  # type: ignore[no-untyped-def]
                 response = case.call_and_validate(
-                    headers=headers, checks=[not_a_server_error, json_error_names_the_problem]
+                    headers=headers, checks=checks
                 )
                 calls.append(response.status_code)
 

@@ -34,7 +34,7 @@ def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 def _env(env: dict[str, str], home: Path, **extra: str) -> dict[str, str]:
-    return {**env, "PRUNEHUB_TEST_EVAL_DELAY": "1.0", "PRUNEHUB_TEST_COUNT_FILE": str(home / "n.txt"), **extra}
+    return {**env, "PRUNEHUB_TEST_EVAL_DELAY": "0.5", "PRUNEHUB_TEST_COUNT_FILE": str(home / "n.txt"), **extra}
 
 
 def _client(live: LiveService, owner: str) -> httpx.Client:
@@ -67,7 +67,7 @@ class TestOneWorker:
 
     def test_another_owners_experiment_starts_before_the_rest_of_a_long_queue(self, live: LiveService) -> None:
         with _client(live, "alice") as alice, _client(live, "bob") as bob:
-            queue = [_submit(alice, f"alice {i}") for i in range(4)]
+            queue = [_submit(alice, f"alice {i}") for i in range(3)]
             deadline = time.monotonic() + 120
             while _rows(live, queue[:1])[queue[0]].status == "queued":  # alice has one running: bob has fewer
                 assert time.monotonic() < deadline, live.logs()
@@ -92,7 +92,7 @@ class TestTwoWorkersCapped:
 
     def test_an_owner_never_has_two_running(self, live: LiveService) -> None:
         with _client(live, "alice") as alice, _client(live, "bob") as bob:
-            queue = [_submit(alice, f"alice {i}") for i in range(3)]
+            queue = [_submit(alice, f"alice {i}") for i in range(2)]
             bobs = _submit(bob, "bob")
             for experiment_id in queue:
                 assert wait_terminal(alice, experiment_id)["status"] == "succeeded"

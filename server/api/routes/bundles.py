@@ -18,7 +18,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import PrincipalDep, SessionDep, SettingsDep
-from server.api.schemas import BundlePublic, BundlesPublic, ErrorPublic
+from server.api.schemas import BundlePublic, BundlesPublic, ErrorPublic, ValidationErrorPublic
 from server.services import bundles as service
 from server.services.bundle_archive import BUNDLE_ID_PATTERN, BundleLimits, bundle_id
 
@@ -27,10 +27,14 @@ router = APIRouter(prefix="/bundles", tags=["bundles"])
 BundleId = Annotated[str, PathParam(pattern=BUNDLE_ID_PATTERN, description="sha256:<hex>")]
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
 
+# Any route may answer 503 + Retry-After when the server is saturated (admission) or the database is busy.
+_BUSY: dict[str, Any] = {"model": ErrorPublic, "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic},
     403: {"model": ErrorPublic},
     404: {"model": ErrorPublic},
+    422: {"model": ValidationErrorPublic},
+    503: _BUSY,
 }
 
 
@@ -42,7 +46,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         200: {"model": BundlePublic, "description": "the same bytes were uploaded before: that bundle"},
         413: {"model": ErrorPublic},
         415: {"model": ErrorPublic},
-        422: {"model": ErrorPublic},
+        422: {"model": ValidationErrorPublic},
         **_ERRORS,
     },
     openapi_extra={

@@ -30,6 +30,7 @@ from server.api.schemas import (
     SensitivityPublic,
     TrialPublic,
     TrialsPublic,
+    ValidationErrorPublic,
     split_create,
 )
 from server.db.models import Experiment, Trial
@@ -41,16 +42,21 @@ from server.services.limits import Limits
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 log = logging.getLogger(__name__)
 
+# Any route may answer 503 + Retry-After when the server is saturated (admission) or the database is busy.
+_BUSY: dict[str, Any] = {"model": ErrorPublic, "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic},
     404: {"model": ErrorPublic},
     409: {"model": ErrorPublic},
+    422: {"model": ValidationErrorPublic},
+    503: _BUSY,
 }
 _CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorPublic},
     413: {"model": ErrorPublic},
-    422: {"model": ErrorPublic},
+    422: {"model": ValidationErrorPublic},
     429: {"model": ErrorPublic, "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+    503: _BUSY,
 }
 
 
@@ -159,7 +165,7 @@ def _enqueue_created(session: SessionDep, dispatcher: DispatcherDep, experiment_
         session.commit()
 
 
-@router.get("", response_model=ExperimentsPublic)
+@router.get("", response_model=ExperimentsPublic, responses=_ERRORS)
 def list_experiments(
     session: SessionDep,
     principal: PrincipalDep,
@@ -358,7 +364,7 @@ def get_sensitivity(experiment_id: ExperimentId, session: SessionDep, principal:
     "/{experiment_id}/reallocate",
     status_code=status.HTTP_201_CREATED,
     response_model=ExperimentPublic,
-    responses={**_ERRORS, 422: {"model": ErrorPublic}},
+    responses={**_ERRORS, 422: {"model": ValidationErrorPublic}},
 )
 def reallocate(
     experiment_id: ExperimentId,
