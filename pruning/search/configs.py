@@ -427,6 +427,20 @@ class OptunaConfig(SearchCommon):
     parallelism: int = Field(default=1, ge=1, le=256, description="trials asked at once")
     n_startup_trials: int = Field(default=8, ge=1, le=10_000, description="TPE's random start")
     population_size: int = Field(default=10, ge=2, le=10_000, description="NSGA-II population")
+    prior: Literal["uniform", "owl"] = Field(
+        default="uniform",
+        description="trial 0: the uniform start, or outlier-weighted layer-wise sparsity ('owl': layers with more "
+        "wanda-score outliers pruned less; fine-grained Linear layers)",
+    )
+
+    @model_validator(mode="after")
+    def _owl_fine_grained(self) -> Self:
+        if self.prior == "owl" and self.base_algo in STRUCTURED_ALGOS:
+            raise ValueError(
+                f"prior: 'owl' allocates fine-grained layer sparsity; base_algo must be 'level' or 'wanda', not "
+                f"{self.base_algo!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _score_first(self) -> Self:

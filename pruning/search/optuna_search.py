@@ -136,8 +136,9 @@ class OptunaSearch:
         for _ in range(count):
             number = len(state.trials) + len(trials)
             if number == 0:
-                # Trial 0 is the uniform start (what ``uniform`` evaluates at the same budget), so the best
-                # candidate score is never below uniform's and TPE's model begins from the baseline.
+                # Trial 0 is the start distribution: the uniform start (what ``uniform`` evaluates at the same
+                # budget), so the best candidate score is never below uniform's and TPE's model begins from the
+                # baseline; or, with ``prior: "owl"``, the OWL allocation that resolving set as initial sparsities.
                 params = {u.name: min(u.initial_sparsity, u.max_sparsity) for u in pruning.units}
             else:
                 asked = study.ask(spaces)

@@ -181,7 +181,15 @@ def test_owl_prunes_the_outlier_layer_less_and_keeps_the_mean() -> None:
     assert overall_sparsity(allocation, problem) == pytest.approx(0.5)
 
 
-def test_annealing_with_owl_starts_from_the_owl_allocation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "search",
+    [
+        {"algorithm": "annealing", "cool_down_rate": 0.5, "stop_temperature": 40},
+        {"algorithm": "optuna", "num_trials": 3},
+    ],
+    ids=["annealing", "optuna"],
+)
+def test_search_with_owl_starts_from_the_owl_allocation(tmp_path, search) -> None:  # type: ignore[no-untyped-def]
     from pruning.artifacts import ArtifactStore
     from pruning.jobs import execute_job, resolve_problem
     from pruning.owl import outlier_ratios, owl_allocation
@@ -190,11 +198,9 @@ def test_annealing_with_owl_starts_from_the_owl_allocation(tmp_path) -> None:  #
     task = _owl_task()
     config = parse_algorithm_config(
         {
-            "algorithm": "annealing",
+            **search,
             "base_algo": "wanda",
             "prior": "owl",
-            "cool_down_rate": 0.5,
-            "stop_temperature": 40,
             "config_list": [{"sparsity": 0.5, "op_types": ["Linear"]}],
         }
     )
