@@ -196,7 +196,7 @@ def check_entry_sparsities(entries: list[ConfigEntry], *, budget: bool) -> None:
         if budget and entry.pattern is not None:
             raise ValueError(
                 f"config_list[{i}].pattern: an N:M layer is either patterned or dense, so a budget cannot scale it; "
-                "use algorithm 'pattern' with a score_target to search which layers get the pattern"
+                "use annealing or optuna with score_target_drop (and no budget) to search which layers get the pattern"
             )
         if not budget and not entry.sets_sparsity and entry.pattern is None:
             raise ValueError(

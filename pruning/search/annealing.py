@@ -36,6 +36,14 @@ from pruning.search._common import (
 )
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AnnealingConfig
+from pruning.search.pattern import (
+    PatternProgress,
+    chosen_units,
+    dense_distribution,
+    pattern_distribution,
+    pattern_units,
+    removed_weights,
+)
 
 __all__ = ["AnnealingRun", "AnnealingSearch", "AnnealingState", "anneal_ask", "anneal_start", "anneal_tell"]
 
@@ -244,12 +252,116 @@ def anneal_tell(
     )
 
 
+class PatternChain(BaseModel):
+    """The annealing chain of a pattern search (``score_target_drop``): a set of patterned units."""
+
+    progress: PatternProgress
+    current: list[str] = Field(default_factory=list)  # patterned units of the chain's state (starts dense)
+    current_removed: int = 0
+    temperature: float
+    step: int = 0
+    pending: list[Job] = Field(default_factory=list)
+    finished: bool = False
+
+
 class AnnealingState(SearchState):
     version: int = 1
     problem: SearchProblem
     max_trials: int | None = None
     run: AnnealingRun
     best_distribution: dict[str, float] | None = None
+    pattern: PatternChain | None = None  # set (and ``run`` unused) in a pattern search
+
+
+def _pattern_job(config: AnnealingConfig, key_step: int, distribution: dict[str, float], temperature: float) -> Job:
+    epochs = config.finetune_epochs
+    return Job(
+        key=f"annealing-{key_step}",
+        kind="finetune_and_evaluate" if epochs else "evaluate",
+        distribution=distribution,
+        finetune_epochs=epochs,
+        context={"iteration": key_step, "temperature": temperature},
+    )
+
+
+def _flip(current: list[str], names: list[str], count: int, rng: random.Random) -> list[str]:
+    flipped = set(current) ^ set(rng.sample(names, count))
+    return sorted(flipped)
+
+
+def pattern_ask(
+    chain: PatternChain, config: AnnealingConfig, problem: SearchProblem, rng: random.Random, budget: int | None
+) -> tuple[PatternChain, list[Job]]:
+    """Step 0 evaluates the dense model (its score sets the target); later steps flip a few units of the chain's
+    set each, more at high temperature (``perturbation_magnitude * T / T0`` of them, at least one), preferring
+    sets not evaluated yet."""
+    if chain.pending:
+        return chain, list(chain.pending)
+    if chain.finished:
+        return chain, []
+    names = [unit.name for unit in pattern_units(problem.pruning)]
+    space = 2 ** len(names)
+    progress = chain.progress
+    if (
+        (budget is not None and budget <= 0)
+        or chain.temperature <= config.stop_temperature
+        or progress.dense_failed
+        or (chain.step > 0 and len(progress.evaluated) >= space)
+    ):
+        return chain.model_copy(update={"finished": True}), []
+    if chain.step == 0:
+        job = _pattern_job(config, 0, dense_distribution(problem.pruning), chain.temperature)
+        return chain.model_copy(update={"step": 1, "pending": [job]}), [job]
+    batch = config.batch_size if budget is None else min(config.batch_size, budget)
+    temperature, step = chain.temperature, chain.step
+    jobs: list[Job] = []
+    seen = set(progress.evaluated)
+    for _ in range(batch):
+        if temperature <= config.stop_temperature:
+            break
+        share = config.perturbation_magnitude * temperature / config.start_temperature
+        count = max(1, min(len(names), round(share * len(names))))
+        proposal = _flip(chain.current, names, count, rng)
+        # A set already evaluated teaches nothing: redraw, flipping one more unit every four tries, so a chain
+        # whose near neighbours are all known reaches further instead of repeating one of them.
+        for attempt in range(1, 16):
+            if ",".join(proposal) not in seen:
+                break
+            proposal = _flip(chain.current, names, min(len(names), count + attempt // 4), rng)
+        seen.add(",".join(proposal))
+        jobs.append(_pattern_job(config, step, pattern_distribution(problem.pruning, proposal), temperature))
+        temperature *= config.cool_down_rate
+        step += 1
+    return chain.model_copy(update={"temperature": temperature, "step": step, "pending": jobs}), jobs
+
+
+def pattern_tell(
+    chain: PatternChain, results: list[Result], config: AnnealingConfig, problem: SearchProblem, rng: random.Random
+) -> PatternChain:
+    """A candidate below the score target is rejected (decision ``"infeasible"``); a feasible one is taken when
+    it removes at least as many weights as the chain's state, else with the Metropolis probability of the
+    removed-weight difference (as a fraction of the patternable weights) at the relative temperature."""
+    by_key = {result.key: result for result in results}
+    total = max(1, removed_weights(problem.pruning, [unit.name for unit in pattern_units(problem.pruning)]))
+    progress, current, current_removed = chain.progress, list(chain.current), chain.current_removed
+    for job in chain.pending:
+        draw = rng.random()  # one draw per proposal whatever happens, as in the continuous chain
+        chosen = chosen_units(job.distribution)
+        removed = removed_weights(problem.pruning, chosen)
+        result = by_key.get(job.key)
+        accepted: bool | None = None
+        score = result.score if result is not None and result.status == "succeeded" else None
+        # Only a feasible candidate takes part in the chain (the dense reference sets the target, so it has none).
+        if score is not None and progress.target is not None and progress.feasible(float(score)):
+            delta = (removed - current_removed) / total
+            relative_t = float(job.context["temperature"]) / config.start_temperature
+            accepted = delta >= 0 or draw < math.exp(delta / relative_t)
+        progress, feasible = progress.record(job.key, job.distribution, result, removed, job.context, accepted)
+        if feasible and accepted:
+            current, current_removed = chosen, removed
+    return chain.model_copy(
+        update={"progress": progress, "current": current, "current_removed": current_removed, "pending": []}
+    )
 
 
 class AnnealingSearch:
@@ -266,6 +378,8 @@ class AnnealingSearch:
         self.config = config
 
     def start(self, problem: SearchProblem) -> AnnealingState:
+        if self.config.score_target_drop is not None:
+            return self._start_pattern(problem)
         run = anneal_start(
             self.config,
             problem.pruning,
@@ -286,6 +400,8 @@ class AnnealingSearch:
             return state, []
         assert state.rng is not None
         rng = state.rng.restore()
+        if state.pattern is not None:
+            return self._ask_pattern(state, state.pattern, rng)
         budget = None if state.max_trials is None else state.max_trials - state.trials_asked
         if state.run.pending:
             budget = None
@@ -304,6 +420,8 @@ class AnnealingSearch:
     def tell(self, state: AnnealingState, results: list[Result]) -> AnnealingState:
         assert state.rng is not None
         rng = state.rng.restore()
+        if state.pattern is not None:
+            return self._tell_pattern(state, state.pattern, results, rng)
         run = anneal_tell(state.run, results, self.config, state.problem, rng)
         config = self.config
         steps = 1 + math.ceil(
@@ -319,6 +437,60 @@ class AnnealingSearch:
                 "best_key": run.best_key,
                 "best_score": run.best_score,
                 "best_distribution": run.best_distribution,
+            }
+        )
+
+
+    def _start_pattern(self, problem: SearchProblem) -> AnnealingState:
+        assert self.config.score_target_drop is not None
+        temperature = float(self.config.start_temperature)
+        progress = PatternProgress(drop=self.config.score_target_drop, optimize_mode=problem.optimize_mode)
+        # ``run`` is the continuous chain's and unused here; a finished empty one keeps the state's schema.
+        run = AnnealingRun(prefix="annealing", target=0.0, floor={}, temperature=temperature, current={}, finished=True)
+        return AnnealingState(
+            rng=RandomState.seeded(problem.seed),
+            run=run,
+            max_trials=trial_budget(self.config.max_trials, problem.max_trials),
+            problem=problem,
+            pattern=PatternChain(progress=progress, temperature=temperature),
+        )
+
+    def _ask_pattern(
+        self, state: AnnealingState, chain: PatternChain, rng: random.Random
+    ) -> tuple[AnnealingState, list[Job]]:
+        budget = None if state.max_trials is None else state.max_trials - state.trials_asked
+        replay = bool(chain.pending)
+        chain, jobs = pattern_ask(chain, self.config, state.problem, rng, None if replay else budget)
+        update: dict[str, object] = {
+            "pattern": chain,
+            "rng": RandomState.capture(rng),
+            "trials_asked": state.trials_asked + (0 if replay else len(jobs)),
+        }
+        if not jobs:
+            if chain.progress.dense_failed:
+                reason = "the dense model's evaluation failed, so there is no score target"
+            elif chain.step > 0 and len(chain.progress.evaluated) >= 2 ** len(pattern_units(state.problem.pruning)):
+                reason = "every assignment of the pattern was evaluated"
+            else:
+                reason = _stop_reason(state, self.config)
+            update |= {"done": True, "stop_reason": reason}
+        return state.model_copy(update=update), jobs
+
+    def _tell_pattern(
+        self, state: AnnealingState, chain: PatternChain, results: list[Result], rng: random.Random
+    ) -> AnnealingState:
+        chain = pattern_tell(chain, results, self.config, state.problem, rng)
+        total = self.config.proposals() if state.max_trials is None else min(self.config.proposals(), state.max_trials)
+        progress = chain.progress
+        return state.model_copy(
+            update={
+                "pattern": chain,
+                "progress": float(len(progress.history)),
+                "progress_total": float(total),
+                "rng": RandomState.capture(rng),
+                "best_key": progress.best_key,
+                "best_score": progress.best_score,
+                "best_distribution": progress.best_distribution,
             }
         )
 

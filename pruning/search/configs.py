@@ -30,6 +30,7 @@ __all__ = [
     "LotteryTicketConfig",
     "NetAdaptConfig",
     "OptunaConfig",
+    "PATTERN_SEARCH_ALGOS",
     "Ranking",
     "SearchCommon",
     "SensitivityConfig",
@@ -45,6 +46,8 @@ Ranking = Literal["layer", "global"]
 # weight magnitudes (level), filter norms (l1, l2; each unit's scores divided by their mean, Torch-Pruning's
 # default normaliser) and BatchNorm scales (slim, Network Slimming's rule).
 GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
+# Searches with a pattern mode: which N:M units get the pattern, under a score target (pruning.search.pattern).
+PATTERN_SEARCH_ALGOS = frozenset({"annealing", "optuna"})
 
 
 # Every boundary model of a config: unknown fields are errors, numbers are finite, and types are strict, so
@@ -129,11 +132,15 @@ class SearchCommon(BaseModel):
                     f"{self.base_algo!r} removes whole channels (use 'level' or 'wanda')"
                 )
             # Searches move sparsities continuously; an N:M unit is only patterned or dense, so only the baseline
-            # (which evaluates the config list as given) takes it.
-            if getattr(self, "algorithm", None) != "uniform" or getattr(self, "ranking", "layer") != "layer":
+            # (which evaluates the config list as given) and the pattern mode of annealing/optuna (which choose
+            # which units get the pattern, see pruning.search.pattern) take it.
+            algorithm = getattr(self, "algorithm", None)
+            if algorithm in PATTERN_SEARCH_ALGOS:
+                continue
+            if algorithm != "uniform" or getattr(self, "ranking", "layer") != "layer":
                 raise ValueError(
-                    f"config_list[{i}].pattern: N:M entries are evaluated by algorithm 'uniform' (ranking 'layer') "
-                    "only; searches over which layers get the pattern are not available yet"
+                    f"config_list[{i}].pattern: N:M entries are evaluated by algorithm 'uniform' (ranking 'layer'), "
+                    f"or searched by {sorted(PATTERN_SEARCH_ALGOS)} with score_target_drop"
                 )
         if self.budget is not None and self.budget.resource in ("flops", "latency"):
             if self.base_algo not in STRUCTURED_ALGOS:
@@ -289,7 +296,58 @@ class _ADMMSchedule(BaseModel):
                 raise ValueError(f"layer_rho[{name!r}] names no prunable layer of {where} (its layers: {listing})")
 
 
-class AnnealingConfig(_AnnealingSchedule, SearchCommon):
+class _ScoreTarget(BaseModel):
+    """``score_target_drop``: the pattern mode of a search (config-list entries with ``pattern``).
+
+    The search measures the dense model first; a candidate meets the target when its score is at most
+    ``score_target_drop`` worse than that (in the score's own units). Among those it maximises the weights
+    removed. Relative to the measured dense score, not absolute, so the dense model always meets it and the
+    user need not know the task's dense score in advance.
+    """
+
+    model_config = _STRICT
+
+    score_target_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e12,
+        description="pattern search: the largest acceptable score loss from the dense model's measured score; "
+        "required with, and only with, config-list entries that have a pattern",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_mode(self) -> Self:
+        entries: list[ConfigEntry] = list(getattr(self, "config_list", []))
+        patterned = [i for i, entry in enumerate(entries) if entry.pattern is not None and not entry.exclude]
+        if self.score_target_drop is None:
+            if patterned:
+                raise ValueError(
+                    f"score_target_drop: config_list[{patterned[0]}] has a pattern, so this search chooses which "
+                    "layers get it under a score target; give score_target_drop (the acceptable score loss from "
+                    "the dense model, e.g. 0.01)"
+                )
+            return self
+        if not patterned:
+            raise ValueError(
+                "score_target_drop: applies to a search over N:M patterns; no config-list entry has a pattern"
+            )
+        for i, entry in enumerate(entries):
+            if not entry.exclude and entry.pattern is None:
+                raise ValueError(
+                    f"config_list[{i}]: a pattern search decides only pattern-or-dense per layer; every entry that "
+                    "selects layers needs a pattern (or exclude: true)"
+                )
+        if getattr(self, "prior", "uniform") != "uniform":
+            raise ValueError("prior: a pattern search starts from the dense model; prior must be 'uniform'")
+        if list(getattr(self, "objectives", ["score"])) != ["score"]:
+            raise ValueError(
+                'objectives: a pattern search maximises the weights removed under the score target; '
+                'objectives must be ["score"]'
+            )
+        return self
+
+
+class AnnealingConfig(_ScoreTarget, _AnnealingSchedule, SearchCommon):
     """Simulated annealing over per-unit sparsities at the target (AutoCompress's search; NNI's SA, fixed).
 
     Acceptance uses the Metropolis rule on the score difference divided by the running standard deviation of
@@ -410,7 +468,7 @@ class AutoCompressConfig(_AnnealingSchedule, _ADMMSchedule, SearchCommon):
         ]
 
 
-class OptunaConfig(SearchCommon):
+class OptunaConfig(_ScoreTarget, SearchCommon):
     """Optuna's ask/tell over per-unit sparsities, rescaled to the target.
 
     One objective (``["score"]``): TPE. Two (``["score", "flops"]``, ``params`` or ``latency``): NSGA-II,

@@ -35,6 +35,7 @@ from pruning.search._common import (
 )
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import OptunaConfig
+from pruning.search.pattern import PatternProgress, chosen_units, dense_distribution, pattern_units, removed_weights
 
 __all__ = ["OptunaSearch", "OptunaState", "OptunaTrial"]
 
@@ -59,6 +60,7 @@ class OptunaState(SearchState):
     pending: list[Job] = Field(default_factory=list)
     pareto_keys: list[str] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
+    pattern: PatternProgress | None = None  # set in a pattern search (``score_target_drop``)
 
 
 class OptunaSearch:
@@ -78,12 +80,14 @@ class OptunaSearch:
     def start(self, problem: SearchProblem) -> OptunaState:
         limit = trial_budget(self.config.max_trials, problem.max_trials)
         total = self.config.num_trials if limit is None else min(self.config.num_trials, limit)
+        drop = self.config.score_target_drop
         return OptunaState(
             problem=problem,
             total_trials=total,
             rng=RandomState.seeded(problem.seed),
             progress=0.0,
             progress_total=float(total),
+            pattern=None if drop is None else PatternProgress(drop=drop, optimize_mode=problem.optimize_mode),
         )
 
     def _study(self, state: OptunaState, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -123,6 +127,8 @@ class OptunaSearch:
             return state, []
         if state.pending:
             return state, list(state.pending)
+        if state.pattern is not None:
+            return self._ask_pattern(state, state.pattern)
         count = min(self.config.parallelism, state.total_trials - state.trials_asked)
         if count <= 0:
             return state.model_copy(update={"done": True, "stop_reason": f"{state.total_trials} trials done"}), []
@@ -165,6 +171,8 @@ class OptunaSearch:
         return state.model_copy(update=update), jobs
 
     def tell(self, state: OptunaState, results: list[Result]) -> OptunaState:
+        if state.pattern is not None:
+            return self._tell_pattern(state, state.pattern, results)
         by_key = {r.key: r for r in results}
         pruning = state.problem.pruning
         trials = list(state.trials)
@@ -202,6 +210,117 @@ class OptunaSearch:
                 "best_distribution": best_distribution,
                 "progress": float(sum(1 for t in trials if t.state != "running")),
                 "pareto_keys": _pareto(trials, state.problem.optimize_mode, len(self.config.objectives)),
+            }
+        )
+
+    def _pattern_study(self, state: OptunaState, seed: int) -> tuple[Any, dict[str, Any]]:
+        """The pattern mode's study: one categorical per N:M unit (0 = dense or ``1 - N/M``), maximising the
+        weights removed, with the score target as the per-trial constraint (``target - score``, signed so that
+        <= 0 is feasible)."""
+        import optuna
+        from optuna.distributions import CategoricalDistribution
+        from optuna.trial import TrialState, create_trial
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.config.n_startup_trials)
+        study = optuna.create_study(directions=["maximize"], sampler=sampler)
+        spaces: dict[str, Any] = {
+            unit.name: CategoricalDistribution((0.0, float(unit.pattern_sparsity or 0.0)))
+            for unit in pattern_units(state.problem.pruning)
+        }
+        for trial in state.trials:
+            if trial.state == "running":
+                continue
+            complete = trial.state == "complete"
+            study.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE if complete else TrialState.FAIL,
+                    params={name: trial.params[name] for name in spaces},
+                    distributions=spaces,
+                    values=trial.values if complete else None,
+                    constraints=None if trial.constraint is None else {"score": trial.constraint},
+                )
+            )
+        return study, spaces
+
+    def _ask_pattern(self, state: OptunaState, progress: PatternProgress) -> tuple[OptunaState, list[Job]]:
+        pruning = state.problem.pruning
+        names = [unit.name for unit in pattern_units(pruning)]
+        left = state.total_trials - state.trials_asked
+        # Trial 0 (the dense model) is asked alone: its score is the target every later trial is judged by.
+        count = min(1 if not state.trials else self.config.parallelism, left)
+        if progress.dense_failed:
+            reason = "the dense model's evaluation failed, so there is no score target"
+            return state.model_copy(update={"done": True, "stop_reason": reason}), []
+        if state.trials and len(progress.evaluated) >= 2 ** len(names):
+            reason = "every assignment of the pattern was evaluated"
+            return state.model_copy(update={"done": True, "stop_reason": reason}), []
+        if count <= 0:
+            return state.model_copy(update={"done": True, "stop_reason": f"{state.total_trials} trials done"}), []
+        assert state.rng is not None
+        rng = state.rng.restore()
+        study, spaces = self._pattern_study(state, rng.randrange(2**31))
+        seen = set(progress.evaluated)
+        trials: list[OptunaTrial] = []
+        jobs: list[Job] = []
+        for _ in range(count):
+            number = len(state.trials) + len(trials)
+            if number == 0:
+                distribution = dense_distribution(pruning)
+            else:
+                # TPE re-suggests sets it has seen; a few more asks usually find a new one.
+                for _ in range(8):
+                    asked = study.ask(spaces)
+                    distribution = {**dense_distribution(pruning), **{n: float(asked.params[n]) for n in names}}
+                    if ",".join(chosen_units(distribution)) not in seen:
+                        break
+            seen.add(",".join(chosen_units(distribution)))
+            key = f"optuna-{number}"
+            trials.append(OptunaTrial(number=number, key=key, params=dict(distribution), distribution=distribution))
+            jobs.append(
+                Job(
+                    key=key,
+                    kind="finetune_and_evaluate" if self.config.finetune_epochs else "evaluate",
+                    distribution=distribution,
+                    finetune_epochs=self.config.finetune_epochs,
+                    context={"iteration": number, "trial": number},
+                )
+            )
+        update = {
+            "trials": [*state.trials, *trials],
+            "pending": jobs,
+            "trials_asked": state.trials_asked + len(jobs),
+            "rng": RandomState.capture(rng),
+        }
+        return state.model_copy(update=update), jobs
+
+    def _tell_pattern(self, state: OptunaState, progress: PatternProgress, results: list[Result]) -> OptunaState:
+        by_key = {r.key: r for r in results}
+        pruning = state.problem.pruning
+        sign = direction(state.problem.optimize_mode)
+        trials = list(state.trials)
+        for index, trial in enumerate(trials):
+            if trial.state != "running":
+                continue
+            result = by_key.get(trial.key)
+            removed = removed_weights(pruning, chosen_units(trial.distribution))
+            progress, _ = progress.record(trial.key, trial.distribution, result, removed, {"trial": trial.number})
+            if result is None or result.status != "succeeded" or result.score is None or progress.target is None:
+                trials[index] = trial.model_copy(update={"state": "fail"})
+                continue
+            constraint = sign * (progress.target - float(result.score))
+            trials[index] = trial.model_copy(
+                update={"state": "complete", "values": [float(removed)], "constraint": constraint}
+            )
+        return state.model_copy(
+            update={
+                "trials": trials,
+                "pending": [],
+                "pattern": progress,
+                "best_key": progress.best_key,
+                "best_score": progress.best_score,
+                "best_distribution": progress.best_distribution,
+                "progress": float(sum(1 for t in trials if t.state != "running")),
             }
         )
 
