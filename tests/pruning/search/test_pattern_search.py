@@ -130,12 +130,13 @@ def test_a_target_only_dense_meets_ends_dense(tmp_path, search) -> None:  # type
 
 def test_pattern_search_validation_names_the_field() -> None:
     entry = [{"pattern": "2:4", "op_types": ["Linear"]}]
+    plain = {"sparsity": 0.5, "op_types": ["Linear"]}
     base = {"algorithm": "annealing", "base_algo": "wanda", "config_list": entry}
     cases = [
         ({}, r"score_target_drop: config_list\[0\] has a pattern"),
         ({"score_target_drop": -0.1}, "score_target_drop"),
-        ({"score_target_drop": 0.1, "config_list": [{"sparsity": 0.5, "op_types": ["Linear"]}]}, "score_target_drop: applies"),
-        ({"score_target_drop": 0.1, "config_list": [*entry, {"sparsity": 0.5, "op_names": ["c"]}]}, r"config_list\[1\]: a pattern search"),
+        ({"score_target_drop": 0.1, "config_list": [plain]}, "score_target_drop: applies"),
+        ({"score_target_drop": 0.1, "config_list": [*entry, plain]}, r"config_list\[1\]: a pattern search"),
         ({"score_target_drop": 0.1, "prior": "size"}, "prior: a pattern search"),
         ({"score_target_drop": 0.1, "budget": {"params": 0.5}}, r"config_list\[0\]\.pattern: .*budget"),
         ({"score_target_drop": 0.1, "base_algo": "l1"}, r"config_list\[0\]\.pattern: .*removes whole channels"),
