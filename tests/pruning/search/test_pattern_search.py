@@ -55,7 +55,7 @@ def _task() -> Task:
 def _run(tmp_path: Any, search: dict[str, Any], drop: float) -> tuple[Any, Any, Any, dict[str, Any]]:
     from pruning.artifacts import ArtifactStore
     from pruning.jobs import execute_job, resolve_problem
-    from pruning.search import make_strategy
+    from pruning.search import make_strategy, state_type
 
     task = _task()
     config = parse_algorithm_config(
@@ -76,6 +76,8 @@ def _run(tmp_path: Any, search: dict[str, Any], drop: float) -> tuple[Any, Any, 
         told = [execute_job(task, problem, job, store) for job in jobs]
         results.update({result.key: result for result in told})
         state = strategy.tell(state, told)
+        # The runner persists the state after every tell; a reloaded state must continue the same way.
+        state = state_type(config.algorithm).model_validate_json(state.model_dump_json())
         state, jobs = strategy.ask(state)
     assert state.done
     return task, problem, state, results
