@@ -323,7 +323,8 @@ def list_trials(
 
 
 def _feasible_trials(session: Session, experiment: Experiment) -> list[Trial]:
-    """Succeeded, scored trials; under a budget only those whose measured ratio met it."""
+    """Succeeded, scored trials; under a budget only those whose measured ratio met it, and in a pattern search
+    (``score_target_drop``) only those that met its score target."""
     query = select(Trial).where(
         Trial.experiment_id == experiment.id,
         Trial.status == TrialStatus.succeeded.value,
@@ -332,7 +333,11 @@ def _feasible_trials(session: Session, experiment: Experiment) -> list[Trial]:
     )
     if experiment.config.get("budget"):
         query = query.where(Trial.feasible.is_(True))
-    return list(session.scalars(query.order_by(Trial.seq)))
+    trials = list(session.scalars(query.order_by(Trial.seq)))
+    if experiment.config.get("score_target_drop") is not None:
+        # A pattern search records its candidates below the score target as infeasible: never a best.
+        trials = [t for t in trials if t.context.get("decision") != "infeasible"]
+    return trials
 
 
 def best_trial(

@@ -112,3 +112,31 @@ def test_searches_under_a_flops_budget_over_http(live_embedded: LiveService) -> 
         # Uniform-at-budget is one sparsity for every unit; the searches start from or around it.
         assert len({round(v, 6) for v in bests["uniform"]["distribution"].values()}) == 1
         assert bests["annealing"]["score"] >= bests["uniform"]["score"]
+
+
+def test_pattern_search_over_http(live_embedded: LiveService) -> None:
+    # optuna over which of digits' two Linear layers get 2:4, within 0.05 of the dense accuracy; four
+    # assignments in all, so it stops once it has evaluated each.
+    body = {
+        "entrypoint": "examples.digits", "name": "e2e pattern", "algorithm": "optuna", "base_algo": "level",
+        "seed": 1, "num_trials": 6, "n_startup_trials": 2, "score_target_drop": 0.05,
+        "config_list": [{"pattern": "2:4", "op_types": ["Linear"]}],
+    }
+    with live_embedded.http() as client:
+        response = client.post("/experiments", json=body)
+        assert response.status_code == 201, response.text
+        experiment_id = response.json()["id"]
+        final = wait_terminal(client, experiment_id, timeout=300)
+        assert final["status"] == "succeeded", (final.get("error"), live_embedded.logs())
+        trials = client.get(f"/experiments/{experiment_id}/trials", params={"limit": 100}).json()["items"]
+        dense = next(t for t in trials if t["job_key"] == "optuna-0")
+        assert all(v == 0 for v in dense["requested"].values())
+        target = dense["score"] - 0.05
+        best = client.get(f"/experiments/{experiment_id}/best").json()
+        assert best["score"] >= target
+        for trial in trials:
+            if trial["job_key"].startswith("optuna-") and trial["score"] is not None:
+                assert (trial["context"].get("decision") == "infeasible") == (trial["score"] < target), trial
+        assert best["model_available"]
+        missing = client.post("/experiments", json={**body, "score_target_drop": None})
+        assert missing.status_code == 422 and "score_target_drop" in missing.text
