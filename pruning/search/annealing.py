@@ -14,6 +14,9 @@ relative temperature ``T / start_temperature``: ``accept if d >= 0 or u < exp(d 
 
 The engine (:class:`AnnealingRun`) is shared with ``autocompress``, which anneals above a floor (the
 sparsity its previous rounds reached) from a parent checkpoint.
+
+With ``score_target_drop`` (config-list entries with an N:M ``pattern``) the chain is instead a set of patterned
+units (:class:`PatternChain`, :func:`pattern_ask`, :func:`pattern_tell`; see :mod:`pruning.search.pattern`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,17 @@ from pruning.search.pattern import (
     removed_weights,
 )
 
-__all__ = ["AnnealingRun", "AnnealingSearch", "AnnealingState", "anneal_ask", "anneal_start", "anneal_tell"]
+__all__ = [
+    "AnnealingRun",
+    "AnnealingSearch",
+    "AnnealingState",
+    "PatternChain",
+    "anneal_ask",
+    "anneal_start",
+    "anneal_tell",
+    "pattern_ask",
+    "pattern_tell",
+]
 
 
 class AnnealingRun(BaseModel):

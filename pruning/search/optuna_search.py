@@ -12,6 +12,10 @@ generator, so a fresh strategy continuing from a reloaded state asks exactly the
 ``parallelism`` trials are asked at once (TPE's constant liar keeps them apart). Trial 0 is always the
 uniform start (every unit at its config entry's sparsity, as ``uniform`` evaluates it), so the best candidate
 score is never below the baseline's.
+
+With ``score_target_drop`` (config-list entries with an N:M ``pattern``) trial 0 is the dense model and every
+later trial a categorical choice per unit (0 or ``1 - N/M``), maximising the weights removed with the score
+target as the constraint (see :mod:`pruning.search.pattern`).
 """
 
 from __future__ import annotations
