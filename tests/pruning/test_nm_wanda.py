@@ -14,6 +14,7 @@ from pruning.nm import nm_keep_mask, satisfies_pattern
 from pruning.pruner import compute_masks
 from pruning.search.configs import parse_algorithm_config
 from pruning.task import Task
+from tests.pruning.models import ThreeLinear
 
 
 class TwoLinear(nn.Module):
@@ -130,17 +131,6 @@ def test_uniform_job_exports_the_pattern(tmp_path) -> None:  # type: ignore[no-u
     weight = tensors["fc1.weight"]
     assert weight.dim() == 2 and weight.is_contiguous() and satisfies_pattern(weight, (2, 4))
     assert result.params == sum(p.numel() for p in model().parameters()) - 16 * 4  # half of fc1's 128 weights
-
-
-class ThreeLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(16, 16)
-        self.b = nn.Linear(16, 16)
-        self.c = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def _owl_task() -> Task:

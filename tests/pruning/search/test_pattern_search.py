@@ -12,22 +12,12 @@ from torch import nn
 from pruning.nm import satisfies_pattern
 from pruning.search.configs import parse_algorithm_config
 from pruning.task import Task
+from tests.pruning.models import ThreeLinear
 
 SEARCHES = [
     {"algorithm": "annealing", "cool_down_rate": 0.8, "stop_temperature": 30},
     {"algorithm": "optuna", "num_trials": 7, "n_startup_trials": 3},
 ]
-
-
-class ThreeLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(16, 16)
-        self.b = nn.Linear(16, 16)
-        self.c = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def _task() -> Task:
