@@ -81,9 +81,22 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "iterative": {"rounds": 3, "retrain_epochs": 1},
     "lottery_ticket": {"prune_iterations": 3, "epochs": 6},
     "sensitivity": {},  # run only when pruning.search has it
+    # The equal-training control: uniform-at-budget fine-tuned as long as one finalist is (see FINALISTS), so a
+    # search's gain over it is what its distribution gives, not the epoch of training its finalist round adds.
+    "uniform_trained": {"finetune_epochs": 1},
 }
+# Rows that run another algorithm under their own name.
+ALGORITHM_OF = {"uniform_trained": "uniform"}
+# The baselines: never counted as a search that wins.
+CONTROLS = {"uniform", "uniform_trained"}
+# The distribution-choosing searches end with a finalist round (pruning.search.finalists): their 3 best distinct
+# candidates and uniform-at-budget, each fine-tuned 1 epoch, and the best of those is handed out.
+FINALISTS = {"finalists": 3, "finalist_epochs": 1}
+FINALIST_STRATEGIES = {"annealing", "optuna", "sensitivity"}
 # Strategies whose training is the method: the final fine-tuning continues from their best checkpoint.
-KEEP_WEIGHTS = {"netadapt", "admm", "autocompress", "agp", "iterative", "lottery_ticket"}
+# The finalist strategies hand out their winning finalist's fine-tuned weights, and the control its trained model.
+KEEP_WEIGHTS = {"netadapt", "admm", "autocompress", "agp", "iterative", "lottery_ticket", "uniform_trained"}
+KEEP_WEIGHTS |= FINALIST_STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +148,7 @@ def available(strategies: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
     """The plan's strategies that ``pruning.search`` knows, and a note for each one it does not."""
     from pruning.search import ALGORITHMS
 
-    known = tuple(s for s in strategies if s in ALGORITHMS)
+    known = tuple(s for s in strategies if ALGORITHM_OF.get(s, s) in ALGORITHMS)
     notes = [f"{s}: not in pruning.search.ALGORITHMS when this ran, skipped" for s in strategies if s not in known]
     return known, notes
 
@@ -143,13 +156,17 @@ def available(strategies: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
 def algorithm_config(name: str, setting: Setting, seed: int) -> dict[str, Any]:
     """The experiment config of strategy ``name`` in ``setting`` (what a user would submit)."""
     return {
-        "algorithm": name,
+        "algorithm": ALGORITHM_OF.get(name, name),
         "config_list": [{"op_types": ["Conv2d", "Linear"]}, {"exclude": True, "op_names": [CLASSIFIER[setting.task]]}],
         "base_algo": "l1",
         "budget": {"flops": setting.budget},
         "optimize_mode": setting.optimize_mode,
         "seed": seed,
-        "candidate_eval": {"bn_recalibration": True, "calibration_batches": CALIBRATION_BATCHES},
+        "candidate_eval": {
+            "bn_recalibration": True,
+            "calibration_batches": CALIBRATION_BATCHES,
+            **(FINALISTS if name in FINALIST_STRATEGIES else {}),
+        },
         **STRATEGIES[name],
     }
 
@@ -294,6 +311,17 @@ def run_one(setting: Setting, name: str, seed: int, final_epochs: int) -> dict[s
         )
         if final.status != "succeeded":
             return {**row, "status": "failed", "error": f"final fine-tuning: {final.error}"}
+        if name in FINALIST_STRATEGIES:
+            # What the distribution alone gives: the same fine-tuning from the pretrained weights with its masks.
+            alone = execute_job(
+                task,
+                final_problem,
+                Job(key=f"final-{name}-masks", kind="finetune_and_evaluate", distribution=distribution,
+                    finetune_epochs=final_epochs),
+                store,
+            )
+            row["score_from_pretrained"] = alone.score if alone.status == "succeeded" else None
+            row["finalist"] = state.best_key
         row |= {
             "status": "succeeded",
             "search_score": best.score,
@@ -509,7 +537,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "feasible": all(r.get("feasible") for r in ok) if ok else None,
             "from_checkpoint": any(r.get("from_checkpoint") for r in ok),
         }
-        for field in ("score", "search_score", "flops_ratio", "params_ratio", "evals", "train_epochs", "wall_s"):
+        fields = ("score", "score_from_pretrained", "search_score", "flops_ratio", "params_ratio", "evals",
+                  "train_epochs", "wall_s")
+        for field in fields:
             entry[field] = spread([float(r[field]) for r in ok if r.get(field) is not None])
         out.append(entry)
     return out
@@ -526,10 +556,12 @@ def compare(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = next((s for s in group if s["method"] == "uniform"), None)
         if base is None:
             continue
+        trained = next((s for s in group if s["method"] == "uniform_trained"), None)
         sign = 1.0 if base["optimize_mode"] == "maximize" else -1.0
         rows = []
         for s in group:
             delta = sign * (s["score"]["mean"] - base["score"]["mean"])
+            alone = s.get("score_from_pretrained") or {}
             noise = max(s["score"]["std"], base["score"]["std"])
             seeded = max(s["score"]["n"], base["score"]["n"]) > 1
             rows.append(
@@ -541,9 +573,13 @@ def compare(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "runs": s["score"]["n"],
                     "feasible": s["feasible"],
                     "flops_ratio": s["flops_ratio"]["mean"],
+                    # Against the equal-training control, and what the distribution alone gives (masks on the
+                    # pretrained weights, the same final fine-tuning) against uniform.
+                    "gain_vs_trained": sign * (s["score"]["mean"] - trained["score"]["mean"]) if trained else None,
+                    "gain_from_pretrained": sign * (alone["mean"] - base["score"]["mean"]) if alone else None,
                 }
             )
-        eligible = [r for r in rows if r["method"] != "uniform" and r["feasible"]]
+        eligible = [r for r in rows if r["method"] not in CONTROLS and r["feasible"]]
         winner = max(eligible, key=lambda r: r["gain"]) if eligible else None
         out.append(
             {

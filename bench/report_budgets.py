@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.budgets import TITLES  # noqa: E402
+from bench.budgets import CONTROLS, TITLES  # noqa: E402
 
 __all__ = ["budgets_md", "headline", "verdict"]
 
@@ -67,7 +67,7 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
     comparison = b.get("comparison") or []
     settings = []
     for c in comparison:
-        searches = [r for r in c["rows"] if r["method"] != "uniform"]
+        searches = [r for r in c["rows"] if r["method"] not in CONTROLS]
         beat = [r for r in searches if r["gain"] > 0 and r["feasible"]]
         settings.append(
             {
@@ -80,7 +80,7 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
                 "searches": len(searches),
             }
         )
-    methods = list(dict.fromkeys(r["method"] for c in comparison for r in c["rows"] if r["method"] != "uniform"))
+    methods = list(dict.fromkeys(r["method"] for c in comparison for r in c["rows"] if r["method"] not in CONTROLS))
     per_method = []
     for method in methods:
         rows = [(c, next((r for r in c["rows"] if r["method"] == method), None)) for c in comparison]
@@ -109,7 +109,7 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
             for c in comparison
             if not _is_loss(c["optimize_mode"])
             for r in c["rows"]
-            if r["method"] != "uniform" and (epochs.get(r["method"], 0.0) > 0) == trained
+            if r["method"] not in CONTROLS and (epochs.get(r["method"], 0.0) > 0) == trained
         ]
         names = sorted(m["method"] for m in per_method if (m["train_epochs"] > 0) == trained)
         groups[label] = {"methods": names, "mean_gain": statistics.fmean(gains) if gains else None, "n": len(gains)}
@@ -130,6 +130,42 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
         "noise": noise,
         "epochs": epochs,
     }
+
+
+def _finalist_lines(b: dict[str, Any]) -> list[str]:
+    """What the finalist round is worth: each finalist strategy against uniform, against the equal-training control
+    (uniform fine-tuned as long as a finalist) and with only its distribution (masks on the pretrained weights)."""
+    comparison = b.get("comparison") or []
+    runs = [r for r in b.get("runs", []) if r.get("finalist") is not None]
+    if not runs or not any(r["method"] == "uniform_trained" for c in comparison for r in c["rows"]):
+        return []
+    lines = [
+        "**The finalist round, and what it is worth.** `annealing`, `optuna` and `sensitivity` end with "
+        '`candidate_eval: {"finalists": 3, "finalist_epochs": 1}`: their 3 best distinct candidates and '
+        "uniform-at-budget are fine-tuned 1 epoch each and the best of those is handed out (with its weights). "
+        "So their handed-out model has one epoch more training than `uniform`'s; `uniform_trained` (uniform "
+        "fine-tuned that one epoch) is the equal-training control. *vs uniform*: the table's gain; *vs "
+        "uniform_trained*: the gain at equal training; *masks only*: the chosen distribution's masks on the "
+        "pretrained weights, the same final fine-tuning, against uniform (what the distribution alone gives); "
+        "*uniform chosen*: runs whose finalist round handed out uniform.",
+        "",
+        "| method | setting | vs uniform | vs uniform_trained | masks only | uniform chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparison:
+        for r in c["rows"]:
+            picked = [x for x in runs if (x["task"], x["budget"], x["method"]) == (c["task"], c["budget"], r["method"])]
+            if not picked:
+                continue
+            mode = c["optimize_mode"]
+            chose_uniform = sum(1 for x in picked if x["finalist"] == "finalist-uniform")
+            vs_trained = "—" if r.get("gain_vs_trained") is None else _gain(r["gain_vs_trained"], mode)
+            alone = "—" if r.get("gain_from_pretrained") is None else _gain(r["gain_from_pretrained"], mode)
+            lines.append(
+                f"| {r['method']} | {_title(c['task'], c['budget'])} | {_gain(r['gain'], mode)} | {vs_trained} | "
+                f"{alone} | {chose_uniform} of {len(picked)} |"
+            )
+    return lines + [""]
 
 
 def _verdict_lines(b: dict[str, Any]) -> list[str]:
@@ -568,6 +604,7 @@ def budgets_md(b: dict[str, Any], img: Path) -> list[str]:
     if name:
         lines += [f"![gain vs uniform](img/{name})", ""]
     lines += _method_matrix(b)
+    lines += _finalist_lines(b)
     for task, budget in dict.fromkeys((s["task"], s["budget"]) for s in b.get("summary", [])):
         lines += _setting_table(b, task, budget)
     failed = [r for r in b.get("runs", []) if r.get("status") != "succeeded"]

@@ -97,7 +97,16 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
     if algorithm not in _STRATEGIES:
         raise ValueError(f"no strategy for algorithm {algorithm!r}; known: {ALGORITHMS}")
     module, search, _ = _STRATEGIES[algorithm]
-    return getattr(import_module(module), search)(config)  # type: ignore[no-any-return]
+    finalists = config.candidate_eval.finalists
+    if not finalists:
+        return getattr(import_module(module), search)(config)  # type: ignore[no-any-return]
+    from pruning.search.finalists import FinalistSearch, reserve
+
+    limit = config.max_trials
+    if limit is not None:  # the finalist round's trials come out of max_trials
+        config = config.model_copy(update={"max_trials": reserve(limit, finalists)})
+    inner = getattr(import_module(module), search)(config)
+    return FinalistSearch(inner, finalists, config.candidate_eval.finalist_epochs, max_trials=limit)
 
 
 def state_type(algorithm: str) -> type[SearchState]:

@@ -39,6 +39,7 @@ from pruning.search._common import (
 )
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AnnealingConfig
+from pruning.search.finalists import FinalistsState
 from pruning.search.pattern import (
     PatternProgress,
     chosen_units,
@@ -284,6 +285,7 @@ class AnnealingState(SearchState):
     run: AnnealingRun
     best_distribution: dict[str, float] | None = None
     pattern: PatternChain | None = None  # set (and ``run`` unused) in a pattern search
+    finalists: FinalistsState | None = None  # the finalist round (pruning.search.finalists), when asked
 
 
 def _pattern_job(config: AnnealingConfig, key_step: int, distribution: dict[str, float], temperature: float) -> Job:

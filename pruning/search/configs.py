@@ -48,6 +48,8 @@ Ranking = Literal["layer", "global"]
 GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 # Searches with a pattern mode: which N:M units get the pattern, under a score target (pruning.search.pattern).
 PATTERN_SEARCH_ALGOS = frozenset({"annealing", "optuna"})
+# Strategies that only choose a distribution: their best candidates can be re-scored by a finalist round.
+FINALIST_ALGOS = frozenset({"annealing", "optuna", "sensitivity"})
 
 
 # Every boundary model of a config: unknown fields are errors, numbers are finite, and types are strict, so
@@ -83,6 +85,14 @@ class CandidateEval(BaseModel):
     finetune_epochs: int | None = Field(
         default=None, ge=0, le=1000, description="fine-tuning epochs of each candidate (same as finetune_epochs)"
     )
+    finalists: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description="after the search, fine-tune its best this-many distinct candidates and uniform-at-budget "
+        f"finalist_epochs each and hand out the best of them ({sorted(FINALIST_ALGOS)}; 0: off)",
+    )
+    finalist_epochs: int = Field(default=1, ge=1, le=1000, description="fine-tuning epochs of each finalist")
 
 
 class SearchCommon(BaseModel):
@@ -142,6 +152,7 @@ class SearchCommon(BaseModel):
                     f"config_list[{i}].pattern: N:M entries are evaluated by algorithm 'uniform' (ranking 'layer'), "
                     f"or searched by {sorted(PATTERN_SEARCH_ALGOS)} with score_target_drop"
                 )
+        self._finalists_apply()
         if self.budget is not None and self.budget.resource in ("flops", "latency"):
             if self.base_algo not in STRUCTURED_ALGOS:
                 raise ValueError(
@@ -151,6 +162,23 @@ class SearchCommon(BaseModel):
                 )
         return self
 
+    def _finalists_apply(self) -> None:
+        finalists = self.candidate_eval.finalists
+        if not finalists:
+            return
+        algorithm = getattr(self, "algorithm", None)
+        if algorithm not in FINALIST_ALGOS:
+            raise ValueError(
+                f"candidate_eval.finalists: a finalist round re-scores the distributions a search chose "
+                f"({sorted(FINALIST_ALGOS)}); {algorithm!r} trains as it searches, its best is already fine-tuned"
+            )
+        if getattr(self, "score_target_drop", None) is not None:
+            raise ValueError("candidate_eval.finalists: a pattern search (score_target_drop) has no finalist round")
+        if list(getattr(self, "objectives", ["score"])) != ["score"]:
+            raise ValueError(
+                'candidate_eval.finalists: finalists are chosen on the score; objectives must be ["score"]'
+            )
+
     def epoch_terms(self) -> list[EpochTerm]:
         """The trainer epochs this config's schedule asks for, term by term; their sum estimates the experiment's
         training work from above (a candidate count a search decides at run time is its cap, ``max_trials``).
@@ -158,7 +186,17 @@ class SearchCommon(BaseModel):
         The API refuses a config whose sum is over ``PRUNEHUB_MAX_EPOCHS_CAP``, naming the largest term's field.
         """
         count_text, count = self._candidates()
-        return [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
+        terms = [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
+        finalists = self.candidate_eval.finalists
+        if finalists:
+            terms.append(
+                EpochTerm(
+                    "(finalists + 1) x finalist_epochs",
+                    "candidate_eval.finalist_epochs",
+                    (finalists + 1) * self.candidate_eval.finalist_epochs,
+                )
+            )
+        return terms
 
     def _candidates(self) -> tuple[str, int]:
         """(what counts them, how many) candidates get the per-candidate fine-tune."""

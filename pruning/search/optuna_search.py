@@ -39,6 +39,7 @@ from pruning.search._common import (
 )
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import OptunaConfig
+from pruning.search.finalists import FinalistsState
 from pruning.search.pattern import PatternProgress, chosen_units, dense_distribution, pattern_units, removed_weights
 
 __all__ = ["OptunaSearch", "OptunaState", "OptunaTrial"]
@@ -65,6 +66,7 @@ class OptunaState(SearchState):
     pareto_keys: list[str] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
     pattern: PatternProgress | None = None  # set in a pattern search (``score_target_drop``)
+    finalists: FinalistsState | None = None  # the finalist round (pruning.search.finalists), when asked
 
 
 class OptunaSearch:

@@ -58,6 +58,7 @@ from pruning.search._common import (
 )
 from pruning.search.base import Job, JobKind, Result, SearchProblem, SearchState, better
 from pruning.search.configs import SensitivityConfig, SensitivityCurves, SensitivityPoint, UnitCurve
+from pruning.search.finalists import FinalistsState
 
 __all__ = ["SensitivityAllocation", "SensitivitySearch", "SensitivityState", "allocate", "blends"]
 
@@ -278,6 +279,7 @@ class SensitivityState(SearchState):
     pending: list[Job] = Field(default_factory=list)
     history: list[TrialRecord] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
+    finalists: FinalistsState | None = None  # the finalist round (pruning.search.finalists), when asked
 
 
 class SensitivitySearch:
