@@ -137,7 +137,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     settings=(Setting("examples.digits", 0.5),),
-    strategies=("uniform", "annealing", "netadapt", "optuna"),
+    strategies=("uniform", "uniform_trained", "annealing", "netadapt", "optuna"),
     seeds=1,
     correlation=Setting("examples.digits", 0.5),
     correlation_samples=6,
