@@ -442,18 +442,7 @@ class AnnealingSearch:
         steps = 1 + math.ceil(
             math.log(config.stop_temperature / config.start_temperature) / math.log(config.cool_down_rate)
         )
-        total = steps if state.max_trials is None else min(steps, state.max_trials)
-        return state.model_copy(
-            update={
-                "run": run,
-                "progress": float(len(run.history)),
-                "progress_total": float(total),
-                "rng": RandomState.capture(rng),
-                "best_key": run.best_key,
-                "best_score": run.best_score,
-                "best_distribution": run.best_distribution,
-            }
-        )
+        return _told(state, {"run": run}, len(run.history), steps, rng, run)
 
 
     def _start_pattern(self, problem: SearchProblem) -> AnnealingState:
@@ -495,19 +484,32 @@ class AnnealingSearch:
         self, state: AnnealingState, chain: PatternChain, results: list[Result], rng: random.Random
     ) -> AnnealingState:
         chain = pattern_tell(chain, results, self.config, state.problem, rng)
-        total = self.config.proposals() if state.max_trials is None else min(self.config.proposals(), state.max_trials)
-        progress = chain.progress
-        return state.model_copy(
-            update={
-                "pattern": chain,
-                "progress": float(len(progress.history)),
-                "progress_total": float(total),
-                "rng": RandomState.capture(rng),
-                "best_key": progress.best_key,
-                "best_score": progress.best_score,
-                "best_distribution": progress.best_distribution,
-            }
-        )
+        return _told(state, {"pattern": chain}, len(chain.progress.history), self.config.proposals(), rng,
+                     chain.progress)
+
+
+def _told(
+    state: AnnealingState,
+    chain: dict[str, object],
+    told: int,
+    planned: int,
+    rng: random.Random,
+    best: AnnealingRun | PatternProgress,
+) -> AnnealingState:
+    """``state`` after a tell: the updated ``chain`` field, progress (``told`` of ``planned`` proposals, capped by
+    ``max_trials``), the generator and the best so far as the chain keeps it."""
+    total = planned if state.max_trials is None else min(planned, state.max_trials)
+    return state.model_copy(
+        update={
+            **chain,
+            "progress": float(told),
+            "progress_total": float(total),
+            "rng": RandomState.capture(rng),
+            "best_key": best.best_key,
+            "best_score": best.best_score,
+            "best_distribution": best.best_distribution,
+        }
+    )
 
 
 def _stop_reason(state: AnnealingState, config: AnnealingConfig) -> str:

@@ -20,6 +20,7 @@ target as the constraint (see :mod:`pruning.search.pattern`).
 
 from __future__ import annotations
 
+import random
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -155,19 +156,30 @@ class OptunaSearch:
             else:
                 asked = study.ask(spaces)
                 params = {name: float(asked.params[name]) for name in pruning.unit_names()}
-            distribution = rescale(params, target, pruning)
-            key = f"optuna-{number}"
-            trials.append(OptunaTrial(number=number, key=key, params=params, distribution=distribution))
-            jobs.append(
-                Job(
-                    key=key,
-                    kind="finetune_and_evaluate" if self.config.finetune_epochs else "evaluate",
-                    distribution=distribution,
-                    finetune_epochs=self.config.finetune_epochs,
-                    context={"iteration": number, "trial": number},
-                    budget_ratio=budget_ratio(state.problem),
-                )
-            )
+            trial, job = self._trial(number, params, rescale(params, target, pruning), budget_ratio(state.problem))
+            trials.append(trial)
+            jobs.append(job)
+        return self._asked(state, trials, jobs, rng)
+
+    def _trial(
+        self, number: int, params: dict[str, float], distribution: dict[str, float], ratio: float | None = None
+    ) -> tuple[OptunaTrial, Job]:
+        """Trial ``number``'s record and its job (projected onto ``ratio`` when the experiment has a budget)."""
+        key = f"optuna-{number}"
+        job = Job(
+            key=key,
+            kind="finetune_and_evaluate" if self.config.finetune_epochs else "evaluate",
+            distribution=distribution,
+            finetune_epochs=self.config.finetune_epochs,
+            context={"iteration": number, "trial": number},
+            budget_ratio=ratio,
+        )
+        return OptunaTrial(number=number, key=key, params=params, distribution=distribution), job
+
+    @staticmethod
+    def _asked(
+        state: OptunaState, trials: list[OptunaTrial], jobs: list[Job], rng: random.Random
+    ) -> tuple[OptunaState, list[Job]]:
         update = {
             "trials": [*state.trials, *trials],
             "pending": jobs,
@@ -281,24 +293,10 @@ class OptunaSearch:
                     if ",".join(chosen_units(distribution)) not in seen:
                         break
             seen.add(",".join(chosen_units(distribution)))
-            key = f"optuna-{number}"
-            trials.append(OptunaTrial(number=number, key=key, params=dict(distribution), distribution=distribution))
-            jobs.append(
-                Job(
-                    key=key,
-                    kind="finetune_and_evaluate" if self.config.finetune_epochs else "evaluate",
-                    distribution=distribution,
-                    finetune_epochs=self.config.finetune_epochs,
-                    context={"iteration": number, "trial": number},
-                )
-            )
-        update = {
-            "trials": [*state.trials, *trials],
-            "pending": jobs,
-            "trials_asked": state.trials_asked + len(jobs),
-            "rng": RandomState.capture(rng),
-        }
-        return state.model_copy(update=update), jobs
+            trial, job = self._trial(number, dict(distribution), distribution)
+            trials.append(trial)
+            jobs.append(job)
+        return self._asked(state, trials, jobs, rng)
 
     def _tell_pattern(self, state: OptunaState, progress: PatternProgress, results: list[Result]) -> OptunaState:
         by_key = {r.key: r for r in results}
