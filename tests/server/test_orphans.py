@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -64,16 +64,6 @@ def _cmdline(pid: int) -> str:
 
 def alive(pids: set[int]) -> set[int]:
     return pids & set(_parents())
-
-
-def _wait_for(condition, what: str, timeout: float = 120):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _task_process_running(root: int) -> set[int]:
@@ -128,11 +118,11 @@ def _serve_and_submit(env: dict[str, str], home: Path, spawned: list[set[int]]) 
             assert serve.poll() is None, (home / "cli.log").read_text()[-3000:]
             return False
 
-    _wait_for(up, "the API")
+    wait_until(up, "the API")
     key = (home / "api-key").read_text().strip()
     response = httpx.post(f"{url}/experiments", json=SPEC, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert response.status_code == 201, response.text
-    _wait_for(lambda: _evaluating(env), "the user's evaluator to run")  # mid-job, not idle between requests
+    wait_until(lambda: _evaluating(env), "the user's evaluator to run")  # mid-job, not idle between requests
     pids = _task_process_running(serve.pid)
     spawned.append(pids)
     return serve, pids
@@ -174,7 +164,7 @@ def test_sigint_to_the_demo_pid_stops_everything(
     port = free_port()
     demo = _start(["demo", "--port", str(port), "--spec", str(spec)], env, tmp_path)
     spawned.append({demo.pid})
-    _wait_for(lambda: _evaluating(env), "the user's evaluator to run")
+    wait_until(lambda: _evaluating(env), "the user's evaluator to run")
     pids = _task_process_running(demo.pid)
     spawned.append(pids)
     os.kill(demo.pid, signal.SIGINT)  # its own pid, not the process group

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select, update
@@ -18,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from server.db.models import Event, Experiment, Trial
 from server.services.runs import SEARCH_TRIAL
-from tests.conftest import LiveService, _run_live, wait_terminal
+from tests.conftest import LiveService, _run_live, wait_terminal, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,16 +52,6 @@ def engine(live: LiveService) -> Iterator[Engine]:
 def _executions(live: LiveService) -> int:
     path = live.home / "evaluations.txt"
     return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def _wait(condition: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _expected_executions(engine: Engine, experiment_id: int) -> int:
@@ -135,7 +123,7 @@ class TestTwoWorkersServices:
                     return holder, running
                 return None
 
-            holder, seq = _wait(mid_job, "the second job to be mid-run")
+            holder, seq = wait_until(mid_job, "the second job to be mid-run")
             child_pid = int(holder.rsplit(":", 1)[1])
             parent_pid = int(Path(f"/proc/{child_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             victim = next(w for w in live.workers if w.pid == parent_pid)
@@ -167,7 +155,7 @@ class TestQueueBehindABusyWorker:
         with live.http() as client:
             busy = client.post("/experiments", json={**ANNEALING, "stop_temperature": 1,
                                                      "cool_down_rate": 0.99}).json()["id"]
-            _wait(lambda: client.get(f"/experiments/{busy}").json()["status"] == "running", "the busy run")
+            wait_until(lambda: client.get(f"/experiments/{busy}").json()["status"] == "running", "the busy run")
             waiting = [client.post("/experiments", json={**UNIFORM, "name": f"waiting {i}"}).json()["id"]
                        for i in range(100)]
             assert client.get(f"/experiments/{busy}").json()["status"] == "running"
@@ -175,7 +163,7 @@ class TestQueueBehindABusyWorker:
             def lost_send(count: int) -> int:
                 # As if the API's send after its commit had failed: stored, queued, no message.
                 created = client.post("/experiments", json={**UNIFORM, "name": "lost"}).json()["id"]
-                _wait(lambda: messages() >= count, "the lost one's message")  # the API did send it: take it out
+                wait_until(lambda: messages() >= count, "the lost one's message")  # the API did send it: take it out
                 with engine.begin() as conn:
                     conn.execute(update(Experiment).where(Experiment.id == created).values(enqueued_at=None))
                 for path in queue.iterdir():
@@ -195,9 +183,9 @@ class TestQueueBehindABusyWorker:
             # Two lost sends, each found by the reaper after the grace: by the second, every waiting experiment
             # has been older than the grace for several reaper rounds, and none was sent again.
             first = lost_send(len(waiting) + 1)
-            _wait(lambda: resent(first), "the reaper to send the first lost experiment", timeout=60)
+            wait_until(lambda: resent(first), "the reaper to send the first lost experiment", timeout=60)
             second = lost_send(len(waiting) + 2)
-            _wait(lambda: resent(second), "the reaper to send the second lost experiment", timeout=60)
+            wait_until(lambda: resent(second), "the reaper to send the second lost experiment", timeout=60)
             assert client.get(f"/experiments/{busy}").json()["status"] == "running", "not busy for the whole test"
             with engine.connect() as conn:
                 queued = conn.execute(select(func.count()).where(Experiment.status == "queued")).scalar()
