@@ -7,7 +7,7 @@ median wall time per trial in steady state (the search's own trials, without the
 process) for both trees, and their ratio. Make the baseline tree with ``git archive``:
 
     mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before
-    python -m bench.orchestration_ab --baseline /tmp/before [--rounds 3] [--trials 40]
+    python -m bench.orchestration_ab --baseline /tmp/before [--rounds 3] [--trials 40] [--settle 8]
 
 The baseline's own ``bench/service.py`` is not used: only its service code runs (``PYTHONPATH``), so the same
 measurement applies to both. Absolute times depend on the machine's load (2 shared cores here); the ratio, taken
@@ -28,14 +28,14 @@ from bench.service import orchestration
 METRICS = ("steady_wall_per_trial_ms", "steady_overhead_per_trial_ms", "wall_per_trial_ms", "start_up_s")
 
 
-def run(baseline: Path, rounds: int, trials: int, backends: list[str]) -> dict[str, Any]:
+def run(baseline: Path, rounds: int, trials: int, backends: list[str], settle_s: float = 0.0) -> dict[str, Any]:
     trees = {"baseline": baseline.resolve(), "this tree": ROOT}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {b: {t: [] for t in trees} for b in backends}
     for r in range(rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))  # alternate who goes first
         for backend in backends:
             for tree in order:
-                result = orchestration(backend, trials, code_root=trees[tree])
+                result = orchestration(backend, trials, code_root=trees[tree], settle_s=settle_s)
                 result["tree"], result["round"], result["load"] = tree, r, loadavg()
                 print(json.dumps(result, default=str), flush=True)
                 runs[backend][tree].append(result)
@@ -59,8 +59,10 @@ if __name__ == "__main__":
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--backends", default="embedded,postgres")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds between starting the worker and submitting (a worker that has been up a while)")
     args = parser.parse_args()
-    out = run(args.baseline, args.rounds, args.trials, args.backends.split(","))
+    out = run(args.baseline, args.rounds, args.trials, args.backends.split(","), args.settle)
     print(json.dumps(out["summary"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))

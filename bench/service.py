@@ -340,9 +340,11 @@ def api_throughput(quick: bool, baseline: Path | None = None) -> dict[str, Any]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def orchestration(backend: str, trials: int, code_root: Path | None = None) -> dict[str, Any]:
+def orchestration(backend: str, trials: int, code_root: Path | None = None, settle_s: float = 0.0) -> dict[str, Any]:
     """One no-op annealing run on ``backend`` (``embedded`` or ``postgres``); ``code_root`` runs the service from
-    another source tree (``bench.orchestration_ab`` compares a baseline commit with this one)."""
+    another source tree (``bench.orchestration_ab`` compares a baseline commit with this one). ``settle_s``: wait
+    that long after starting the worker before submitting, as a run submitted to a worker that has been up a
+    while (what a pre-warmed task process is for); 0 submits at once."""
     home = Path(tempfile.mkdtemp(prefix=f"prunehub-bench-orch-{backend}-"))
     procs = Processes(home)
     code = {"PYTHONPATH": str(code_root)} if code_root is not None else {}
@@ -355,6 +357,7 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None) -> d
             env = service_env(home, **code)
         url = procs.serve(env, free_port())
         procs.cli(env, "worker.log", "worker", "--loglevel", "WARNING")
+        time.sleep(settle_s)
         spec = {
             "name": f"noop annealing x{trials}",
             "entrypoint": "bench.tasks.noop",

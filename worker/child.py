@@ -122,6 +122,12 @@ def main(argv: list[str]) -> int:
     def answer(data: dict[str, Any]) -> None:
         answers.write(json.dumps(data).encode() + b"\n")
 
+    # Imported now, before the first request is read: a pre-warmed process (worker.isolation.prewarm) has them
+    # ready when a run's first job arrives, instead of that job paying for the torch import.
+    import torch  # noqa: F401
+
+    import pruning.jobs  # noqa: F401
+    import pruning.search.configs  # noqa: F401
     from pruning.artifacts import ArtifactStore
     from pruning.task import TaskError, load_task
 
@@ -135,7 +141,10 @@ def main(argv: list[str]) -> int:
         try:
             if task is None:
                 # The allow-list is enforced here again: the API is not the only way a row reaches a worker.
-                task = load_task(config["entrypoint"], config["allowed_prefixes"])
+                # A blank (pre-warmed) process gets its entrypoint and allow-list with each request.
+                entrypoint = config.get("entrypoint") or request.get("entrypoint")
+                allowed = config["allowed_prefixes"] if config.get("entrypoint") else request.get("allowed_prefixes")
+                task = load_task(entrypoint, allowed or [])
             if op == "resolve":
                 answer({"ok": True, **_resolve(task, request["config"], config.get("device", "cpu"))})
             elif op == "job":

@@ -34,6 +34,7 @@ __all__ = [
     "JobProcess",
     "JobTimedOut",
     "describe_exit",
+    "prewarm",
     "task_process",
 ]
 
@@ -91,11 +92,14 @@ class JobProcess:
     With ``bundle`` the child imports the entrypoint from that uploaded bundle instead of installed code, with a
     minimal environment and a ``sys.path`` without the service (:mod:`worker.bundles`); a bundle that cannot be
     used makes the request raise a fatal :class:`ChildError`.
+
+    With ``entrypoint=None`` the child is started *blank* (a pre-warmed spare, :func:`prewarm`): it imports torch
+    and the pruning library at once and learns its entrypoint from :meth:`bind` with the first request.
     """
 
     def __init__(
         self,
-        entrypoint: str,
+        entrypoint: str | None,
         allowed_prefixes: list[str],
         *,
         artifacts_dir: str,
@@ -115,6 +119,18 @@ class JobProcess:
         self._to_child: Any = None
         self._from_child: Any = None
         self._buffer = b""
+        self._started_blank = False
+
+    def bind(self, entrypoint: str, allowed_prefixes: list[str]) -> None:
+        """Give a blank child its entrypoint; every request to the running child carries it from now on (the
+        child loads the task on the first), and a replacement after a death is started with it."""
+        self.entrypoint, self.allowed_prefixes = entrypoint, allowed_prefixes
+
+    def start(self) -> None:
+        """Start the child now if none is running, without waiting for it: it imports torch while we go on."""
+        if self._process is None or self._process.poll() is not None:
+            self._cleanup()
+            self._start()
 
     def __enter__(self) -> JobProcess:
         return self
@@ -135,6 +151,7 @@ class JobProcess:
             "memory_limit_mb": self.memory_limit_mb,
             "parent_pid": os.getpid(),
         }
+        self._started_blank = self.entrypoint is None
         command = [sys.executable, "-m", "worker.child"]
         env: dict[str, str] | None = None
         cwd: str | None = None
@@ -209,10 +226,11 @@ class JobProcess:
         deadline: float | None = None,
     ) -> dict[str, Any]:
         """Send one request and wait for its answer, checking ``should_stop`` and ``deadline`` (monotonic)."""
-        if self._process is None or self._process.poll() is not None:
-            self._cleanup()
-            self._start()
+        self.start()
         assert self._process is not None
+        if self._started_blank:
+            # Checked by the child against this allow-list, exactly as a configured entrypoint is.
+            payload = {**payload, "entrypoint": self.entrypoint, "allowed_prefixes": self.allowed_prefixes}
         try:
             self._to_child.write(json.dumps({"op": op, **payload}).encode() + b"\n")
         except BrokenPipeError:
@@ -264,9 +282,38 @@ class JobProcess:
         return line
 
 
-# One idle task process per worker process, kept between experiments of the same entrypoint and settings so a
-# queue of small experiments does not pay an interpreter start and a torch import each. Created on first use.
+# One task process per worker process, created in that process (never at import time). ``_idle`` is the one kept
+# between experiments of the same entrypoint and settings, so a queue of small experiments does not pay an
+# interpreter start and a torch import each. ``_spare`` is a blank pre-warmed one (:func:`prewarm`), started when
+# the worker process starts and again whenever a task process is closed or killed, so the next run's first job
+# finds torch imported. There is never both an idle and a spare one: a worker holds one task process's memory.
 _idle: tuple[tuple[Any, ...], JobProcess] | None = None
+_spare: tuple[tuple[Any, ...], JobProcess] | None = None
+_warm_settings: tuple[str, str, int | None] | None = None
+
+
+def prewarm(*, artifacts_dir: str, device: str = "cpu", memory_limit_mb: int | None = None) -> None:
+    """Keep a blank task process ready in this worker process from now on: start one now (it imports torch and
+    the pruning library before any job arrives) and replace it whenever a task process is closed, killed or
+    crashes. Called once per worker process, after it started (a Celery pool process's init, not the prefork
+    parent, which must never hold a task process or touch CUDA). It does not wait for the import."""
+    global _warm_settings
+    _warm_settings = (artifacts_dir, device, memory_limit_mb)
+    _refill()
+
+
+def _refill() -> None:
+    """Start the blank spare when pre-warming is on and this process holds no task process."""
+    global _spare
+    if _warm_settings is None or _idle is not None or _spare is not None:
+        return
+    artifacts_dir, device, memory_limit_mb = _warm_settings
+    spare = JobProcess(None, [], artifacts_dir=artifacts_dir, device=device, memory_limit_mb=memory_limit_mb)
+    try:
+        spare.start()
+    except OSError:
+        return  # no process could be started now: the next job starts its own, as without pre-warming
+    _spare = (_warm_settings, spare)
 
 
 @contextmanager
@@ -280,11 +327,13 @@ def task_process(
     reuse: bool = True,
     bundle: BundleSource | None = None,
 ) -> Iterator[JobProcess]:
-    """A task process for ``entrypoint``: the parked one when it matches, else a new one. On a normal exit it is
-    parked for the next caller (``reuse``); after an error it is closed (a cancel, timeout or crash killed it
-    already, and a process that saw an unexpected error is not trusted again). The bundle is part of the match:
-    a process that imported one bundle's code (for one experiment) never runs another's."""
-    global _idle
+    """A task process for ``entrypoint``: the parked one when it matches, else the pre-warmed spare when the
+    settings match (not for a bundle, whose process starts from the bundle), else a new one. On a normal exit it
+    is parked for the next caller (``reuse``); after an error it is closed (a cancel, timeout or crash killed it
+    already, and a process that saw an unexpected error is not trusted again) and a new spare is started. The
+    bundle is part of the match: a process that imported one bundle's code (for one experiment) never runs
+    another's."""
+    global _idle, _spare
     key = (entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb, bundle)
     child: JobProcess | None = None
     if _idle is not None:
@@ -294,6 +343,14 @@ def task_process(
             child = idle_child
         else:
             idle_child.close()
+    if child is None and _spare is not None:
+        spare_settings, spare = _spare
+        _spare = None
+        if bundle is None and spare_settings == (artifacts_dir, device, memory_limit_mb) and spare.pid is not None:
+            spare.bind(entrypoint, allowed_prefixes)
+            child = spare
+        else:
+            spare.close()
     if child is None:
         child = JobProcess(
             entrypoint,
@@ -307,8 +364,10 @@ def task_process(
         yield child
     except BaseException:
         child.close()
+        _refill()
         raise
     if reuse and child.pid is not None:
         _idle = (key, child)
     else:
         child.close()
+        _refill()

@@ -53,8 +53,8 @@ def reset_context() -> None:
 
 def connect_signals() -> None:
     """Hook Celery's process signals (called by ``prunehub worker``, in its main process): each pool process dies
-    with the main process (a SIGKILLed worker leaves no pool process running its task under PID 1) and builds its
-    context."""
+    with the main process (a SIGKILLed worker leaves no pool process running its task under PID 1), builds its
+    context and starts its pre-warmed task process (:func:`worker.isolation.prewarm`)."""
     from celery.signals import worker_process_init
 
     from worker.child import die_with_parent
@@ -65,4 +65,10 @@ def connect_signals() -> None:
     def _init_process(**_kwargs: object) -> None:
         # The watchdog only: the pool may fork from a thread of the main process that ends before it does.
         die_with_parent(main_pid, deathsig=False)
-        get_context()
+        settings = get_context().settings
+        # The task process starts here, in the pool process, so the first job of a run finds torch imported; the
+        # prefork parent never starts one (nor touches CUDA).
+        from worker.isolation import prewarm
+
+        prewarm(artifacts_dir=str(settings.artifacts_dir), device=settings.device,
+                memory_limit_mb=settings.job_memory_limit_mb)
