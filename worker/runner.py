@@ -16,7 +16,8 @@ Two transports carry the emits, both after the commit that stored what they poin
   experiment's lease (:func:`run_inprocess`): no broker hop per job.
 
 Either way the database is the source of truth: a job whose trial already finished is not run again (the
-strategy is told its stored result), a job another worker holds under a live lease is skipped, and a step asked
+strategy is told its stored result), a job another worker holds under a live lease is not run (a broker delivery
+of it is dropped; the in-process run that holds the experiment waits for that lease to end), and a step asked
 twice (two advances racing) is inserted once.
 """
 
@@ -721,12 +722,39 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
         settings.worker_heartbeat_s,
         name=f"experiment {experiment_id}",
     )
+
+    def still_held(session: Session) -> bool:
+        experiment = session.get(Experiment, experiment_id)
+        return (experiment is not None and experiment.lease_owner == worker_id
+                and not ExperimentStatus(experiment.status).terminal)
+
+    # Jobs of this experiment that another worker's live trial lease held when this one came to them. The trial
+    # lease is renewed by its own heartbeat (and set when the job started), so a dead worker's trial lease outlives
+    # its experiment lease by up to a heartbeat: a worker that took over the stale experiment at once finds the
+    # job still "held". Dropping it ended this run with its step unfinished and the lease released; the reaper
+    # then re-sent the job and the experiment was claimed once more (an attempt lost to nothing). So it waits for
+    # the job's lease to go stale (and runs it) or for the job to finish (and tells it), while it holds the
+    # experiment: no job runs twice, and a run ends only when its experiment did or was taken over.
+    held_elsewhere: list[int] = []
+    announced: set[int] = set()
     with beat:
-        while transport.queue:
+        while transport.queue or held_elsewhere:
+            if not transport.queue:
+                if not transact(session_factory, still_held, give_up_after_s=settings.db_retry_s):
+                    break
+                time.sleep(settings.worker_heartbeat_s)
+                transport.emit([(EVALUATE, trial_id) for trial_id in held_elsewhere])
+                held_elsewhere.clear()
+                continue
             # Each use case waits out a database outage in its own transactions (transact).
             task, target_id = transport.queue.popleft()
             outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
             log.debug("%s(%s): %s", task, target_id, outcome)
+            if task == EVALUATE and outcome == "skipped":
+                if target_id not in announced:
+                    announced.add(target_id)
+                    log.info("trial %s is held under another worker's live lease; waiting for it", target_id)
+                held_elsewhere.append(target_id)
 
     def release(session: Session) -> str:
         experiment = session.get(Experiment, experiment_id, with_for_update=True)

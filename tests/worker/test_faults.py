@@ -78,9 +78,7 @@ def test_sigkill_mid_search_resumes_to_the_same_history(live: LiveService, spec:
         live.start_worker()  # its reaper finds the stale lease and re-enqueues the experiment
         final = wait_terminal(client, victim, timeout=300)
         assert final["status"] == "succeeded", (final, live.logs())
-        # At least the killed attempt and the resumed one. A third claim was seen twice in CI (netadapt, 2 cores
-        # under load: the resumed run's lease went stale once more); what must hold is the history, below.
-        assert final["attempts"] >= 2
+        assert final["attempts"] == 2, live.logs()
         assert _history(client, victim) == _history(client, reference)
         assert client.get(f"/experiments/{victim}/best").json()["distribution"] == (
             client.get(f"/experiments/{reference}/best").json()["distribution"]

@@ -97,6 +97,43 @@ def test_a_duplicate_delivery_exits_while_the_lease_is_live(env: tuple[Settings,
     assert _run(settings, factory, experiment_id) == "succeeded"
 
 
+def test_a_takeover_waits_for_the_dead_workers_job_lease_instead_of_dropping_it(
+    env: tuple[Settings, sessionmaker[Session]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker died mid-job. Its job's lease was renewed by the job's own heartbeat (and set when the job
+    # started), so it outlives the experiment's lease by up to a heartbeat: the next worker takes over the stale
+    # experiment while the job still looks held. It must wait for that lease to go stale and run the job, not skip
+    # it and drain (which released the experiment with its step unfinished: the reaper then re-sent the job and
+    # the experiment was claimed a third time, seen in CI as attempts == 3 after one SIGKILL).
+    settings, factory = env
+    settings = settings.model_copy(update={"lease_grace_s": 1.0})
+    experiment_id = _create(factory)
+    now = utcnow()
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.status, experiment.lease_owner, experiment.attempts = "running", "w-dead", 1
+        experiment.heartbeat_at = now - timedelta(seconds=settings.lease_grace_s + 0.1)  # just stale
+        job = Trial(experiment_id=experiment_id, seq=0, step=0, job_key="resolve", kind="resolve", status="running",
+                    lease_owner="w-dead", heartbeat_at=now, attempts=1, distribution={}, context={},
+                    extra={"job": {"kind": "resolve"}})
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    from server.services import runs
+
+    taken = []
+    take = runs.take_trial_lease
+    monkeypatch.setattr(runs, "take_trial_lease", lambda trial, worker: (taken.append(utcnow()), take(trial, worker)))
+    assert _run(settings, factory, experiment_id) == "succeeded"
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None and experiment.attempts == 2 and experiment.lease_owner is None
+        job = session.get(Trial, job_id)
+        assert job is not None and job.status == "succeeded" and job.attempts == 2  # run once more, by us
+    assert taken[0] >= now + timedelta(seconds=settings.lease_grace_s)  # not before its lease went stale
+
+
 def test_recorded_trials_are_replayed_not_re_evaluated(env: tuple[Settings, sessionmaker[Session]]) -> None:
     settings, factory = env
     experiment_id = _create(factory)
