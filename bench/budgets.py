@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, loadavg, spread
+from bench.common import ROOT, loadavg, search_in_process, spread
 
 FINAL_EPOCHS = 2
 CALIBRATION_BATCHES = 16
@@ -220,26 +220,6 @@ def _counting(task: Any) -> tuple[Any, dict[str, int]]:
     return dataclasses.replace(task, **replaced), counts
 
 
-def _search(config: Any, task: Any, problem: Any, store: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The in-process runner: ask, execute each job, tell, until the strategy asks for nothing."""
-    from pruning.jobs import execute_job
-    from pruning.search import make_strategy
-
-    strategy = make_strategy(config)
-    state = strategy.start(problem)
-    results: dict[str, Any] = {}
-    jobs: dict[str, Any] = {}
-    while True:
-        state, batch = strategy.ask(state)
-        if not batch:
-            break
-        out = [execute_job(task, problem, job, store) for job in batch]
-        results.update({r.key: r for r in out})
-        jobs.update({j.key: j for j in batch})
-        state = strategy.tell(state, out)
-    return state, results, jobs
-
-
 def _trace(state: Any) -> list[dict[str, Any]]:
     """Annealing's per-trial record: score, decision and the probability a worse-or-equal proposal had."""
     run = getattr(state, "run", None)
@@ -280,7 +260,7 @@ def run_one(setting: Setting, name: str, seed: int, final_epochs: int) -> dict[s
         problem = resolve_problem(task, config)
         row["uniform_sparsity"] = problem.pruning.target_sparsity
         t0 = time.perf_counter()
-        state, results, jobs = _search(config, task, problem, store)
+        state, results, jobs = search_in_process(config, task, problem, store)
         row |= {
             "wall_s": time.perf_counter() - t0,
             "evals": counts["evals"],

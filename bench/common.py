@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("PRUNEHUB_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 __all__ = [
+    "search_in_process",
     "PG_ADMIN_URL",
     "ROOT",
     "Processes",
@@ -191,3 +192,25 @@ def main(run: Callable[[bool], dict[str, Any]], doc: str | None) -> None:
     result = run(args.quick)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+def search_in_process(config: Any, task: Any, problem: Any, store: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A search run the way the in-process runner does it, without the service: ask, execute each job with the
+    worker's own executor, tell, until the strategy asks for nothing. Returns the final state and the results and
+    jobs by key."""
+    from pruning.jobs import execute_job
+    from pruning.search import make_strategy
+
+    strategy = make_strategy(config)
+    state = strategy.start(problem)
+    results: dict[str, Any] = {}
+    jobs: dict[str, Any] = {}
+    while True:
+        state, batch = strategy.ask(state)
+        if not batch:
+            break
+        out = [execute_job(task, problem, job, store) for job in batch]
+        results.update({r.key: r for r in out})
+        jobs.update({j.key: j for j in batch})
+        state = strategy.tell(state, out)
+    return state, results, jobs

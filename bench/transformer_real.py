@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import ROOT
+from bench.common import ROOT, search_in_process
 
 TASK = "bench.tasks.minilm"
 CONFIG_LIST = [{"op_types": ["Linear"]}]
@@ -114,8 +114,8 @@ def torch_pruning_uniform() -> nn.Module:
 
 def _search() -> dict[str, Any]:
     from pruning.artifacts import ArtifactStore
-    from pruning.jobs import execute_job, resolve_problem
-    from pruning.search import make_strategy, parse_algorithm_config
+    from pruning.jobs import resolve_problem
+    from pruning.search import parse_algorithm_config
     from pruning.task import load_task
 
     task = load_task(TASK)
@@ -124,18 +124,7 @@ def _search() -> dict[str, Any]:
     store = ArtifactStore(tempfile.mkdtemp(prefix="prunehub-bench-tfm-"))
     started = time.perf_counter()
     try:
-        strategy = make_strategy(config)
-        state = strategy.start(problem)
-        results: dict[str, Any] = {}
-        jobs: dict[str, Any] = {}
-        while True:
-            state, batch = strategy.ask(state)
-            if not batch:
-                break
-            out = [execute_job(task, problem, job, store) for job in batch]
-            results.update({r.key: r for r in out})
-            jobs.update({j.key: j for j in batch})
-            state = strategy.tell(state, out)
+        state, results, jobs = search_in_process(config, task, problem, store)
     finally:
         shutil.rmtree(store.root, ignore_errors=True)
     if state.best_key is None:
