@@ -97,7 +97,7 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
     if algorithm not in _STRATEGIES:
         raise ValueError(f"no strategy for algorithm {algorithm!r}; known: {ALGORITHMS}")
     module, search, _ = _STRATEGIES[algorithm]
-    finalists = config.candidate_eval.finalists
+    finalists = config.finalist_count
     if not finalists:
         return getattr(import_module(module), search)(config)  # type: ignore[no-any-return]
     from pruning.search.finalists import FinalistSearch, reserve

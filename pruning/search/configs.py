@@ -50,6 +50,9 @@ GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 PATTERN_SEARCH_ALGOS = frozenset({"annealing", "optuna"})
 # Strategies that only choose a distribution: their best candidates can be re-scored by a finalist round.
 FINALIST_ALGOS = frozenset({"annealing", "optuna", "sensitivity"})
+# Their finalist round by default under a physical budget (the product's promise: never worse than uniform-at-budget
+# after the same short fine-tune).
+DEFAULT_FINALISTS = 3
 
 
 # Every boundary model of a config: unknown fields are errors, numbers are finite, and types are strict, so
@@ -85,12 +88,13 @@ class CandidateEval(BaseModel):
     finetune_epochs: int | None = Field(
         default=None, ge=0, le=1000, description="fine-tuning epochs of each candidate (same as finetune_epochs)"
     )
-    finalists: int = Field(
-        default=0,
+    finalists: int | None = Field(
+        default=None,
         ge=0,
         le=32,
         description="after the search, fine-tune its best this-many distinct candidates and uniform-at-budget "
-        f"finalist_epochs each and hand out the best of them ({sorted(FINALIST_ALGOS)}; 0: off)",
+        f"finalist_epochs each and hand out the best of them ({sorted(FINALIST_ALGOS)}; 0: off; default: "
+        f"{DEFAULT_FINALISTS} with a budget, else 0)",
     )
     finalist_epochs: int = Field(default=1, ge=1, le=1000, description="fine-tuning epochs of each finalist")
 
@@ -162,22 +166,39 @@ class SearchCommon(BaseModel):
                 )
         return self
 
-    def _finalists_apply(self) -> None:
-        finalists = self.candidate_eval.finalists
-        if not finalists:
-            return
+    @property
+    def finalist_count(self) -> int:
+        """How many of the search's candidates its finalist round fine-tunes besides uniform (0: no round).
+        Unset, it is :data:`DEFAULT_FINALISTS` for a budgeted search that can have one, else 0."""
+        given = self.candidate_eval.finalists
+        if given is not None:
+            return given
+        if self.budget is None or self._finalists_refused() is not None:
+            return 0
+        if getattr(self, "curves", None) is not None:
+            return 0  # re-allocating stored curves is asked to be quick: no training unless asked for
+        return DEFAULT_FINALISTS
+
+    def _finalists_refused(self) -> str | None:
+        """Why this config cannot have a finalist round, or ``None`` when it can."""
         algorithm = getattr(self, "algorithm", None)
         if algorithm not in FINALIST_ALGOS:
-            raise ValueError(
-                f"candidate_eval.finalists: a finalist round re-scores the distributions a search chose "
-                f"({sorted(FINALIST_ALGOS)}); {algorithm!r} trains as it searches, its best is already fine-tuned"
+            return (
+                f"a finalist round re-scores the distributions a search chose ({sorted(FINALIST_ALGOS)}); "
+                f"{algorithm!r} trains as it searches, its best is already fine-tuned"
             )
         if getattr(self, "score_target_drop", None) is not None:
-            raise ValueError("candidate_eval.finalists: a pattern search (score_target_drop) has no finalist round")
+            return "a pattern search (score_target_drop) has no finalist round"
         if list(getattr(self, "objectives", ["score"])) != ["score"]:
-            raise ValueError(
-                'candidate_eval.finalists: finalists are chosen on the score; objectives must be ["score"]'
-            )
+            return 'finalists are chosen on the score; objectives must be ["score"]'
+        return None
+
+    def _finalists_apply(self) -> None:
+        if not self.candidate_eval.finalists:
+            return
+        refused = self._finalists_refused()
+        if refused is not None:
+            raise ValueError(f"candidate_eval.finalists: {refused}")
 
     def epoch_terms(self) -> list[EpochTerm]:
         """The trainer epochs this config's schedule asks for, term by term; their sum estimates the experiment's
@@ -187,7 +208,7 @@ class SearchCommon(BaseModel):
         """
         count_text, count = self._candidates()
         terms = [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
-        finalists = self.candidate_eval.finalists
+        finalists = self.finalist_count
         if finalists:
             terms.append(
                 EpochTerm(

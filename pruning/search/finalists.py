@@ -150,6 +150,8 @@ class FinalistSearch:
                 "done": False,
                 "finalists": rounds,
                 "trials_asked": state.trials_asked + len(finalists),
+                # The round's jobs join the progress the inner search reported (a search's own unit: trials).
+                "progress_total": (state.progress_total or state.progress or 0.0) + len(finalists),
                 "phase": f"finalists: fine-tuning {len(finalists)} candidate(s) {self.epochs} epoch(s) each",
             }
             return state.model_copy(update=update), finalists
@@ -194,7 +196,7 @@ class FinalistSearch:
                 TrialRecord(key=job.key, score=score, resource=result.budget_ratio, decision="finalist",
                             context=job.context)
             )
-        update: dict[str, Any] = {"done": True, "phase": None}
+        update: dict[str, Any] = {"done": True, "phase": None, "progress": state.progress_total}
         if best_key is not None:
             history = [r.model_copy(update={"decision": "chosen"}) if r.key == best_key else r for r in history]
             update |= {"best_key": best_key, "best_score": best_score}

@@ -37,21 +37,26 @@ def test_sensitivity_profiles_allocates_and_reallocates_over_http(live_embedded:
         trials = _trials(client, experiment_id)
         by_stage: dict[str, list[dict]] = {}
         for trial in trials:
-            by_stage.setdefault(trial["context"]["stage"], []).append(trial)
+            # The search's own stages, then the finalist round a budget brings by default.
+            by_stage.setdefault(trial["context"].get("stage") or trial["context"]["phase"], []).append(trial)
         # digits has three convolutions: the baseline, one profile per unit at 0.5, the allocation and uniform.
         assert [len(by_stage[s]) for s in ("baseline", "profile", "candidate")] == [1, 3, 2]
+        finalists = by_stage["finalists"]  # uniform-at-budget and the candidates that are not uniform, fine-tuned
+        assert finalists[0]["job_key"] == "finalist-uniform" and 1 <= len(finalists) <= 3
         assert all(t["status"] == "succeeded" for t in trials)
         assert by_stage["baseline"][0]["flops_ratio"] == pytest.approx(1.0)
         for trial in by_stage["profile"]:
             assert trial["context"]["decision"] == "profiled"
             pruned = [name for name, value in trial["distribution"].items() if value > 0]
             assert pruned == [trial["context"]["unit"]] and trial["flops_ratio"] < 1.0
-        for trial in by_stage["candidate"]:  # projected onto the budget and measured on the shrunk model
+        for trial in by_stage["candidate"] + finalists:  # projected onto the budget, measured on the shrunk model
             assert trial["feasible"] is True and trial["budget_ratio"] <= 0.35 + 0.01
-            assert trial["context"]["decision"] in ("chosen", "candidate")
-        chosen = [t for t in by_stage["candidate"] if t["context"]["decision"] == "chosen"]
+            assert trial["context"]["decision"] in ("chosen", "candidate", "finalist")
+        assert all(t["kind"] == "finetune_and_evaluate" for t in finalists)
+        # The experiment's best is the finalist that scored best after its fine-tune.
+        chosen = [t for t in trials if t["context"].get("decision") == "chosen" and t in finalists]
         assert [t["id"] for t in chosen] == [final["best"]["trial_id"]]
-        assert final["best_score"] == max(t["score"] for t in by_stage["candidate"])
+        assert final["best_score"] == max(t["score"] for t in finalists)
 
         curves = client.get(f"/experiments/{experiment_id}/sensitivity").json()
         assert curves["resource"] == "flops" and curves["reused"] is False
@@ -69,7 +74,8 @@ def test_sensitivity_profiles_allocates_and_reallocates_over_http(live_embedded:
         second = wait_terminal(client, again.json()["id"], timeout=300)
         assert second["status"] == "succeeded", (second.get("error"), live_embedded.logs())
         reallocated = _trials(client, second["id"])
-        # No profiling: only the two candidates, each at the new budget.
+        # No profiling, and no finalist round by default when stored curves are re-allocated: only the two
+        # candidates, each at the new budget.
         assert [t["context"]["stage"] for t in reallocated] == ["candidate", "candidate"]
         assert all(t["feasible"] and t["budget_ratio"] <= 0.5 + 0.01 for t in reallocated)
         reused = client.get(f"/experiments/{second['id']}/sensitivity").json()

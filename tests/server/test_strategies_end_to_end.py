@@ -105,8 +105,14 @@ def test_searches_under_a_flops_budget_over_http(live_embedded: LiveService) -> 
             assert best["flops_ratio"] <= 0.35 + 0.01
             bests[algorithm] = best
             if algorithm == "annealing":
-                decided = [t for t in trials if "decision" in t["context"]]
+                searched = [t for t in trials if t["context"].get("phase") != "finalists"]
+                decided = [t for t in searched if "decision" in t["context"]]
                 assert decided and all(t["context"]["decision"] in ("accepted", "rejected") for t in decided)
+                # Then the finalist round a budget brings by default: the best is the finalist chosen there.
+                finalists = [t for t in trials if t["context"].get("phase") == "finalists"]
+                assert finalists and finalists[0]["job_key"] == "finalist-uniform"
+                chosen = [t for t in finalists if t["context"]["decision"] == "chosen"]
+                assert [t["id"] for t in chosen] == [best["trial_id"]]
                 worse = [t for t in decided if "acceptance_probability" in t["context"]]
                 assert all(0.0 <= t["context"]["acceptance_probability"] <= 1.0 for t in worse)
         # Uniform-at-budget is one sparsity for every unit; the searches start from or around it.

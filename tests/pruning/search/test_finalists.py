@@ -66,6 +66,23 @@ def test_uniform_and_the_best_distinct_candidates_are_fine_tuned_once_each(name:
     scores = {job.key: run.results[job.key].score for job in finalists}
     assert all(run.results[job.key].feasible for job in finalists)
     assert run.state.best_key == max(scores, key=lambda key: scores[key] or 0.0)
+    # Progress ends complete, the round included.
+    assert run.state.progress is not None and run.state.progress == run.state.progress_total
+
+
+def test_a_budget_brings_the_round_by_default_and_zero_turns_it_off() -> None:
+    problem = fake_problem(budget=BUDGET)
+    raw = {**SEARCHES["annealing"], "config_list": CONFIG_LIST, "budget": BUDGET}
+    assert parse_algorithm_config(raw).finalist_count == 3
+    assert _finalists(drive(raw, problem, FakeExecutor(), check_resume=False))
+    off = drive({**raw, "candidate_eval": {"finalists": 0}}, problem, FakeExecutor(), check_resume=False)
+    assert not _finalists(off)
+    # Without a budget (the config-list-sparsity mode, as NNI users know it) there is no round unless asked.
+    plain = {**SEARCHES["annealing"], "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}]}
+    assert parse_algorithm_config(plain).finalist_count == 0
+    # Strategies without a round are not given one by default, and say so when asked for one.
+    assert parse_algorithm_config({"algorithm": "netadapt", "config_list": CONFIG_LIST,
+                                   "budget": BUDGET}).finalist_count == 0
 
 
 @pytest.mark.parametrize("name", list(SEARCHES))

@@ -196,8 +196,10 @@ def test_reused_curves_ask_no_profiling_job_and_every_candidate_is_projected() -
 
 def test_decisions_and_progress_are_recorded() -> None:
     problem = fake_problem(budget={"params": 0.4})
+    # The search's own decisions, without the finalist round a budget brings by default (test_finalists covers it).
     run = drive({"algorithm": "sensitivity", "config_list": BUDGET_LIST, "budget": {"params": 0.4},
-                 "levels": [0.75], "refine_candidates": 1}, problem, FakeExecutor())
+                 "levels": [0.75], "refine_candidates": 1, "candidate_eval": {"finalists": 0}}, problem,
+                FakeExecutor())
     state = run.state
     history = {record.key: record.decision for record in state.history}  # type: ignore[attr-defined]
     assert history["sensitivity-baseline"] == "baseline"
