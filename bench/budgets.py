@@ -303,7 +303,8 @@ def run_one(setting: Setting, name: str, seed: int, final_epochs: int) -> dict[s
                 store,
             )
             row["score_from_pretrained"] = alone.score if alone.status == "succeeded" else None
-            row["finalist"] = state.best_key
+        if getattr(state, "finalists", None) is not None:
+            row["finalist"] = state.best_key  # the finalist chosen, or the guarded search's own best
         row |= {
             "status": "succeeded",
             "search_score": best.score,

@@ -98,15 +98,17 @@ def make_strategy(config: SearchCommon | dict[str, Any]) -> Strategy[Any]:
         raise ValueError(f"no strategy for algorithm {algorithm!r}; known: {ALGORITHMS}")
     module, search, _ = _STRATEGIES[algorithm]
     finalists = config.finalist_count
-    if not finalists:
+    guarded = config.uniform_guarded
+    if not finalists and not guarded:
         return getattr(import_module(module), search)(config)  # type: ignore[no-any-return]
     from pruning.search.finalists import FinalistSearch, reserve
 
     limit = config.max_trials
-    if limit is not None:  # the finalist round's trials come out of max_trials
+    if limit is not None:  # the round's trials come out of max_trials
         config = config.model_copy(update={"max_trials": reserve(limit, finalists)})
     inner = getattr(import_module(module), search)(config)
-    return FinalistSearch(inner, finalists, config.candidate_eval.finalist_epochs, max_trials=limit)
+    epochs = config.candidate_eval.finalist_epochs
+    return FinalistSearch(inner, finalists, epochs, max_trials=limit, against_search=guarded)
 
 
 def state_type(algorithm: str) -> type[SearchState]:

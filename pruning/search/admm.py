@@ -26,6 +26,7 @@ from pruning.config import initial_distribution
 from pruning.search._common import TrialRecord, budget_ratio, evaluated_distribution, meets_goal, trial_budget
 from pruning.search.base import Job, Result, SearchProblem, SearchState
 from pruning.search.configs import ADMMConfig
+from pruning.search.finalists import FinalistsState
 
 __all__ = ["ADMMSearch", "ADMMState", "admm_artifacts", "admm_job", "execute"]
 
@@ -46,6 +47,7 @@ class ADMMState(SearchState):
     pending: list[Job] = Field(default_factory=list)
     history: list[TrialRecord] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
+    finalists: FinalistsState | None = None  # the uniform guard (pruning.search.finalists), under a budget
 
 
 def admm_job(

@@ -36,6 +36,7 @@ from pruning.search.admm import admm_artifacts, admm_job
 from pruning.search.annealing import AnnealingRun, anneal_ask, anneal_start, anneal_tell
 from pruning.search.base import Job, RandomState, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AutoCompressConfig
+from pruning.search.finalists import FinalistsState
 
 __all__ = ["AutoCompressSearch", "AutoCompressState", "RoundRecord"]
 
@@ -79,6 +80,7 @@ class AutoCompressState(SearchState):
     final_round: int | None = None
     pending: list[Job] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
+    finalists: FinalistsState | None = None  # the uniform guard (pruning.search.finalists), under a budget
 
 
 class AutoCompressSearch:

@@ -50,6 +50,8 @@ GLOBAL_RANKING_ALGOS = frozenset({"level", "l1", "l2", "slim"})
 PATTERN_SEARCH_ALGOS = frozenset({"annealing", "optuna"})
 # Strategies that only choose a distribution: their best candidates can be re-scored by a finalist round.
 FINALIST_ALGOS = frozenset({"annealing", "optuna", "sensitivity"})
+# Strategies that train while they search: under a budget, uniform-at-budget fine-tuned briefly guards their best.
+GUARD_ALGOS = frozenset({"netadapt", "admm", "autocompress", "agp", "iterative", "lottery_ticket"})
 # Their finalist round by default under a physical budget (the product's promise: never worse than uniform-at-budget
 # after the same short fine-tune).
 DEFAULT_FINALISTS = 3
@@ -97,6 +99,11 @@ class CandidateEval(BaseModel):
         f"{DEFAULT_FINALISTS} with a budget, else 0)",
     )
     finalist_epochs: int = Field(default=1, ge=1, le=1000, description="fine-tuning epochs of each finalist")
+    uniform_guard: bool | None = Field(
+        default=None,
+        description="after a strategy that trains while it searches: fine-tune uniform-at-budget finalist_epochs "
+        f"and hand it out when it beats the search's best ({sorted(GUARD_ALGOS)}; default: on with a budget)",
+    )
 
 
 class SearchCommon(BaseModel):
@@ -193,7 +200,25 @@ class SearchCommon(BaseModel):
             return 'finalists are chosen on the score; objectives must be ["score"]'
         return None
 
+    @property
+    def uniform_guarded(self) -> bool:
+        """Whether uniform-at-budget, fine-tuned ``finalist_epochs``, may replace this training strategy's best
+        (:class:`pruning.search.finalists.FinalistSearch` with ``against_search``). Unset: on with a budget."""
+        if getattr(self, "algorithm", None) not in GUARD_ALGOS:
+            return False
+        given = self.candidate_eval.uniform_guard
+        return self.budget is not None if given is None else given
+
     def _finalists_apply(self) -> None:
+        algorithm = getattr(self, "algorithm", None)
+        if self.candidate_eval.uniform_guard is not None and algorithm not in GUARD_ALGOS:
+            raise ValueError(
+                f"candidate_eval.uniform_guard: applies to the strategies that train while they search "
+                f"({sorted(GUARD_ALGOS)}); {algorithm!r} "
+                + ("has uniform among its finalists" if algorithm in FINALIST_ALGOS else "is the baseline itself")
+            )
+        if self.candidate_eval.uniform_guard and self.budget is None:
+            raise ValueError("candidate_eval.uniform_guard: uniform-at-budget needs a budget")
         if not self.candidate_eval.finalists:
             return
         refused = self._finalists_refused()
@@ -207,16 +232,17 @@ class SearchCommon(BaseModel):
         The API refuses a config whose sum is over ``PRUNEHUB_MAX_EPOCHS_CAP``, naming the largest term's field.
         """
         count_text, count = self._candidates()
-        terms = [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
-        finalists = self.finalist_count
-        if finalists:
-            terms.append(
-                EpochTerm(
-                    "(finalists + 1) x finalist_epochs",
-                    "candidate_eval.finalist_epochs",
-                    (finalists + 1) * self.candidate_eval.finalist_epochs,
-                )
-            )
+        return [EpochTerm(f"{count_text} x finetune_epochs", "finetune_epochs", count * self.finetune_epochs)]
+
+    def training_terms(self) -> list[EpochTerm]:
+        """:meth:`epoch_terms` plus the round after the search (finalists, or the uniform guard)."""
+        terms = self.epoch_terms()
+        epochs = self.candidate_eval.finalist_epochs
+        if self.finalist_count:
+            terms.append(EpochTerm("(finalists + 1) x finalist_epochs", "candidate_eval.finalist_epochs",
+                                   (self.finalist_count + 1) * epochs))
+        elif self.uniform_guarded:
+            terms.append(EpochTerm("uniform guard: finalist_epochs", "candidate_eval.finalist_epochs", epochs))
         return terms
 
     def _candidates(self) -> tuple[str, int]:

@@ -50,6 +50,10 @@ class FinalistsState(BaseModel):
     leaders: list[Candidate] = Field(default_factory=list)  # the best ``count`` distinct candidates so far
     pending: list[Job] = Field(default_factory=list)  # the finalist jobs
     search_best_key: str | None = None  # the inner search's own best, kept when every finalist fails
+    search_best_score: float | None = None
+    # The uniform guard of a strategy that trains while it searches: its best is a trained model, so the round is
+    # uniform alone, and uniform wins only by beating that best's score.
+    against_search: bool = False
     max_trials: int | None = None  # the experiment's limit on trials, finalists included
     history: list[TrialRecord] = Field(default_factory=list)
 
@@ -114,11 +118,20 @@ def reserve(max_trials: int, count: int) -> int:
 class FinalistSearch:
     """``inner`` followed by the finalist round (see the module docstring). Same ask/tell contract."""
 
-    def __init__(self, inner: Strategy[Any], count: int, epochs: int, max_trials: int | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy[Any],
+        count: int,
+        epochs: int,
+        max_trials: int | None = None,
+        *,
+        against_search: bool = False,
+    ) -> None:
         self.inner = inner
         self.count = count
         self.epochs = epochs
         self.max_trials = max_trials  # the config's limit (the inner search's config is already reduced by the round)
+        self.against_search = against_search
 
     def start(self, problem: SearchProblem) -> SearchState:
         # ``max_trials`` covers the finalists too: the inner search gets what the round leaves it (at least one).
@@ -127,7 +140,8 @@ class FinalistSearch:
         if limit is not None:
             inner_problem = problem.model_copy(update={"max_trials": reserve(limit, self.count)})
         state = self.inner.start(inner_problem)
-        rounds = FinalistsState(count=self.count, epochs=self.epochs, max_trials=limit)
+        rounds = FinalistsState(count=self.count, epochs=self.epochs, max_trials=limit,
+                                against_search=self.against_search)
         return state.model_copy(update={"finalists": rounds, "problem": problem})
 
     def ask(self, state: Any) -> tuple[Any, list[Job]]:
@@ -136,7 +150,8 @@ class FinalistSearch:
             state, jobs = self.inner.ask(state)
             if jobs or not state.done:
                 return state.model_copy(update={"finalists": rounds.model_copy(update={"asked": jobs})}), jobs
-            if not rounds.leaders:  # nothing feasible to compare: the inner search's outcome stands
+            if not rounds.leaders and not (rounds.against_search and state.best_key is not None):
+                # nothing feasible to compare: the inner search's outcome stands
                 return state.model_copy(update={"finalists": rounds.model_copy(update={"phase": "done"})}), []
             finalists = choose_finalists(rounds, state.problem)
             if rounds.max_trials is not None:
@@ -144,16 +159,26 @@ class FinalistSearch:
             if not finalists:
                 return state.model_copy(update={"finalists": rounds.model_copy(update={"phase": "done"})}), []
             rounds = rounds.model_copy(
-                update={"phase": "finalists", "asked": [], "pending": finalists, "search_best_key": state.best_key}
+                update={
+                    "phase": "finalists",
+                    "asked": [],
+                    "pending": finalists,
+                    "search_best_key": state.best_key,
+                    "search_best_score": state.best_score,
+                }
             )
-            update = {
+            update: dict[str, Any] = {
                 "done": False,
                 "finalists": rounds,
                 "trials_asked": state.trials_asked + len(finalists),
-                # The round's jobs join the progress the inner search reported (a search's own unit: trials).
-                "progress_total": (state.progress_total or state.progress or 0.0) + len(finalists),
-                "phase": f"finalists: fine-tuning {len(finalists)} candidate(s) {self.epochs} epoch(s) each",
             }
+            if not rounds.against_search:
+                # The round's jobs join the progress the search reported (these searches count trials; the training
+                # strategies keep their own units and phase names, so the guard leaves both alone).
+                update |= {
+                    "progress_total": (state.progress_total or state.progress or 0.0) + len(finalists),
+                    "phase": f"finalists: fine-tuning {len(finalists)} candidate(s) {self.epochs} epoch(s) each",
+                }
             return state.model_copy(update=update), finalists
         if rounds.phase == "finalists":
             return state, list(rounds.pending)  # asked again before the tell (a resumed runner): the same jobs
@@ -196,7 +221,12 @@ class FinalistSearch:
                 TrialRecord(key=job.key, score=score, resource=result.budget_ratio, decision="finalist",
                             context=job.context)
             )
-        update: dict[str, Any] = {"done": True, "phase": None, "progress": state.progress_total}
+        update: dict[str, Any] = {"done": True}
+        if not rounds.against_search:
+            update |= {"phase": None, "progress": state.progress_total}
+        elif best_key is not None and rounds.search_best_key is not None and rounds.search_best_score is not None:
+            if not better(best_score, rounds.search_best_score, problem.optimize_mode):  # type: ignore[arg-type]
+                best_key = None  # the search's trained best stands
         if best_key is not None:
             history = [r.model_copy(update={"decision": "chosen"}) if r.key == best_key else r for r in history]
             update |= {"best_key": best_key, "best_score": best_score}

@@ -24,6 +24,7 @@ from pydantic import Field
 from pruning.search._common import TrialRecord, resource_value, trial_budget
 from pruning.search.base import Job, Result, SearchProblem, SearchState, better
 from pruning.search.configs import NetAdaptConfig
+from pruning.search.finalists import FinalistsState
 
 __all__ = ["NetAdaptSearch", "NetAdaptState", "execute"]
 
@@ -45,6 +46,7 @@ class NetAdaptState(SearchState):
     pending: list[Job] = Field(default_factory=list)
     history: list[TrialRecord] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
+    finalists: FinalistsState | None = None  # the uniform guard (pruning.search.finalists), under a budget
 
 
 class NetAdaptSearch:

@@ -41,6 +41,7 @@ from pruning.schedule import agp_sparsity
 from pruning.search._common import TrialRecord, budget_ratio, meets_goal, trial_budget
 from pruning.search.base import Job, JobKind, Result, SearchProblem, SearchState, better
 from pruning.search.configs import AGPConfig, IterativeConfig, LotteryTicketConfig
+from pruning.search.finalists import FinalistsState
 
 __all__ = [
     "AGPSearch",
@@ -85,6 +86,7 @@ class _ScheduleState(SearchState):
     history: list[TrialRecord] = Field(default_factory=list)
     best_distribution: dict[str, float] | None = None
     max_trials: int | None = None
+    finalists: FinalistsState | None = None  # the uniform guard (pruning.search.finalists), under a budget
 
 
 class AGPState(_ScheduleState):

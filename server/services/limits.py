@@ -70,7 +70,7 @@ def apply_caps(config: SearchCommon, config_json: dict[str, Any], limits: Limits
         )
     if config.max_minutes is None:
         config_json["max_minutes"] = limits.default_max_minutes
-    terms = config.epoch_terms()
+    terms = config.training_terms()
     total = sum(term.epochs for term in terms)
     if total > limits.max_epochs_cap:
         largest = max(terms, key=lambda term: term.epochs)

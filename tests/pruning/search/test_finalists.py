@@ -146,5 +146,57 @@ def test_finalists_are_refused_where_they_do_not_apply(raw: dict[str, Any], word
 def test_the_training_estimate_counts_the_finalists() -> None:
     config = parse_algorithm_config(_config("annealing", finalists=3) | {"candidate_eval": {"finalists": 3,
                                                                                             "finalist_epochs": 2}})
-    terms = {term.field: term.epochs for term in config.epoch_terms()}
+    terms = {term.field: term.epochs for term in config.training_terms()}
     assert terms["candidate_eval.finalist_epochs"] == 8
+
+
+# The uniform guard: strategies that train while they search hand out uniform-at-budget instead of their best only
+# when uniform, fine-tuned briefly, scores better than that trained best.
+TRAINING = {
+    "netadapt": {"algorithm": "netadapt", "short_term_finetune_epochs": 1},
+    "admm": {"algorithm": "admm", "num_iterations": 2, "retrain_epochs": 1},
+    "agp": {"algorithm": "agp", "end_step": 3, "frequency": 1},
+}
+
+
+class Penalising(Favouring):
+    def __call__(self, problem: SearchProblem, job: Job) -> Result:
+        result = FakeExecutor.__call__(self, problem, job)
+        if job.key == self.favoured and result.score is not None:
+            return result.model_copy(update={"score": result.score - 1.0})
+        return result
+
+
+@pytest.mark.parametrize("name", list(TRAINING))
+def test_the_uniform_guard_hands_out_uniform_only_when_it_beats_the_trained_best(name: str) -> None:
+    problem = fake_problem(budget=BUDGET)
+    raw = {**TRAINING[name], "config_list": CONFIG_LIST, "budget": BUDGET}
+    assert parse_algorithm_config(raw).uniform_guarded
+    won = drive(raw, problem, Favouring(UNIFORM_FINALIST))
+    (guard,) = _finalists(won)
+    assert guard.key == UNIFORM_FINALIST and guard.finetune_epochs == 1 and guard.budget_ratio == BUDGET["flops"]
+    assert won.state.best_key == UNIFORM_FINALIST
+    lost = drive(raw, problem, Penalising(UNIFORM_FINALIST), check_resume=False)
+    searched_best = lost.state.finalists.search_best_key  # type: ignore[attr-defined]
+    assert searched_best is not None and lost.state.best_key == searched_best
+    off = drive({**raw, "candidate_eval": {"uniform_guard": False}}, problem, FakeExecutor(), check_resume=False)
+    assert not _finalists(off)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"algorithm": "annealing", "budget": BUDGET, "candidate_eval": {"uniform_guard": True}}, "finalists"),
+        ({"algorithm": "uniform", "budget": BUDGET, "candidate_eval": {"uniform_guard": True}}, "baseline"),
+        ({"algorithm": "admm", "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}],
+          "candidate_eval": {"uniform_guard": True}}, "needs a budget"),
+    ],
+)
+def test_the_uniform_guard_is_refused_where_it_does_not_apply(raw: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        parse_algorithm_config({"config_list": CONFIG_LIST, **raw})
+
+
+def test_the_training_estimate_counts_the_uniform_guard() -> None:
+    config = parse_algorithm_config({**TRAINING["admm"], "config_list": CONFIG_LIST, "budget": BUDGET})
+    assert {term.field: term.epochs for term in config.training_terms()}["candidate_eval.finalist_epochs"] == 1
