@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.budgets import CONTROLS, TITLES  # noqa: E402
+from bench.budgets import CONTROLS, FINALIST_STRATEGIES, TITLES  # noqa: E402
 
 __all__ = ["budgets_md", "headline", "verdict"]
 
@@ -147,10 +147,14 @@ def _finalist_lines(b: dict[str, Any]) -> list[str]:
         "fine-tuned that one epoch) is the equal-training control. *vs uniform*: the table's gain; *vs "
         "uniform_trained*: the gain at equal training; *masks only*: the chosen distribution's masks on the "
         "pretrained weights, the same final fine-tuning, against uniform (what the distribution alone gives); "
-        "*uniform chosen*: runs whose finalist round handed out uniform. The strategies that train while they "
-        "search get a uniform guard under a budget (uniform fine-tuned 1 epoch replaces their best only when it "
-        "scores better); they are in the table too, *uniform chosen* counting the runs whose guard handed out "
-        "uniform (*masks only* does not apply to them: they hand out trained weights).",
+        "*uniform chosen*: runs whose finalist round handed out uniform."
+        + (
+            " The strategies that train while they search ran with the uniform guard (uniform fine-tuned 1 epoch "
+            "replaces their best only when it scores better); they are in the table too, *uniform chosen* "
+            "counting the runs whose guard handed out uniform (*masks only* does not apply to them)."
+            if any(r["method"] not in FINALIST_STRATEGIES for r in runs)
+            else ""
+        ),
         "",
         "| method | setting | vs uniform | vs uniform_trained | masks only | uniform chosen |",
         "|---|---|---|---|---|---|",

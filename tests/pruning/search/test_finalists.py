@@ -170,8 +170,10 @@ class Penalising(Favouring):
 @pytest.mark.parametrize("name", list(TRAINING))
 def test_the_uniform_guard_hands_out_uniform_only_when_it_beats_the_trained_best(name: str) -> None:
     problem = fake_problem(budget=BUDGET)
-    raw = {**TRAINING[name], "config_list": CONFIG_LIST, "budget": BUDGET}
-    assert parse_algorithm_config(raw).uniform_guarded
+    unguarded = {**TRAINING[name], "config_list": CONFIG_LIST, "budget": BUDGET}
+    assert not parse_algorithm_config(unguarded).uniform_guarded  # off unless asked for
+    assert not _finalists(drive(unguarded, problem, FakeExecutor(), check_resume=False))
+    raw = {**unguarded, "candidate_eval": {"uniform_guard": True}}
     won = drive(raw, problem, Favouring(UNIFORM_FINALIST))
     (guard,) = _finalists(won)
     assert guard.key == UNIFORM_FINALIST and guard.finetune_epochs == 1 and guard.budget_ratio == BUDGET["flops"]
@@ -179,8 +181,6 @@ def test_the_uniform_guard_hands_out_uniform_only_when_it_beats_the_trained_best
     lost = drive(raw, problem, Penalising(UNIFORM_FINALIST), check_resume=False)
     searched_best = lost.state.finalists.search_best_key  # type: ignore[attr-defined]
     assert searched_best is not None and lost.state.best_key == searched_best
-    off = drive({**raw, "candidate_eval": {"uniform_guard": False}}, problem, FakeExecutor(), check_resume=False)
-    assert not _finalists(off)
 
 
 @pytest.mark.parametrize(
@@ -198,5 +198,6 @@ def test_the_uniform_guard_is_refused_where_it_does_not_apply(raw: dict[str, Any
 
 
 def test_the_training_estimate_counts_the_uniform_guard() -> None:
-    config = parse_algorithm_config({**TRAINING["admm"], "config_list": CONFIG_LIST, "budget": BUDGET})
+    config = parse_algorithm_config({**TRAINING["admm"], "config_list": CONFIG_LIST, "budget": BUDGET,
+                                     "candidate_eval": {"uniform_guard": True}})
     assert {term.field: term.epochs for term in config.training_terms()}["candidate_eval.finalist_epochs"] == 1
