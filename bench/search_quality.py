@@ -7,7 +7,7 @@ held-out accuracy, overall sparsity (achieved, weighted by weight count), FLOPs 
 model, evaluator calls during the search, and wall time. NetAdapt budgets params, so it gets uniform's
 measured params ratio as its target. The pruning schedules (``agp``, ``iterative``, ``lottery_ticket``) and
 ``uniform-global`` (uniform's overall sparsity, one threshold across layers) are rows of the same table.
-Not a test: ``python bench/search_quality.py``.
+Not a test: ``python -m bench.search_quality``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import tempfile
 import time
 from typing import Any
 
+from bench.common import search_in_process
 from pruning.artifacts import ArtifactStore
 from pruning.config import overall_sparsity, resolve_config_list
 from pruning.jobs import execute_job
-from pruning.search import make_strategy
 from pruning.search.base import Job, Result, SearchProblem
 from pruning.task import Task, load_task
 
@@ -66,20 +66,7 @@ def executor(task: Task, problem: SearchProblem, store: ArtifactStore):  # type:
 
 
 def search(config: dict[str, Any], task: Task, problem: SearchProblem, store: ArtifactStore):  # type: ignore[no-untyped-def]
-    strategy = make_strategy(config)
-    state = strategy.start(problem)
-    execute = executor(task, problem, store)
-    results: dict[str, Result] = {}
-    jobs: dict[str, Job] = {}
-    while True:
-        state, batch = strategy.ask(state)
-        if not batch:
-            break
-        out = [execute(job) for job in batch]
-        results.update({r.key: r for r in out})
-        jobs.update({j.key: j for j in batch})
-        state = strategy.tell(state, out)
-    return state, results, jobs
+    return search_in_process(config, task, problem, store)
 
 
 def main() -> None:

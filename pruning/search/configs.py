@@ -207,8 +207,9 @@ class SearchCommon(BaseModel):
 
         Off unless asked for: it compares the models as handed out, and on our benchmark a search's trained best
         that scored below uniform-plus-an-epoch often finished above it after the user's own fine-tune (NetAdapt on
-        the residual net: +7.2 pt over uniform unguarded, -2.2 pt guarded; docs/benchmarks.md, section 1). It is
-        for users who deploy the handed-out model as it is."""
+        the residual net: +7.2 pt over uniform unguarded, -2.2 pt guarded, in ``python -m bench.run_all --full
+        --only budgets`` at commit 8d26772, where it was on by default). It is for users who deploy the handed-out
+        model as it is."""
         if getattr(self, "algorithm", None) not in GUARD_ALGOS:
             return False
         return bool(self.candidate_eval.uniform_guard)

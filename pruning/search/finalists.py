@@ -49,7 +49,7 @@ class FinalistsState(BaseModel):
     asked: list[Job] = Field(default_factory=list)  # the inner search's jobs awaiting their tell
     leaders: list[Candidate] = Field(default_factory=list)  # the best ``count`` distinct candidates so far
     pending: list[Job] = Field(default_factory=list)  # the finalist jobs
-    search_best_key: str | None = None  # the inner search's own best, kept when every finalist fails
+    search_best_key: str | None = None  # the inner search's own best when the round began (the guard compares it)
     search_best_score: float | None = None
     # The uniform guard of a strategy that trains while it searches: its best is a trained model, so the round is
     # uniform alone, and uniform wins only by beating that best's score.

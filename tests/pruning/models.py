@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +116,17 @@ class ConcatNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = torch.relu(torch.cat([self.a(x), self.b(x)], dim=1) + self.c(x))
         return self.fc(torch.relu(self.head(y)).mean(dim=(2, 3)))
+
+
+def model_factory(build: Callable[[], nn.Module], state: dict[str, Tensor]) -> Callable[[], nn.Module]:
+    """A task's ``model()``: a fresh ``build()`` holding the same ``state`` on every call."""
+
+    def model() -> nn.Module:
+        net = build()
+        net.load_state_dict(state)
+        return net
+
+    return model
 
 
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:

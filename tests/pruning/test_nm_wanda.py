@@ -14,7 +14,7 @@ from pruning.nm import nm_keep_mask, satisfies_pattern
 from pruning.pruner import compute_masks
 from pruning.search.configs import parse_algorithm_config
 from pruning.task import Task
-from tests.pruning.models import ThreeLinear
+from tests.pruning.models import ThreeLinear, model_factory
 
 
 class TwoLinear(nn.Module):
@@ -106,10 +106,7 @@ def test_uniform_job_exports_the_pattern(tmp_path) -> None:  # type: ignore[no-u
     torch.manual_seed(0)
     state = TwoLinear().state_dict()
 
-    def model() -> nn.Module:
-        net = TwoLinear()
-        net.load_state_dict(state)
-        return net
+    model = model_factory(TwoLinear, state)
 
     inputs = [torch.randn(4, 8) for _ in range(3)]
     task = Task(
@@ -140,10 +137,7 @@ def _owl_task() -> Task:
         # Planted outliers: every 4th weight of b is 100 times the largest initial weight.
         state["b.weight"].view(-1)[::4] = 25.0
 
-    def model() -> nn.Module:
-        net = ThreeLinear()
-        net.load_state_dict(state)
-        return net
+    model = model_factory(ThreeLinear, state)
 
     inputs = [torch.randn(8, 16) for _ in range(2)]
     x_eval = torch.randn(32, 16)

@@ -7,12 +7,11 @@ from typing import Any
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 from pruning.nm import satisfies_pattern
 from pruning.search.configs import parse_algorithm_config
 from pruning.task import Task
-from tests.pruning.models import ThreeLinear
+from tests.pruning.models import ThreeLinear, model_factory
 
 SEARCHES = [
     {"algorithm": "annealing", "cool_down_rate": 0.8, "stop_temperature": 30},
@@ -24,10 +23,7 @@ def _task() -> Task:
     torch.manual_seed(0)
     state = ThreeLinear().state_dict()
 
-    def model() -> nn.Module:
-        net = ThreeLinear()
-        net.load_state_dict(state)
-        return net
+    model = model_factory(ThreeLinear, state)
 
     inputs = [torch.randn(8, 16) for _ in range(2)]
     x_eval = torch.randn(32, 16)
