@@ -7,6 +7,7 @@ Held-out accuracy of the dense model is about 98%.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -123,10 +124,29 @@ def trainer(model: nn.Module, optimizer, criterion, epoch: int, callback=None) -
 
 
 def fine_tuner(model: nn.Module, epochs: int = 1) -> None:
+    """Fine-tune a pruned model for ``epochs`` epochs: the training optimizer with its learning rate decayed to zero
+    along a cosine over the call's steps.
+
+    Why a schedule: at a constant 0.05 (the rate the dense net is trained from scratch with) a freshly pruned net's
+    accuracy jumps around from one epoch to the next (uniform at FLOPs x0.25 on ``bench.tasks.residual_digits``:
+    0.983, 0.897, 0.947 after 1, 2, 3 epochs), so a comparison after a fixed fine-tune would rank luck. Decayed,
+    it settles (0.978, 0.992, 0.997).
+    """
     opt = optimizer(model)
+    base_lr = [group["lr"] for group in opt.param_groups]
+    steps = epochs * -(-len(_data()[1]) // BATCH_SIZE)
+    done = 0
+
+    def decay() -> None:  # the trainer calls it before each optimizer step
+        nonlocal done
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(done, steps) / steps))
+        for group, lr in zip(opt.param_groups, base_lr, strict=True):
+            group["lr"] = lr * factor
+        done += 1
+
     loss = criterion()
     for epoch in range(epochs):
-        trainer(model, opt, loss, epoch)
+        trainer(model, opt, loss, epoch, callback=decay)
 
 
 def calibration_data() -> Iterator[torch.Tensor]:
