@@ -240,8 +240,9 @@ def _verdict_lines(b: dict[str, Any]) -> list[str]:
         lines += [
             f"How noisy the final score is: over the {noise['n']} seeded (strategy, setting) pairs on accuracy, the "
             f"standard deviation over seeds is {noise['median'] * 100:.1f} pt at the median and up to "
-            f"{noise['max'] * 100:.1f} pt (two epochs of the tasks' own trainer, SGD at lr 0.05 with momentum 0.9 as "
-            "`examples.digits` sets it, on a freshly pruned net). Uniform and the deterministic strategies ran "
+            f"{noise['max'] * 100:.1f} pt (two epochs of the tasks' own fine-tuner: "
+            "`examples.digits`' SGD, momentum 0.9, its learning rate 0.05 decayed to zero along a cosine over the "
+            "call). Uniform and the deterministic strategies ran "
             "once, so a single-run gain smaller than that spread is not evidence either way.",
             "",
         ]

@@ -60,3 +60,17 @@ def test_rejects_fine_grained_base_algorithms() -> None:
 def test_bounds(field: str, value: float) -> None:
     with pytest.raises(ValidationError, match=field):
         parse_algorithm_config(netadapt(**{field: value}))
+
+
+def test_the_step_that_crosses_the_budget_aims_at_the_budget() -> None:
+    # Steps of 0.3 x R0 from R0 would go 0.7 -> 0.4, past a 0.5 budget: the second step must aim at 0.5 itself.
+    run = drive(
+        netadapt(target_resource_ratio=0.5, initial_reduction=0.3, reduction_decay=1.0), fake_problem(), FakeExecutor()
+    )
+    state = run.state
+    assert state.done and state.best_key is not None
+    r0, budget = state.initial_resource, state.budget  # type: ignore[attr-defined]
+    targets = [job.params["target_resource"] for job in run.jobs if job.kind == "netadapt_candidate"]
+    assert min(targets) == pytest.approx(budget) and budget == pytest.approx(0.5 * r0)
+    # The handed-out model sits just under the budget, not a whole step below it.
+    assert 0.45 * r0 < state.current_resource <= budget  # type: ignore[attr-defined]
