@@ -6,7 +6,12 @@ else SQLite + the filesystem broker; the report says which), then:
 
 1. an annealing search on ``examples.digits``;
 2. a NetAdapt search with ``resource: latency`` on a ResNet-18-shaped model (``bench.tasks.gpu_resnet18``);
-3. a third run (``bench.tasks.gpu_hold``, whose evaluator takes 1 GiB of GPU memory and sleeps) cancelled mid-job.
+3. a 2:4 pattern search (annealing, ``resource: latency``) on four 4096 x 4096 Linear layers
+   (``bench.tasks.gpu_nm_linear``): on compute capability >= 8.0 its patterned trials must carry the
+   semi-structured kernel's latency, timed with CUDA synchronisation after every pass (the task module counts
+   synchronisations that follow a sparse-kernel call), and the report lists dense vs semi-structured latency;
+   below 8.0 every patterned trial must say that no speed-up is measured and why;
+4. a last run (``bench.tasks.gpu_hold``, whose evaluator takes 1 GiB of GPU memory and sleeps) cancelled mid-job.
 
 It checks that the models ran on ``cuda`` (each evaluation logs its device), that latency was measured with CUDA
 synchronisation (the task module counts ``torch.cuda.synchronize`` calls; NetAdapt's trials carry a latency),
@@ -43,9 +48,12 @@ NOT_RUN = """# GPU check
 **Not run on a GPU yet.** `make gpu-check` (`python -m bench.gpu_check`) needs a CUDA device; the machines this
 project was built on have none, and there it exits at once with "no CUDA device". On a machine with one, it runs
 the real service with `prunehub worker --gpu 0` on the distributed runner (an annealing search on
-`examples.digits`, a NetAdapt search with `resource: latency` on a ResNet-18-shaped model, and a third run cancelled
-mid-job) and replaces this page with its report.
+`examples.digits`, a NetAdapt search with `resource: latency` on a ResNet-18-shaped model, a 2:4 pattern search timed
+on the semi-structured kernel, and a last run cancelled mid-job) and replaces this page with its report.
 """
+# The semi-structured timing runs 3 untimed passes, one synchronisation, then one synchronised pass per sample
+# (pruning.projection.LATENCY_REPEAT): one timed trial's sparse passes alone give this many synchronisations.
+NM_SYNCED_PASSES = 16
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,66 @@ def parent_check(worker_pids: set[int], seen_apps: set[int], task_pids: set[int]
     return Check("no CUDA context in the prefork parent", ok, detail)
 
 
+def _nm(trial: dict[str, Any]) -> dict[str, Any] | None:
+    return (trial.get("extra") or {}).get("nm")
+
+
+def nm_check(trials: list[dict[str, Any]], records: list[dict[str, Any]], capability: tuple[int, int] | None) -> Check:
+    """The 2:4 run: on compute capability >= 8.0 some patterned trial's latency is the semi-structured kernel's,
+    and the kernel's timed passes were synchronised (the task's counters, see ``bench.tasks.gpu_nm_linear``); below
+    8.0 every patterned trial says no speed-up is measured, naming the compute capability."""
+    patterned = [t for t in trials if _nm(t) is not None]
+    name = "2:4 latency on the semi-structured kernel"
+    if not patterned:
+        return Check(name, False, f"no patterned trial among {len(trials)}")
+    cc = f"{capability[0]}.{capability[1]}" if capability else "?"
+    if capability is None or capability < (8, 0):
+        texts = [str(_nm(t).get("speedup", "")) for t in patterned]  # type: ignore[union-attr]
+        ok = capability is not None and all(t.startswith("not measured") and "compute capability" in t for t in texts)
+        return Check("2:4 trials say no speed-up is measured", ok,
+                     f"compute capability {cc}; {len(patterned)} patterned trial(s); first says: {texts[0]}")
+    timed = [t for t in patterned if (_nm(t).get("latency") or {}).get("sparse_ms") is not None]  # type: ignore[union-attr]
+    failed = [(_nm(t).get("latency") or {}).get("error") or _nm(t).get("speedup") for t in patterned  # type: ignore[union-attr]
+              if t not in timed]
+    synced = [t for t in timed if _nm(t)["latency"].get("synchronised")  # type: ignore[index]
+              and str(_nm(t)["latency"].get("device", "")).startswith("cuda")  # type: ignore[index]
+              and t.get("latency_ms") == _nm(t)["latency"]["sparse_ms"]]  # type: ignore[index]
+    passes = max((int(r.get("synchronised_sparse_passes", 0)) for r in records if r.get("task") == "nm_linear"),
+                 default=0)
+    kernel_calls = max((int(r.get("sparse_kernel_calls", 0)) for r in records if r.get("task") == "nm_linear"),
+                       default=0)
+    ok = bool(timed) and len(synced) == len(timed) and not failed and passes >= NM_SYNCED_PASSES
+    detail = (f"compute capability {cc}; {len(timed)} of {len(patterned)} patterned trial(s) timed on the kernel, "
+              f"{len(synced)} on cuda with synchronisation and the trial's latency the sparse one; the task process "
+              f"saw {kernel_calls} sparse-kernel call(s) and {passes} synchronisation(s) right after one "
+              f"(at least {NM_SYNCED_PASSES} needed)")
+    if failed:
+        detail += f"; not timed: {failed[0]}"
+    return Check(name, ok, detail)
+
+
+def nm_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per patterned trial timed on the kernel: dense vs semi-structured latency at the same dtype."""
+    rows = []
+    for trial in trials:
+        timing = (_nm(trial) or {}).get("latency") or {}
+        if timing.get("sparse_ms") is None:
+            continue
+        rows.append({"trial": trial.get("job_key", "?"), "layers": len(timing.get("layers", [])),
+                     "backend": timing.get("backend"), "dtype": timing.get("dtype"),
+                     "model_dense_ms": timing.get("model_dense_ms"), "dense_ms": timing["dense_ms"],
+                     "sparse_ms": timing["sparse_ms"], "speedup": timing.get("speedup")})
+    return rows
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _times(value: Any) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
+
+
 def render_report(checks: list[Check], context: dict[str, Any]) -> str:
     """``docs/gpu-check.md``: the verdict, each check with its evidence, and what ran where."""
     verdict = "passed" if checks and all(c.passed for c in checks) else "FAILED"
@@ -145,6 +213,15 @@ def render_report(checks: list[Check], context: dict[str, Any]) -> str:
     if runs:
         lines += ["", "| run | status | trials | wall s |", "|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['status']} | {r['trials']} | {r['wall_s']} |" for r in runs]
+    nm = context.get("nm") or []
+    if nm:
+        lines += ["", "2:4 latency, dense vs semi-structured kernel on the same timing copy (median ms; the model as "
+                  "given, in its own dtype on dense kernels, for reference):", "",
+                  "| trial | 2:4 layers | backend | dtype | as given ms | dense ms | semi-structured ms | speed-up |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['trial']} | {r['layers']} | {r['backend']} | {r['dtype']} | {_ms(r['model_dense_ms'])} | "
+                  f"{_ms(r['dense_ms'])} | {_ms(r['sparse_ms'])} | "
+                  f"{_times(r['speedup'])} |" for r in nm]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +238,14 @@ def _cuda_devices() -> tuple[int, str]:
         return 0, probe.stderr.strip()[-300:]
     count = int(probe.stdout.strip() or 0)
     return count, "" if count else "torch.cuda.device_count() is 0 (a CPU build of torch, or no driver)"
+
+
+def _capability() -> tuple[int, int] | None:
+    """Device 0's compute capability, read in a fresh process (this one never touches CUDA)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(*torch.cuda.get_device_capability(0))"],
+                           capture_output=True, text=True, timeout=120)
+    parts = probe.stdout.split()
+    return (int(parts[0]), int(parts[1])) if probe.returncode == 0 and len(parts) == 2 else None
 
 
 def _smi(*query: str) -> str:
@@ -221,6 +306,7 @@ def run_check(report: Path) -> int:
         return 2
     started = time.monotonic()
     gpu = _smi("--query-gpu=name,memory.total").strip()
+    capability = _capability()
     baseline = _used()
     backend, stores = _backend()
     home = Path(tempfile.mkdtemp(prefix="prunehub-gpu-check-"))
@@ -244,8 +330,13 @@ def run_check(report: Path) -> int:
             {**base, "name": "gpu-check netadapt resnet18 latency", "entrypoint": "bench.tasks.gpu_resnet18",
              "algorithm": "netadapt", "resource": "latency", "target_resource_ratio": 0.8, "initial_reduction": 0.1,
              "short_term_finetune_epochs": 0, "max_trials": 12},
+            {"name": "gpu-check 2:4 pattern latency", "entrypoint": "bench.tasks.gpu_nm_linear",
+             "algorithm": "annealing", "base_algo": "level", "resource": "latency", "seed": 0,
+             "config_list": [{"pattern": "2:4", "op_types": ["Linear"]}], "score_target_drop": 1e6,
+             "start_temperature": 100, "stop_temperature": 30, "cool_down_rate": 0.7},
         ]
         latency_trials = 0
+        nm_trials: list[dict[str, Any]] = []
         for spec in specs:
             t0 = time.monotonic()
             response = client.post("/experiments", json=spec)
@@ -256,12 +347,14 @@ def run_check(report: Path) -> int:
             trials = client.get(f"/experiments/{experiment['id']}/trials", params={"limit": 1000}).json()["items"]
             if spec["algorithm"] == "netadapt":
                 latency_trials = sum(1 for t in trials if t.get("latency_ms") is not None)
+            if spec["entrypoint"] == "bench.tasks.gpu_nm_linear":
+                nm_trials = trials
             runs.append({"name": spec["name"], "status": body["status"], "trials": len(trials),
                          "wall_s": round(time.monotonic() - t0, 1)})
             checks.append(Check(f"{spec['name']} succeeded", body["status"] == "succeeded",
                                 f"status {body['status']}, {len(trials)} trial(s)" +
                                 (f", error: {body.get('error')}" if body.get("error") else "")))
-        # The third run: cancel while its job holds GPU memory.
+        # The last run: cancel while its job holds GPU memory.
         t0 = time.monotonic()
         hold_spec = {**base, "name": "gpu-check cancel", "entrypoint": "bench.tasks.gpu_hold",
                      "algorithm": "annealing", "max_trials": 4}
@@ -287,13 +380,14 @@ def run_check(report: Path) -> int:
                 break
             time.sleep(1)
             apps_after, after = _apps(), _used()
-        checks.append(Check("third run cancelled mid-job", body["status"] == "cancelled" and killed_pid is not None,
+        checks.append(Check("last run cancelled mid-job", body["status"] == "cancelled" and killed_pid is not None,
                             f"status {body['status']}; the job's task process was {killed_pid}"))
         records = read_log_records("\n".join(p.read_text(errors="replace") for p in home.glob("*.log")))
         worker_pids = {gpu_worker.pid} | _descendants(gpu_worker.pid)
         task_pids = {int(r["pid"]) for r in records}
         worker_pids -= task_pids
         checks = [device_check(records), sync_check(records, latency_trials),
+                  nm_check(nm_trials, records, capability),
                   memory_check(baseline, held, after, killed_pid, apps_after),
                   parent_check(worker_pids, seen_apps, task_pids), *checks]
         client.close()
@@ -301,7 +395,9 @@ def run_check(report: Path) -> int:
         procs.stop()
         shutil.rmtree(home, ignore_errors=True)
     context = {"when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "gpu": gpu, "backend": backend,
-               "wall_s": round(time.monotonic() - started, 1), "runs": runs}
+               "wall_s": round(time.monotonic() - started, 1), "runs": runs, "nm": nm_rows(nm_trials)}
+    if capability is not None:
+        context["gpu"] = f"{gpu} (compute capability {capability[0]}.{capability[1]})"
     report.write_text(render_report(checks, context))
     for check in checks:
         print(f"{'pass' if check.passed else 'FAIL'}  {check.name}: {check.detail}")

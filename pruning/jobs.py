@@ -74,8 +74,9 @@ def load_checkpoint(task: Task, store: ArtifactStore, artifact_id: str | None) -
 def pattern_layers(pruning: PruningProblem, distribution: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Per N:M layer that the distribution patterns: its pattern, the axis its groups run along, and whether
     ``torch.sparse.to_sparse_semi_structured`` takes its weight (a 2:4-compatible pattern and a kernel-sized shape;
-    the weight is stored dense with exact zeros, Conv1D's transposed: hand the kernel ``weight.t()``)."""
-    from pruning.nm import kernel_shape_ok, pattern_text
+    the weight is stored dense with exact zeros, Conv1D's transposed: hand the kernel ``weight.t()``), and when it
+    does not, why (``kernel_why``)."""
+    from pruning.nm import pattern_text, semi_structured_why
 
     out: dict[str, dict[str, Any]] = {}
     for unit in pruning.units:
@@ -84,13 +85,50 @@ def pattern_layers(pruning: PruningProblem, distribution: dict[str, float]) -> d
         layer = pruning.layer(unit.name)
         transposed = layer.op_type == "Conv1D"
         rows, cols = (layer.weight_shape[1], layer.weight_shape[0]) if transposed else layer.weight_shape[:2]
-        n, m = unit.pattern
+        why = semi_structured_why(unit.pattern, rows, cols)
         out[unit.name] = {
             "pattern": pattern_text(unit.pattern),
             "input_axis": 0 if transposed else 1,
-            "semi_structured": m == 4 and n <= 2 and kernel_shape_ok(rows, cols),
+            "semi_structured": why is None,
         }
+        if why is not None:
+            out[unit.name]["kernel_why"] = why
     return out
+
+
+def _nm_record(
+    layers: dict[str, dict[str, Any]], metrics: dict[str, Any], shrunk: Any, dummy: Any, device: str
+) -> dict[str, Any]:
+    """``extra["nm"]`` of an N:M trial. Where the kernel runs and latency is measured, the timing copy is timed
+    dense and semi-structured (:func:`pruning.nm.semi_structured_latency`) and the trial's latency (``metrics``,
+    updated here) becomes the semi-structured one; everywhere else the record says why no speed-up is measured."""
+    from pruning.nm import semi_structured_kernel, semi_structured_latency
+
+    record: dict[str, Any] = {"layers": layers}
+    dense = "FLOPs and latency are of the dense kernels"
+    why = semi_structured_kernel(device)
+    if why is None and not any(layer["semi_structured"] for layer in layers.values()):
+        why = "no patterned layer takes the kernel (see each layer's kernel_why)"
+    if why is None and "latency_ms" not in metrics:
+        why = "the experiment does not measure latency (resource or budget 'latency' does)"
+    if why is not None:
+        record["speedup"] = f"not measured: {dense}; the semi-structured kernel is not timed ({why})"
+        return record
+    timing = semi_structured_latency(shrunk, layers, dummy, device)
+    timing["model_dense_ms"] = metrics["latency_ms"]  # the model as given: its own dtype, dense kernels
+    record["latency"] = timing
+    if timing["sparse_ms"] is None:
+        record["speedup"] = (
+            f"not measured: {dense}; timing the semi-structured kernel failed, {timing['error']}"
+        )
+        return record
+    metrics["latency_ms"], metrics["latency_spread_ms"] = timing["sparse_ms"], timing["sparse_spread_ms"]
+    record["speedup"] = (
+        f"measured on {timing['device']} ({timing['backend']}, {timing['dtype']}, {len(timing['layers'])} "
+        f"layer(s) semi-structured): dense {timing['dense_ms']:.4g} ms, semi-structured {timing['sparse_ms']:.4g} "
+        f"ms, {timing['speedup']:.3g}x; the trial's latency is the semi-structured one"
+    )
+    return record
 
 
 def save_pruned_model(
@@ -256,15 +294,8 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
     dummy = task.dummy_input()
     metrics, shrunk, recipe = measure_model(model, masks, problem, dummy, device)
     if any(u.pattern is not None and distribution.get(u.name, 0.0) > 0 for u in pruning.units):
-        from pruning.nm import semi_structured_kernel
-
-        # N:M zeros run on dense kernels here: params count the non-zeros, FLOPs and latency stay dense.
-        why = semi_structured_kernel(device) or "this device has it; prunehub does not time it yet"
-        extra["nm"] = {
-            "layers": pattern_layers(pruning, distribution),
-            "speedup": f"not measured: FLOPs and latency are of the dense kernels; the semi-structured kernel is "
-            f"not timed ({why})",
-        }
+        # params count the non-zeros; FLOPs stay dense; latency is the semi-structured kernel's where it is timed.
+        extra["nm"] = _nm_record(pattern_layers(pruning, distribution), metrics, shrunk, dummy, device)
     spread = metrics.pop("latency_spread_ms", None)
     if spread is not None:
         extra["latency_spread_ms"] = spread

@@ -114,13 +114,31 @@ def count_nonzero(model: nn.Module) -> int:
     return int(sum(int(torch.count_nonzero(p.detach())) for p in work.parameters()))
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` (a tensor, or a tuple/list of them, nested) moved to ``device``; anything else as is."""
+def to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """``value`` (a tensor, or a tuple/list of them, nested) moved to ``device``, its floating-point tensors cast
+    to ``dtype`` when given (token ids stay integers); anything else as is."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, dtype) for v in value)
     return value
+
+
+def _resolved(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _move(model: nn.Module, dev: torch.device) -> None:
+    # Only when something is elsewhere: a semi-structured sparse weight (pruning.nm) refuses ``.to`` to any device
+    # but the CPU, even its own.
+    tensors = (*model.parameters(), *model.buffers())
+    if any(t.device.type != dev.type or (dev.index is not None and t.device.index != dev.index) for t in tensors):
+        model.to(dev)
 
 
 def measure_latency(
@@ -144,13 +162,13 @@ def measure_latency_samples(
     """Wall-clock seconds of `repeat` forward passes on `device`, one sample each.
 
     Runs `warmup` untimed passes, then `repeat` timed ones under `torch.inference_mode`, synchronising
-    CUDA before and after each pass so queued kernels are counted. The model is moved to `device`
-    and put in eval mode (its previous mode is restored).
+    CUDA before and after each pass so queued kernels are counted. The model is moved to `device` (when it is
+    not there already) and put in eval mode (its previous mode is restored).
     """
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
-    dev = torch.device(device)
-    model.to(dev)
+    dev = _resolved(device)
+    _move(model, dev)
     inputs = to_device(dummy_input, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     was_training = model.training

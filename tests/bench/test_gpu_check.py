@@ -13,6 +13,8 @@ from bench.gpu_check import (
     Check,
     device_check,
     memory_check,
+    nm_check,
+    nm_rows,
     parent_check,
     parse_compute_apps,
     parse_used_memory,
@@ -53,6 +55,52 @@ def test_checks_fail_on_the_evidence_they_are_for() -> None:
     assert parent_check({1, 2}, seen_apps={11}, task_pids={11}).passed
     assert not parent_check({1, 2}, seen_apps={2, 11}, task_pids={11}).passed  # a pool process holds a context
     assert not parent_check({1, 2}, seen_apps=set(), task_pids={11}).passed  # nothing ran on the GPU at all
+
+
+def _nm_trial(key: str, sparse_ms: float | None, **timing: object) -> dict[str, object]:
+    latency = {"device": "cuda:0", "dtype": "float16", "backend": "cusparselt", "layers": ["fc1", "fc2"],
+               "synchronised": True, "model_dense_ms": 9.0, "dense_ms": 4.0, "sparse_ms": sparse_ms,
+               "speedup": 4.0 / sparse_ms if sparse_ms else None, **timing}
+    return {"job_key": key, "latency_ms": sparse_ms if sparse_ms is not None else 9.0,
+            "extra": {"nm": {"layers": {}, "speedup": "measured ..." if sparse_ms else "not measured: ...",
+                             "latency": latency}}}
+
+
+def test_nm_check_needs_the_kernel_timed_and_synchronised_on_cc8() -> None:
+    dense = {"job_key": "annealing-0", "latency_ms": 9.0, "extra": {}}
+    timed = [dense, _nm_trial("annealing-1", 2.5), _nm_trial("annealing-2", 2.0)]
+    synced = [{"task": "nm_linear", "synchronised_sparse_passes": 16, "sparse_kernel_calls": 300}]
+    assert nm_check(timed, synced, (9, 0)).passed
+    assert not nm_check(timed, [{**synced[0], "synchronised_sparse_passes": 3}], (9, 0)).passed
+    assert not nm_check(timed, [], (9, 0)).passed  # no evidence from the task process
+    assert not nm_check([dense], synced, (9, 0)).passed  # no patterned trial at all
+    failed = _nm_trial("annealing-3", None, error="converting to the semi-structured layout: RuntimeError: x")
+    check = nm_check([*timed, failed], synced, (8, 0))
+    assert not check.passed and "converting to the semi-structured layout" in check.detail
+    on_cpu = _nm_trial("annealing-1", 2.5, device="cpu")
+    assert not nm_check([on_cpu], synced, (8, 0)).passed
+    unsynced = _nm_trial("annealing-1", 2.5, synchronised=False)
+    assert not nm_check([unsynced], synced, (8, 0)).passed
+    dense_latency = {**_nm_trial("annealing-1", 2.5), "latency_ms": 9.0}  # the trial kept the dense latency
+    assert not nm_check([dense_latency], synced, (8, 0)).passed
+
+
+def test_nm_check_below_cc8_needs_the_why() -> None:
+    said = {"job_key": "annealing-1", "extra": {"nm": {"speedup": "not measured: FLOPs and latency are of the dense "
+            "kernels; the semi-structured kernel is not timed (compute capability 7.5 < 8.0 has no ...)"}}}
+    assert nm_check([said], [], (7, 5)).passed
+    vague = {"job_key": "annealing-1", "extra": {"nm": {"speedup": "not measured"}}}
+    assert not nm_check([said, vague], [], (7, 5)).passed
+    assert not nm_check([said], [], None).passed  # the capability could not be read
+
+
+def test_report_lists_dense_vs_semi_structured_latency() -> None:
+    rows = nm_rows([{"job_key": "annealing-0", "extra": {}}, _nm_trial("annealing-1", 2.5),
+                    _nm_trial("annealing-2", None)])
+    assert [r["trial"] for r in rows] == ["annealing-1"]
+    text = render_report([Check("x", True, "y")], {"nm": rows})
+    assert "| annealing-1 | 2 | cusparselt | float16 | 9.000 | 4.000 | 2.500 | 1.60x |" in text
+    assert "semi-structured" not in render_report([Check("x", True, "y")], {})
 
 
 def test_report_states_the_verdict_and_each_check() -> None:
