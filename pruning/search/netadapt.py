@@ -129,7 +129,7 @@ class NetAdaptSearch:
                     context={
                         "iteration": state.iteration,
                         "layer": unit.name,
-                        "delta_resource": reduction,
+                        "delta_resource": state.current_resource - target,  # the last step: only down to the budget
                         "halving": state.halvings,
                     },
                 )

@@ -24,8 +24,13 @@ def test_reduction_schedule_decays() -> None:
         if job.kind == "netadapt_candidate":
             deltas[job.context["iteration"]] = job.context["delta_resource"]
     r0 = state.initial_resource  # type: ignore[attr-defined]
+    last = max(deltas)
     for iteration, delta in deltas.items():
-        assert delta == pytest.approx(0.05 * r0 * 0.96**iteration)
+        scheduled = 0.05 * r0 * 0.96**iteration
+        if iteration < last:
+            assert delta == pytest.approx(scheduled)
+        else:  # the step that crosses the budget asks only for what is left above it
+            assert delta <= scheduled + 1e-9
     # One job per unit per iteration, all independent (same parent).
     first = [j for j in run.jobs if j.context.get("iteration") == 0 and j.kind == "netadapt_candidate"]
     assert len(first) == len(fake_problem().pruning.units) and len({j.parent_artifact for j in first}) == 1
