@@ -4,9 +4,11 @@ duplicate delivery, a Redis restart and a database outage lose nothing and run n
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,7 +159,12 @@ def test_database_outage_during_a_run_is_waited_out(services_env: dict[str, str]
                 experiment_id = client.post("/experiments", json={**ANNEALING, "name": "db outage"}).json()["id"]
                 _wait_trials(client, experiment_id, 2)
                 proxy.cut(seconds=4)
-                final = wait_terminal(client, experiment_id, timeout=300)
+                # A healthy run ends about 13 s after the cut (2 cores under load from other tests); a hang fails
+                # here with what the worker and the database were doing, instead of at a 300 s timeout.
+                try:
+                    final = wait_terminal(client, experiment_id, timeout=OUTAGE_WAIT_S)
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\n{_diagnose(client, experiment_id, live, services_env)}") from None
                 assert final["status"] == "succeeded", (final, live.logs())
                 history = _history(client, experiment_id)
                 assert len(history) == len({key for _, key, *_ in history}) == 7
@@ -169,6 +176,90 @@ def test_database_outage_during_a_run_is_waited_out(services_env: dict[str, str]
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM trials WHERE status = 'running'")).scalar() == 0
     engine.dispose()
+
+
+OUTAGE_WAIT_S = 90
+
+
+def _diagnose(client, experiment_id: int, live: LiveService, env: dict[str, str]) -> str:  # type: ignore[no-untyped-def]
+    """What a hung run was doing: the experiment and its trials (HTTP), the database's sessions and locks, the
+    worker's log and a Python stack of every worker process (py-spy, without stopping them)."""
+    parts: list[str] = []
+
+    def section(title: str, produce) -> None:  # type: ignore[no-untyped-def]
+        try:
+            body = produce()
+        except Exception as exc:  # noqa: BLE001 - a diagnostic that fails must not hide the others
+            body = f"(failed: {type(exc).__name__}: {exc})"
+        parts.append(f"=== {title} ===\n{body}")
+
+    def experiment() -> str:
+        body = client.get(f"/experiments/{experiment_id}").json()
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict | list)}
+        trials = client.get(f"/experiments/{experiment_id}/trials", params={"limit": 1000}).json()["items"]
+        rows = [f"  seq={t['seq']} step={t['step']} {t['job_key']} {t['status']} finished_at={t['finished_at']}"
+                for t in trials]
+        return "\n".join([str(scalars), *rows])
+
+    def database() -> str:
+        engine = create_engine(env["PRUNEHUB_DATABASE_URL"])
+        try:
+            with engine.connect() as conn:
+                activity = conn.execute(text(
+                    "SELECT pid, pg_blocking_pids(pid) AS blocked_by, state, wait_event_type, wait_event, "
+                    "backend_start, xact_start, state_change, client_port, left(query, 200) AS query "
+                    "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "ORDER BY backend_start"
+                )).all()
+                locks = conn.execute(text(
+                    "SELECT l.pid, l.locktype, l.mode, l.granted, l.relation::regclass::text AS relation, "
+                    "l.transactionid::text AS xid, count(*) AS n FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE a.datname = current_database() AND l.pid <> pg_backend_pid() "
+                    "AND NOT (l.locktype = 'relation' AND l.granted) "
+                    "GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2"
+                )).all()
+        finally:
+            engine.dispose()
+        return "\n".join(["pg_stat_activity:", *(f"  {tuple(r)}" for r in activity),
+                          "pg_locks (all but granted relation locks):", *(f"  {tuple(r)}" for r in locks)])
+
+    def stacks() -> str:
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        pids = [pid for worker in live.workers for pid in _process_group(worker.pid)]
+        if py_spy is None:
+            return f"(py-spy not installed: pip install py-spy; worker pids {pids})"
+        dumps = []
+        for pid in pids:
+            # --nonblocking: read the stacks without ptrace-stopping the process (which interrupts its syscalls).
+            done = subprocess.run([py_spy, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True,
+                                  text=True, timeout=30)
+            dumps.append(done.stdout + done.stderr)
+        return "\n".join(dumps)
+
+    def worker_log() -> str:
+        text_ = "".join(p.read_text(errors="replace") for p in sorted(live.home.glob("worker*.log")))
+        heads = [line for line in text_.splitlines() if line.startswith("[")]  # one line per log record
+        return "\n".join(["record lines (last 60):", *heads[-60:], "tail:", text_[-6000:]])
+
+    section(f"experiment {experiment_id}", experiment)
+    section("database", database)
+    section("worker stacks", stacks)
+    section("worker log", worker_log)
+    return "\n".join(parts)
+
+
+def _process_group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (a worker started in its own session: it, its pool and task
+    processes)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
 
 
 def _wait_port(port: int, timeout: float = 20) -> None:
