@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
     db_retry_s: float = Field(default=300.0, ge=0, description="how long a worker waits out a database outage")
+    db_idle_in_transaction_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="PostgreSQL ends a worker's transaction that has waited this long for the worker (its "
+        "idle_in_transaction_session_timeout), and so releases its row locks: one whose connection the worker lost "
+        "while the server's end stayed open would hold them for good, and the worker waits for them. Worker "
+        "transactions take milliseconds, and one that holds the experiment's row longer than lease_grace_s lets "
+        "its lease go stale anyway (the heartbeat waits for that row); 0 = never",
+    )
     max_attempts: int = Field(default=3, ge=1, description="deliveries of one experiment before it fails")
     reaper_interval_s: float = Field(default=30.0, gt=0, description="how often a worker re-enqueues stale runs")
     message_lost_s: float = Field(

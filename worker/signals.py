@@ -39,7 +39,8 @@ def get_context() -> WorkerContext:
             # Inherited from the parent: drop its pooled connections without closing the parent's sockets.
             _context.engine.dispose(close=False)
         settings = get_settings()
-        engine = make_engine(settings.database_url)
+        # Its transactions are short (orchestration only): one idle for long lost its client (make_engine).
+        engine = make_engine(settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s)
         _context = WorkerContext(settings, engine, make_session_factory(engine), os.getpid())
     return _context
 

@@ -14,8 +14,15 @@ from server.files import secure_sqlite
 __all__ = ["make_engine", "make_session_factory"]
 
 
-def make_engine(url: str, *, pool_size: int | None = None) -> Engine:
+def make_engine(url: str, *, pool_size: int | None = None, idle_in_transaction_s: float | None = None) -> Engine:
     """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys (its only special case).
+
+    ``idle_in_transaction_s`` (PostgreSQL; the workers): the server ends a session whose transaction has waited
+    that long for its client, so that its locks do not outlive a connection the client lost while the server's end
+    stayed open (a half-open connection: a proxy or NAT that lost one side; no keepalive notices it while the
+    middle box answers). Seen in the database-outage test: the cut ended the worker's side of a connection right
+    after its ``SELECT ... FOR UPDATE`` of the experiment, the backend lived on idle in transaction, and the
+    worker's retry, its heartbeat and its reaper each waited for that row lock for good.
 
     ``pool_size`` (the API: its admission limit plus a reserve) gives a fixed pool of that many connections, for
     SQLite too (whose default pool, 5 + 10, is smaller than the admitted requests), that fails fast: the caller
@@ -46,12 +53,19 @@ def make_engine(url: str, *, pool_size: int | None = None) -> Engine:
             cursor.close()
 
         return engine
+    connect_args: dict[str, str] = {}
+    if idle_in_transaction_s and parsed.get_backend_name() == "postgresql":
+        # Sent at connect (libpq's options, after any the URL gives), so every pooled connection has it.
+        given = parsed.query.get("options") or ()
+        timeout = f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction_s * 1000))}"
+        connect_args["options"] = " ".join([*([given] if isinstance(given, str) else given), timeout])
     if pool_size is not None:
         # No pre-ping: it was a round trip on every checkout, i.e. on every request. A connection the database
         # dropped fails its request once, SQLAlchemy then invalidates the whole pool, and the API answers that
         # request 503 + Retry-After (server.api.main), so the client's retry gets a fresh connection.
-        return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=10, pool_recycle=1800)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=10, pool_recycle=1800,
+                             connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
