@@ -154,6 +154,34 @@ class Processes:
         self.wait_http(url + ready, self.cli(env, log, "serve", "--port", str(port)), log)
         return url
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by every live process of the sessions this object started: the
+        processes themselves and all they spawned (Celery pools, task processes), read from ``/proc``."""
+        sessions = {proc.pid for proc in self.procs}
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[3]) in sessions:  # fields after "(comm)": state ppid pgrp session ... utime stime
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
+    def wait_idle(self, timeout: float = 90, window: float = 1.0, busy: float = 0.1) -> float:
+        """Wait until these processes use less than ``busy`` of a core over two windows in a row (workers have
+        started, and their task processes imported torch); return the seconds waited (``timeout`` at most)."""
+        started = time.monotonic()
+        quiet = 0
+        last = self.cpu_seconds()
+        while time.monotonic() - started < timeout and quiet < 2:
+            time.sleep(window)
+            now = self.cpu_seconds()
+            quiet = quiet + 1 if now - last < busy * window else 0
+            last = now
+        return time.monotonic() - started
+
     def wait_http(self, url: str, proc: subprocess.Popen[bytes], log: str, timeout: float = 90) -> None:
         """Wait until ``url`` answers 200; fail with the log's tail if ``proc`` exits first."""
         import httpx

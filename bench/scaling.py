@@ -71,6 +71,7 @@ class _Cluster:
         )
         self.processes = Processes(home)
         self.evaluation_workers = evaluation_workers
+        self.settle_s = 0.0  # how long the cluster took to go idle after it started (wait_idle)
 
     def __enter__(self) -> _Cluster:
         _reset_database()
@@ -79,7 +80,10 @@ class _Cluster:
             queues = ["experiments"] + ["evaluations"] * self.evaluation_workers  # one coordinator, N evaluators
             for i, queue in enumerate(queues):
                 self.processes.cli(self.env, f"worker-{i}.log", "worker", "--queues", queue, "--loglevel", "WARNING")
-            time.sleep(3)  # workers connect and import before the clock starts
+            # Before the clock starts, every worker has connected and its task process has imported torch (a
+            # long-running cluster is warm): on 2 cores, 5 workers importing at once took longer than a fixed 3 s
+            # wait, and that start-up landed in the runs with the most workers.
+            self.settle_s = self.processes.wait_idle()
             key = (self.home / "api-key").read_text().strip()
         except BaseException:
             self.processes.stop()
@@ -130,6 +134,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 home.mkdir()
                 with _Cluster(home, workers, sleep_s) as cluster:
                     result = cluster.run(spec)
+                    settle_s = cluster.settle_s
                 baseline = baseline or result
                 speedup = baseline["wall_s"] / result["wall_s"]
                 # A step's jobs run in parallel, steps one after another: with W workers a step of n jobs takes
@@ -143,6 +148,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                              "ideal_speedup": round(ideal, 2), "of_ideal": round(speedup / ideal, 2),
                              "step_sizes": result["step_sizes"],
                              "same_jobs_as_1_worker": result["keys"] == baseline["keys"],
+                             "settle_s": round(settle_s, 1),
                              "load": loadavg()})
                 print(json.dumps(rows[-1]), flush=True)
         overhead_home = Path(tmp) / "overhead"
