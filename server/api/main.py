@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from server.api.admission import Admission, AdmissionGuard
+from server.api.deps import Reader
 from server.api.guards import RequestGuard, validation_content
 from server.files import secure_home
 from server.services.auth import KeyCache
@@ -53,6 +54,7 @@ def create_app(
         app.state.settings = settings
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
+        app.state.reader = Reader(engine)
         app.state.key_cache = KeyCache(settings.auth_cache_s)
         if settings.bootstrap_local_key:
             from server.services.auth import ensure_local_key
