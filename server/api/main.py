@@ -132,12 +132,18 @@ def create_app(
 
     @app.exception_handler(DBAPIError)
     async def _database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
-        if not exc.connection_invalidated:
+        if exc.connection_invalidated:
+            # The database dropped the connection (a restart): SQLAlchemy has invalidated the pool, a retry
+            # reconnects.
+            log.warning("database connection lost (%s); the pool reconnects", type(exc.orig).__name__)
+            detail = "the database connection was lost; retry"
+        elif exc.statement is None:
+            # No statement: opening a connection failed (the database is down, or out of connections). Busy.
+            log.warning("cannot connect to the database (%s)", type(exc.orig).__name__)
+            detail = "the database is unreachable; retry"
+        else:
             raise exc  # a real bug: the server error middleware answers 500 and logs it
-        # The database dropped the connection (a restart): SQLAlchemy has invalidated the pool, a retry reconnects.
-        log.warning("database connection lost (%s); the pool reconnects", type(exc.orig).__name__)
-        content = {"detail": "the database connection was lost; retry", "field": None}
-        return JSONResponse(status_code=503, content=content, headers={"Retry-After": "1"})
+        return JSONResponse(status_code=503, content={"detail": detail, "field": None}, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -237,3 +237,29 @@ def test_a_burst_of_reads_gets_answers_never_a_server_error(api: LiveService) ->
     assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 503)
     assert seconds < 30, f"the burst took {seconds:.1f} s"
     assert "QueuePool limit" not in api.logs()
+
+
+def test_a_database_that_refuses_connections_is_a_503_never_a_500(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.api.main import create_app
+    from server.settings import Settings
+    from tests.conftest import free_port
+    from tests.server.hardening import NoDispatch
+
+    # Nothing listens on the port: every connection attempt fails, as with a database down or out of connections.
+    settings = Settings(
+        home=tmp_path,
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing",
+        broker_url="filesystem://",
+        artifacts_dir=tmp_path / "artifacts",
+        bootstrap_local_key=False,
+    )
+    app = create_app(settings, dispatcher=NoDispatch(), migrate=False)  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        headers = {"Authorization": "Bearer ph_" + "x" * 43}  # looked up in the database: the connection fails
+        for path in ("/experiments/1", "/experiments"):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["detail"] == "the database is unreachable; retry"
