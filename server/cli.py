@@ -297,9 +297,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upgrade(settings.database_url)  # before a worker starts: one migrator at a time
     worker = _spawn_worker(args.worker_loglevel) if args.with_worker else None
     try:
-        # An open event stream would otherwise hold a graceful shutdown forever.
-        uvicorn.run(create_app(settings, migrate=False), host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=API_DRAIN_S)
+        # A process that only serves: its start-up heap is frozen (see create_app). The graceful-shutdown timeout:
+        # an open event stream would otherwise hold it forever.
+        app = create_app(settings, migrate=False, freeze_heap=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=API_DRAIN_S)
     finally:
         if worker is not None:
             _stop(worker, timeout=WORKER_STOP_S)

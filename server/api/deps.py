@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Concatenate, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import Depends, HTTPException, Path, Request
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from server.services.auth import KeyCache, Principal, authenticate
 from server.services.dispatch import Dispatcher
 from server.settings import Settings
 
-__all__ = ["DispatcherDep", "ExperimentId", "PrincipalDep", "SessionDep", "SettingsDep", "run_and_close"]
+__all__ = ["DispatcherDep", "ExperimentId", "PrincipalDep", "Reader", "ReaderDep", "SessionDep", "SettingsDep"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 # Ids are 32-bit integers in every database we run on; a larger number is a 422, not a driver overflow.
 ExperimentId = Annotated[int, Path(ge=1, le=2_147_483_647, description="the experiment's id")]
@@ -35,48 +37,63 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(session.close)
         else:
-            session.close()  # never connected, or closed by run_and_close: no I/O
+            session.close()  # never connected: no I/O
 
 
-async def run_and_close(session: Session, work: Callable[[Session], _T], *, single_read: bool = False) -> _T:
-    """``work(session)`` then ``session.close()``, on one threadpool thread: what an ``async`` route calls to do its
-    database work in a single hop (a sync route costs two: the route, then the session's close).
+class Reader:
+    """One read of an ``async`` route: ``await reader(work, *args)`` runs ``work(connection, *args)`` on a pooled
+    connection in autocommit, on one threadpool thread, and gives the connection back on that thread.
 
-    ``single_read``: ``work`` runs one SELECT and writes nothing, so it runs in autocommit. A single statement
-    is consistent on its own, and the BEGIN before it and the ROLLBACK that returns the connection were two of
-    the request's three round trips to the database."""
+    For a read that is one statement (``GET /experiments/{id}``, the API's most polled route): a single statement is
+    consistent on its own, so it needs no transaction, and a session (its setup, its BEGIN and ROLLBACK round trips,
+    an ORM instance per row) cost more than the query. It shares the app's engine and pool (one pool, sized in
+    :func:`server.api.main.create_app`). One per app, made in its lifespan.
+    """
 
-    def run() -> _T:
-        try:
-            if single_read and not session.in_transaction():  # (a key lookup may have begun one: keep it)
-                session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            return work(session)
-        finally:
-            session.close()
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    with anyio.CancelScope(shield=True):  # the close must happen even when the client has gone
-        result = await anyio.to_thread.run_sync(run)
-    return result
+    async def __call__(
+        self, work: Callable[Concatenate[Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        def run() -> _T:
+            with self._engine.connect() as connection:
+                return work(connection, *args, **kwargs)
+
+        # Not abandoned on cancellation: a client that goes away waits for the thread, which closes the connection.
+        return await anyio.to_thread.run_sync(run)
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Plain lookups on app.state are async: FastAPI runs a sync dependency on the threadpool, a hop for nothing.
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher  # type: ignore[no-any-return]
+
+
+async def get_reader(request: Request) -> Reader:
+    return request.app.state.reader  # type: ignore[no-any-return]
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+ReaderDep = Annotated[Reader, Depends(get_reader)]
 
 
-async def get_principal(request: Request, session: SessionDep) -> Principal:
+def _look_up_key(request: Request, token: str, cache: KeyCache) -> Principal | None:
+    with request.app.state.session_factory() as session:
+        return authenticate(session, token, cache)
+
+
+async def get_principal(request: Request) -> Principal:
     """The caller of ``Authorization: Bearer <key>``; 401 without a live key.
 
-    A key this process found live within ``PRUNEHUB_AUTH_CACHE_S`` is answered from its cache on the event loop;
-    any other is looked up on a thread (see :class:`server.services.auth.KeyCache`)."""
+    A key this process found live within ``PRUNEHUB_AUTH_CACHE_S`` is answered from its cache on the event loop,
+    with no session and no thread; any other is looked up in a session of its own on a thread (see
+    :class:`server.services.auth.KeyCache`)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -85,7 +102,7 @@ async def get_principal(request: Request, session: SessionDep) -> Principal:
     if scheme.lower() == "bearer":
         principal = cache.get_token(token)
         if principal is None:
-            principal = await anyio.to_thread.run_sync(authenticate, session, token, cache)
+            principal = await anyio.to_thread.run_sync(_look_up_key, request, token, cache)
     if principal is None:
         raise HTTPException(
             status_code=401,

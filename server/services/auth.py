@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from server.db.models import ApiKey
@@ -79,6 +79,8 @@ class KeyCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Principal, str, float]] = {}  # key hash -> (principal, prefix, expiry)
         self._lock = threading.Lock()
+        # Bumped by every forget: a lookup that began before a revocation in this process must not cache its answer.
+        self.generation = 0
 
     def get_token(self, token: str) -> Principal | None:
         """The cached principal of a plain ``token`` (no database access, so callable on an event loop)."""
@@ -96,10 +98,14 @@ class KeyCache:
             return None
         return entry[0]
 
-    def put(self, key_hash: str, principal: Principal, prefix: str) -> None:
+    def put(self, key_hash: str, principal: Principal, prefix: str, generation: int | None = None) -> None:
+        """Trust ``principal`` for ``ttl_s``; ``generation`` (:attr:`generation` when the database was asked): a
+        revocation since then (on another thread) leaves it uncached, so a revocation here is never undone."""
         if self.ttl_s <= 0:
             return
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()  # a flood of distinct live keys: start over rather than grow
             self._entries[key_hash] = (principal, prefix, time.monotonic() + self.ttl_s)
@@ -107,6 +113,7 @@ class KeyCache:
     def forget_prefix(self, prefix: str) -> None:
         """Drop every cached key shown as ``prefix`` (what :func:`revoke_key` revokes)."""
         with self._lock:
+            self.generation += 1
             for key_hash in [h for h, (_, p, _) in self._entries.items() if p == prefix]:
                 del self._entries[key_hash]
 
@@ -117,16 +124,18 @@ def authenticate(session: Session, token: str | None, cache: KeyCache | None = N
     if not token or not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
     key_hash = hash_key(token)
+    generation = None
     if cache is not None:
         cached = cache.get(key_hash)
         if cached is not None:
             return cached
+        generation = cache.generation
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     if key is None:
         return None
     principal = Principal(owner=key.owner, admin=key.role == "admin")
     if cache is not None:
-        cache.put(key_hash, principal, key.prefix)
+        cache.put(key_hash, principal, key.prefix, generation)
     return principal
 
 
@@ -135,8 +144,8 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, prefix: str, cache: KeyCache | None = None) -> int:
-    """Revoke the live keys shown as ``prefix``; returns how many. ``cache`` (this process's) forgets them at once;
-    other processes' caches within their ttl."""
+    """Revoke the live keys shown as ``prefix``; returns how many (the caller commits). ``cache`` (this process's)
+    forgets them at once and again at the commit; other processes' caches within their ttl."""
     from server.db.models import utcnow
 
     keys = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))))
@@ -145,6 +154,8 @@ def revoke_key(session: Session, prefix: str, cache: KeyCache | None = None) -> 
     session.flush()
     if cache is not None:
         cache.forget_prefix(prefix)
+        # Again once committed: until then another session still reads the key as live, and may have cached it.
+        event.listen(session, "after_commit", lambda _session: cache.forget_prefix(prefix), once=True)
     return len(keys)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Connection, Row, Select, bindparam, func, select
 from sqlalchemy.orm import Session, aliased
 
 from pruning.search.configs import SearchCommon
@@ -28,6 +28,7 @@ MAX_ID = 2**31 - 1
 MAX_OFFSET = 2**31 - 1
 
 __all__ = [
+    "DETAIL_COLUMNS",
     "best_trial",
     "cancel_experiment",
     "create_experiment",
@@ -36,7 +37,6 @@ __all__ = [
     "find_by_idempotency_key",
     "get_experiment",
     "best_trials_of",
-    "detail_of",
     "list_experiments",
     "list_trials",
     "pareto_trials",
@@ -155,11 +155,21 @@ def get_experiment(
     return experiment
 
 
+DETAIL_COLUMNS = (
+    "id", "name", "owner", "entrypoint", "bundle", "algorithm", "status", "progress_done", "progress_total",
+    "phase", "best_score", "error", "attempts", "created_at", "started_at", "finished_at", "config", "traceback",
+)  # fmt: skip
+"""The experiment's columns in an :func:`experiment_detail` row (under their own names)."""
+
+
 @functools.cache
-def _detail_statement() -> Select[Experiment, Trial, int]:
-    """Experiment ``:experiment_id``, its best trial (outer join) and its number of search trials (a correlated
-    count), built once per process: building it with a fresh alias on every request cost a third of the route's
-    CPU (SQLAlchemy derives an alias's columns anew), and one statement object also reuses its compiled form."""
+def _detail_statement() -> Select[Any]:
+    """Experiment ``:experiment_id``'s shown columns, its best trial's (outer join, ``best_*``) and its number of
+    search trials (a correlated count), built once per process (one statement object reuses its compiled form).
+
+    Columns, not entities: the row is read and shown, never changed, and loading ``Experiment`` and ``Trial``
+    instances (the search state, the problem, the trial's per-layer maps, all JSON) through a session cost more
+    than the query itself."""
     best = aliased(Trial)
     count = (
         select(func.count())
@@ -168,28 +178,33 @@ def _detail_statement() -> Select[Experiment, Trial, int]:
         .correlate(Experiment)
         .scalar_subquery()
     )
+    shown = [getattr(Experiment, name) for name in DETAIL_COLUMNS]
     return (
-        select(Experiment, best, count)
+        select(
+            *shown,
+            best.id.label("best_id"),
+            best.score.label("best_trial_score"),
+            best.overall_sparsity.label("best_overall_sparsity"),
+            best.distribution.label("best_distribution"),
+            count.label("trials_count"),
+        )
         .outerjoin(best, best.id == Experiment.best_trial_id)
         .where(Experiment.id == bindparam("experiment_id"))
     )
 
 
-def experiment_detail(
-    session: Session, experiment_id: int, owner: str | None = None
-) -> tuple[Experiment, Trial | None, int]:
-    """The experiment, its best trial (or ``None``) and its number of search trials, in one query; :class:`NotFound`
-    as :func:`get_experiment`. What ``GET /experiments/{id}`` shows, the API's most polled route."""
-    row = session.execute(_detail_statement(), {"experiment_id": experiment_id}).first()
-    if row is None or (owner is not None and row[0].owner != owner):
+def experiment_detail(db: Session | Connection, experiment_id: int, owner: str | None = None) -> Row[Any]:
+    """What ``GET /experiments/{id}`` shows (the API's most polled route), in one query: a row of the experiment's
+    :data:`DETAIL_COLUMNS`, its best trial's ``best_id``, ``best_trial_score``, ``best_overall_sparsity`` and
+    ``best_distribution`` (all ``None`` without one) and ``trials_count`` (search trials); :class:`NotFound` as
+    :func:`get_experiment`.
+
+    ``db`` is a session (a route that has just changed the experiment) or a connection in autocommit (a plain read:
+    one statement is consistent on its own, and needs no transaction around it)."""
+    row = db.execute(_detail_statement(), {"experiment_id": experiment_id}).first()
+    if row is None or (owner is not None and row.owner != owner):
         raise NotFound(f"experiment {experiment_id} not found", field="id")
-    return row[0], row[1], int(row[2] or 0)
-
-
-def detail_of(session: Session, experiment: Experiment) -> tuple[Trial | None, int]:
-    """The best trial and the number of search trials of an experiment already loaded, in one query."""
-    _, best, count = experiment_detail(session, experiment.id)
-    return best, count
+    return row
 
 
 def best_trials_of(session: Session, experiments: Sequence[Experiment]) -> dict[int, Trial]:

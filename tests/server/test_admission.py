@@ -22,7 +22,7 @@ import pytest
 
 from server.db.migrate import upgrade
 from server.db.session import make_engine, make_session_factory
-from server.services.auth import KeyCache, authenticate, create_key, revoke_key
+from server.services.auth import KeyCache, Principal, authenticate, create_key, hash_key, revoke_key
 from tests.conftest import LiveService
 
 pytestmark = pytest.mark.integration
@@ -165,16 +165,101 @@ def test_a_revoked_key_is_refused_at_once_in_its_process(tmp_path: Path) -> None
         engine.dispose()
 
 
+def test_a_revocation_committed_after_another_session_read_the_key_still_takes_effect_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keys.db"
+    upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    cache = KeyCache(ttl_s=3600)
+    try:
+        with factory() as session:
+            token = create_key(session, "alice")
+            session.commit()
+        with factory() as revoking, factory() as reading:
+            assert revoke_key(revoking, token[:10], cache) == 1  # flushed, not committed
+            assert authenticate(reading, token, cache) is not None  # the revocation is not visible yet
+            reading.rollback()
+            revoking.commit()
+            assert cache.get_token(token) is None
+            assert authenticate(reading, token, cache) is None
+    finally:
+        engine.dispose()
+
+
+def test_a_lookup_that_began_before_a_revocation_in_its_process_is_not_cached() -> None:
+    cache = KeyCache(ttl_s=3600)
+    token = "ph_" + "x" * 43
+    began = cache.generation  # a thread asks the database: the key is live
+    cache.forget_prefix(token[:10])  # meanwhile another thread revokes it
+    cache.put(hash_key(token), Principal("alice"), token[:10], began)  # the first thread's answer arrives
+    assert cache.get_token(token) is None
+    cache.put(hash_key(token), Principal("alice"), token[:10], cache.generation)
+    assert cache.get_token(token) == Principal("alice")
+
+
 def test_a_key_revoked_elsewhere_is_refused_within_the_cache_ttl(tmp_path: Path, embedded_env: dict[str, str]) -> None:
     for service in _serve(tmp_path, embedded_env):
         key = _other_owner_key(service)
         headers = {"Authorization": f"Bearer {key}"}
-        assert httpx.get(f"{service.url}/experiments", headers=headers, timeout=10).status_code == 200  # cached
+        created = httpx.post(
+            f"{service.url}/experiments", json={**SPEC, "name": "mine"}, headers=headers, timeout=10
+        )
+        assert created.status_code == 201, created.text
+        # The list and GET /experiments/{id} (which reads no session when the key is cached): both cached now.
+        paths = ["/experiments", f"/experiments/{created.json()['id']}"]
+        for path in paths:
+            assert httpx.get(f"{service.url}{path}", headers=headers, timeout=10).status_code == 200
         subprocess.run(
             [sys.executable, "-m", "server.cli", "keys", "revoke", key[:10]],
             env=service.env, cwd=service.home, capture_output=True, check=True,
         )
         revoked_at = time.monotonic()
-        while httpx.get(f"{service.url}/experiments", headers=headers, timeout=10).status_code != 401:
-            assert time.monotonic() - revoked_at < 2.0, "still accepted 2 s after revocation (ttl 1 s)"
-            time.sleep(0.05)
+        for path in paths:
+            while httpx.get(f"{service.url}{path}", headers=headers, timeout=10).status_code != 401:
+                assert time.monotonic() - revoked_at < 2.0, f"{path}: still accepted 2 s after revocation (ttl 1 s)"
+                time.sleep(0.05)
+
+
+def test_a_burst_of_reads_gets_answers_never_a_server_error(api: LiveService) -> None:
+    headers = {"Authorization": f"Bearer {api.api_key}"}
+    created = httpx.post(f"{api.url}/experiments", json={**SPEC, "name": "polled"}, headers=headers, timeout=10)
+    assert created.status_code == 201, created.text
+    path = f"/experiments/{created.json()['id']}"
+    limits = httpx.Limits(max_connections=BURST + 10, max_keepalive_connections=BURST + 10)
+    with httpx.Client(base_url=api.url, headers=headers, timeout=60, limits=limits) as client:
+        began = time.monotonic()
+        with ThreadPoolExecutor(BURST) as pool:
+            responses = list(pool.map(lambda _: client.get(path), range(BURST)))
+        seconds = time.monotonic() - began
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert codes.count(200) >= 1
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 503)
+    assert seconds < 30, f"the burst took {seconds:.1f} s"
+    assert "QueuePool limit" not in api.logs()
+
+
+def test_a_database_that_refuses_connections_is_a_503_never_a_500(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.api.main import create_app
+    from server.settings import Settings
+    from tests.conftest import free_port
+    from tests.server.hardening import NoDispatch
+
+    # Nothing listens on the port: every connection attempt fails, as with a database down or out of connections.
+    settings = Settings(
+        home=tmp_path,
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing",
+        broker_url="filesystem://",
+        artifacts_dir=tmp_path / "artifacts",
+        bootstrap_local_key=False,
+    )
+    app = create_app(settings, dispatcher=NoDispatch(), migrate=False)  # type: ignore[arg-type]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        headers = {"Authorization": "Bearer ph_" + "x" * 43}  # looked up in the database: the connection fails
+        for path in ("/experiments/1", "/experiments"):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["detail"] == "the database is unreachable; retry"

@@ -11,10 +11,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, status
 from fastapi.responses import Response
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 
 from pruning.search.configs import parse_algorithm_config
-from server.api.deps import DispatcherDep, ExperimentId, PrincipalDep, SessionDep, SettingsDep, run_and_close
+from server.api.deps import DispatcherDep, ExperimentId, PrincipalDep, ReaderDep, SessionDep, SettingsDep
 from server.api.schemas import (
     BestPublic,
     BestSummary,
@@ -60,15 +61,16 @@ _CREATE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _summary(experiment: Experiment, best_trial: Trial | None, trials_count: int = 0) -> dict[str, Any]:
-    best = None
-    if best_trial is not None:
-        best = BestSummary(
-            trial_id=best_trial.id,
-            score=best_trial.score,
-            overall_sparsity=best_trial.overall_sparsity,
-            distribution=best_trial.distribution,
-        )
+def _best_summary(trial: Trial | None) -> BestSummary | None:
+    if trial is None:
+        return None
+    return BestSummary(
+        trial_id=trial.id, score=trial.score, overall_sparsity=trial.overall_sparsity, distribution=trial.distribution
+    )
+
+
+def _summary(experiment: Experiment | Row[Any], best: BestSummary | None, trials_count: int = 0) -> dict[str, Any]:
+    """The fields of an :class:`ExperimentSummary` from an experiment or a detail row (the same names)."""
     duration = None
     if experiment.started_at and experiment.finished_at:
         duration = (experiment.finished_at - experiment.started_at).total_seconds()
@@ -93,13 +95,23 @@ def _summary(experiment: Experiment, best_trial: Trial | None, trials_count: int
     }
 
 
-def _public(
-    session: SessionDep, experiment: Experiment, detail: tuple[Trial | None, int] | None = None
-) -> ExperimentPublic:
-    best, count = detail if detail is not None else service.detail_of(session, experiment)
-    return ExperimentPublic(
-        **_summary(experiment, best, count), config=experiment.config, traceback=experiment.traceback
-    )
+def _public(detail: Row[Any]) -> ExperimentPublic:
+    """An experiment in full from its :func:`service.experiment_detail` row."""
+    best = None
+    if detail.best_id is not None:
+        best = BestSummary(
+            trial_id=detail.best_id,
+            score=detail.best_trial_score,
+            overall_sparsity=detail.best_overall_sparsity,
+            distribution=detail.best_distribution,
+        )
+    summary = _summary(detail, best, int(detail.trials_count or 0))
+    return ExperimentPublic(**summary, config=detail.config, traceback=detail.traceback)
+
+
+def _reread(session: SessionDep, experiment: Experiment) -> ExperimentPublic:
+    """An experiment a route has just created or changed, as ``GET /experiments/{id}`` shows it (one query)."""
+    return _public(service.experiment_detail(session, experiment.id))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ExperimentPublic, responses=_CREATE_ERRORS)
@@ -129,7 +141,7 @@ def create_experiment(
     if idempotency_key:
         existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key, body_hash)
         if existing is not None:
-            return _public(session, existing)
+            return _reread(session, existing)
     try:
         experiment = service.create_experiment(
             session,
@@ -150,9 +162,9 @@ def create_experiment(
         existing = service.find_by_idempotency_key(session, principal.owner, idempotency_key or "", body_hash)
         if existing is None:
             raise
-        return _public(session, existing)
+        return _reread(session, existing)
     _enqueue_created(session, dispatcher, experiment.id)
-    return _public(session, experiment)
+    return _reread(session, experiment)
 
 
 def _enqueue_created(session: SessionDep, dispatcher: DispatcherDep, experiment_id: int) -> None:
@@ -189,23 +201,17 @@ def list_experiments(
     )
     best = service.best_trials_of(session, rows)
     items = [
-        ExperimentSummary(**_summary(row, best.get(row.best_trial_id) if row.best_trial_id else None)) for row in rows
+        ExperimentSummary(**_summary(row, _best_summary(best.get(row.best_trial_id) if row.best_trial_id else None)))
+        for row in rows
     ]
     return ExperimentsPublic(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic, responses=_ERRORS)
-async def get_experiment(
-    experiment_id: ExperimentId, session: SessionDep, principal: PrincipalDep
-) -> ExperimentPublic:
+async def get_experiment(experiment_id: ExperimentId, read: ReaderDep, principal: PrincipalDep) -> ExperimentPublic:
     """Status, progress (done/total and phase), timings, best so far, and the error of a failed experiment."""
-
-    # The API's most polled route: one query, one thread hop (the key comes from the process's cache).
-    def read(session: SessionDep) -> ExperimentPublic:
-        experiment, best, count = service.experiment_detail(session, experiment_id, principal.scope)
-        return _public(session, experiment, (best, count))
-
-    return await run_and_close(session, read, single_read=True)
+    # The API's most polled route: one query on one thread hop, no session (the key comes from the process's cache).
+    return _public(await read(service.experiment_detail, experiment_id, principal.scope))
 
 
 @router.get("/{experiment_id}/trials", response_model=TrialsPublic, responses=_ERRORS)
@@ -345,7 +351,7 @@ def cancel_experiment(experiment_id: ExperimentId, session: SessionDep, principa
     experiment = service.get_experiment(session, experiment_id, principal.scope, for_update=True)
     service.cancel_experiment(session, experiment)
     session.commit()
-    return _public(session, experiment)
+    return _reread(session, experiment)
 
 
 @router.get("/{experiment_id}/sensitivity", response_model=SensitivityPublic, responses=_ERRORS)
@@ -393,4 +399,4 @@ def reallocate(
     )
     session.commit()
     _enqueue_created(session, dispatcher, experiment.id)
-    return _public(session, experiment)
+    return _reread(session, experiment)
