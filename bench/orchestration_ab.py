@@ -2,7 +2,8 @@
 
 The no-op annealing run of ``bench/service.py`` (``bench.tasks.noop``: the evaluator returns a constant at once)
 runs alternately on the code of a baseline tree and on this tree, ``--rounds`` times each, on the embedded
-defaults (SQLite + filesystem broker, in-process runner) and on PostgreSQL + Redis. Reported per backend: the
+defaults (SQLite + filesystem broker, in-process runner), on PostgreSQL + Redis (in-process runner) and, with
+``--backends ...,distributed``, on PostgreSQL + Redis with the distributed runner. Reported per backend: the
 median wall time per trial in steady state (the search's own trials, without the one-off start-up of the task
 process) for both trees, and their ratio. Make the baseline tree with ``git archive``:
 
@@ -57,7 +58,7 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", type=Path, required=True, help="a source tree of the baseline commit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--backends", default="embedded,postgres")
+    parser.add_argument("--backends", default="embedded,postgres", help="of embedded, postgres, distributed")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--settle", type=float, default=0.0,
                         help="seconds between starting the worker and submitting (a worker that has been up a while)")

@@ -341,7 +341,9 @@ def api_throughput(quick: bool, baseline: Path | None = None) -> dict[str, Any]:
 
 
 def orchestration(backend: str, trials: int, code_root: Path | None = None, settle_s: float = 0.0) -> dict[str, Any]:
-    """One no-op annealing run on ``backend`` (``embedded`` or ``postgres``); ``code_root`` runs the service from
+    """One no-op annealing run on ``backend``: ``embedded`` (SQLite + filesystem broker, in-process runner),
+    ``postgres`` (PostgreSQL + Redis, in-process runner) or ``distributed`` (PostgreSQL + Redis, the distributed
+    runner: each job and each advance a Celery task of its own, one worker process); ``code_root`` runs the service from
     another source tree (``bench.orchestration_ab`` compares a baseline commit with this one). ``settle_s``: wait
     that long after starting the worker before submitting, as a run submitted to a worker that has been up a
     while (what a pre-warmed task process is for); 0 submits at once."""
@@ -349,10 +351,11 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None, sett
     procs = Processes(home)
     code = {"PYTHONPATH": str(code_root)} if code_root is not None else {}
     try:
-        if backend == "postgres":
+        if backend in ("postgres", "distributed"):
             _prepare_postgres()
             _flush_redis()
-            env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL, **code)
+            runner = {"PRUNEHUB_RUNNER": "distributed"} if backend == "distributed" else {}
+            env = service_env(home, PRUNEHUB_DATABASE_URL=PG_URL, PRUNEHUB_BROKER_URL=REDIS_URL, **runner, **code)
         else:
             env = service_env(home, **code)
         url = procs.serve(env, free_port())
@@ -441,7 +444,7 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None, sett
         return result
     finally:
         procs.stop()
-        if backend == "postgres":
+        if backend in ("postgres", "distributed"):
             _flush_redis()
         shutil.rmtree(home, ignore_errors=True)
 

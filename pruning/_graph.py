@@ -70,6 +70,52 @@ def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
 
 
+class _Deadlines:
+    """One daemon thread per process that calls each armed deadline's callback when it passes. A trace per job
+    used to start a ``threading.Timer`` of its own, and starting a thread waits until it is scheduled: on a loaded
+    machine that was milliseconds per trace. Arming and disarming only take a lock."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._next = 0
+        self._pid: int | None = None  # the thread does not survive a fork: started again in the child
+
+    def arm(self, seconds: float, fire: Callable[[], None]) -> int:
+        import time
+
+        with self._cond:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="trace-deadlines", daemon=True).start()
+            self._next += 1
+            self._armed[self._next] = (time.monotonic() + seconds, fire)
+            self._cond.notify()
+            return self._next
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [t for t, (at, _) in self._armed.items() if at <= now]
+                fires = [self._armed.pop(t)[1] for t in due]
+                if not fires:
+                    soonest = min((at for at, _ in self._armed.values()), default=None)
+                    self._cond.wait(None if soonest is None else soonest - now)
+                    continue
+            for fire in fires:
+                fire()
+
+
+_deadlines = _Deadlines()
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float, describe: Callable[[], str]) -> Iterator[None]:
     """Raise `TraceTimeout` in this thread when the block runs past `seconds` (``<= 0``: no limit).
@@ -92,19 +138,19 @@ def time_limit(seconds: float, describe: Callable[[], str]) -> Iterator[None]:
                 state["fired"] = True
                 _raise_in(thread_id, _Expired)
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
+    token: int | None = None
     _active.on = True
     try:
         try:
-            timer.start()
+            token = _deadlines.arm(seconds, fire)
             yield
         finally:
             with lock:
                 state["armed"] = False
                 if state["fired"]:
                     _raise_in(thread_id, None)
-            timer.cancel()
+            if token is not None:
+                _deadlines.disarm(token)
             _active.on = False
     except _Expired:
         raise TraceTimeout(

@@ -185,20 +185,21 @@ def measure_model(
 
     Returns (metrics, shrunk model or the model itself, recipe or None).
     """
-    from pruning.metrics import count_nonzero, count_params_flops
+    from pruning.metrics import bookkeeping_threads, count_nonzero, count_params_flops
 
     pruning = problem.pruning
-    if pruning.structured:
-        from pruning.shrink import shrink
+    with bookkeeping_threads(pruning.dense_flops):
+        if pruning.structured:
+            from pruning.shrink import shrink
 
-        shrunk = copy.deepcopy(model)
-        recipe = shrink(shrunk, masks, dummy_input)
-        params, flops = count_params_flops(shrunk, dummy_input)
-    else:
-        # Fine-grained sparsity leaves dense kernels: FLOPs do not fall, only the non-zeros do.
-        shrunk, recipe = model, None
-        params = count_nonzero(model)
-        _, flops = count_params_flops(model, dummy_input)
+            shrunk = copy.deepcopy(model)
+            recipe = shrink(shrunk, masks, dummy_input)
+            params, flops = count_params_flops(shrunk, dummy_input)
+        else:
+            # Fine-grained sparsity leaves dense kernels: FLOPs do not fall, only the non-zeros do.
+            shrunk, recipe = model, None
+            params = count_nonzero(model)
+            _, flops = count_params_flops(model, dummy_input)
     metrics: dict[str, Any] = {
         "params": int(params),
         "flops": int(flops),

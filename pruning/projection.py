@@ -37,9 +37,11 @@ def dense_latency(model: nn.Module, dummy_input: Any, device: str) -> tuple[floa
 
 
 def _shrunk_for(model: nn.Module, problem: PruningProblem, distribution: dict[str, float], dummy_input: Any) -> Any:
+    from pruning.metrics import bookkeeping_threads
     from pruning.shrink import predicted_shrunk
 
-    return predicted_shrunk(model, problem, distribution, dummy_input)
+    with bookkeeping_threads(problem.dense_flops):
+        return predicted_shrunk(model, problem, distribution, dummy_input)
 
 
 def ratio_predictor(
@@ -76,12 +78,14 @@ def ratio_predictor(
             return latency_stats(shrunk, dummy_input, device)[0] / dense_latency_ms
 
         return latency
+    from pruning.metrics import bookkeeping_threads
     from pruning.shrink import predict_params_flops
 
     index = 0 if resource == "params" else 1
     dense = problem.dense_params if resource == "params" else problem.dense_flops
 
     def size(distribution: dict[str, float]) -> float:
-        return predict_params_flops(model, problem, distribution, dummy_input)[index] / dense
+        with bookkeeping_threads(problem.dense_flops):
+            return predict_params_flops(model, problem, distribution, dummy_input)[index] / dense
 
     return size

@@ -297,10 +297,8 @@ def model_rebuild_job(trial: Trial) -> dict[str, Any] | None:
 
 def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
     """Refresh the lease on the experiment and on the trial this worker runs in it; ``False`` when this worker no
-    longer holds the experiment."""
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None or experiment.lease_owner != worker_id:
-        return False
+    longer holds the experiment. The trial's lease is renewed either way while this worker holds it: the job is
+    still running here, and a worker that took the experiment over must wait for it, not run it a second time."""
     now = utcnow()
     # The trial row first, then the experiment row (flushed at the commit): the order in which the job's record
     # locks them. In the other order a beat and a record each held one row and waited for the other (PostgreSQL
@@ -315,6 +313,9 @@ def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
         .values(heartbeat_at=now)
         .execution_options(synchronize_session=False)
     )
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None or experiment.lease_owner != worker_id:
+        return False
     experiment.heartbeat_at = now
     return True
 
@@ -479,13 +480,16 @@ def save_progress(
 ) -> None:
     """Persist the search state after a tell, with progress and the strategy's best so far (looked up in
     ``known``, the trials the caller has loaded, before the database)."""
+    previous_best = (experiment.search_state or {}).get("best_key")
     experiment.search_state = state
     experiment.state_version += 1
     experiment.progress_done = progress
     experiment.progress_total = progress_total
     experiment.phase = phase
     experiment.heartbeat_at = utcnow()
-    if best_key is not None:
+    # The same best as after the last tell is the trial stored then: not looked up again (a query per step).
+    unchanged = best_key == previous_best and experiment.best_trial_id is not None
+    if best_key is not None and not unchanged:
         best = _known_or_query(session, experiment.id, best_key, known)
         if best is not None and best.id != experiment.best_trial_id:
             experiment.best_trial_id = best.id
