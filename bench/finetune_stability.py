@@ -49,25 +49,11 @@ def run(entry: str, budget: float) -> dict[str, Any]:
     row: dict[str, Any] = {"task": entry, "budget": budget}
     for name, fine_tuner in (("decayed", task.fine_tuner), ("constant", constant_rate_fine_tuner)):
         variant = dataclasses.replace(task, fine_tuner=fine_tuner)
-        row[name] = [
-            round(
-                float(
-                    execute_job(
-                        variant,
-                        as_trained,
-                        Job(
-                            key=f"{name}-{epochs}",
-                            kind="finetune_and_evaluate",
-                            distribution=distribution,
-                            finetune_epochs=epochs,
-                        ),
-                        store,
-                    ).score
-                ),
-                4,
-            )
-            for epochs in (1, 2, 3)
-        ]
+        row[name] = []
+        for epochs in (1, 2, 3):
+            job = Job(key=f"{name}-{epochs}", kind="finetune_and_evaluate", distribution=distribution,
+                      finetune_epochs=epochs)
+            row[name].append(round(float(execute_job(variant, as_trained, job, store).score), 4))
     return row
 
 

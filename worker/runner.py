@@ -655,8 +655,10 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
     started = time.monotonic()
     resolving = claimed.kind == runs.RESOLVE_KIND
     try:
-        heartbeat = Heartbeat(beat, ctx.session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}") \
-            if not ctx.inprocess else contextlib.nullcontext()
+        # In-process, the experiment's heartbeat renews this job's lease (RunContext.inprocess).
+        heartbeat: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if not ctx.inprocess:
+            heartbeat = Heartbeat(beat, ctx.session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}")
         with open_task_process(claimed.entrypoint, settings, bundle=claimed.bundle,
                                experiment_id=claimed.experiment_id) as child, heartbeat:
             if resolving:
