@@ -56,12 +56,16 @@ CLASSIFIER = {
     "bench.tasks.residual_digits": "fc",
     "bench.tasks.depthwise_digits": "fc",
     "bench.tasks.depthwise_digits:loss_task": "fc",
+    "bench.tasks.shifted_digits": "fc",
+    "bench.tasks.shifted_digits:loss_task": "fc",
 }
 TITLES = {
     "examples.digits": "digits CNN",
     "bench.tasks.residual_digits": "residual net",
     "bench.tasks.depthwise_digits": "depthwise net",
     "bench.tasks.depthwise_digits:loss_task": "depthwise net, 1000 × loss",
+    "bench.tasks.shifted_digits": "shifted digits",
+    "bench.tasks.shifted_digits:loss_task": "shifted digits, 1000 × loss",
 }
 
 # Each strategy's parameters: small enough for the section to run in about 20 minutes on two cores.
@@ -136,6 +140,8 @@ FULL = Plan(
         # the residual net and the digits CNN, so a better distribution has little left to win there).
         Setting("bench.tasks.residual_digits", 0.1),
         Setting("bench.tasks.depthwise_digits", 0.1),
+        Setting("bench.tasks.shifted_digits", 0.25),
+        Setting("bench.tasks.shifted_digits:loss_task", 0.35, "minimize"),
     ),
     strategies=tuple(STRATEGIES),
     seeds=3,

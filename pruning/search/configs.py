@@ -465,6 +465,11 @@ class NetAdaptConfig(SearchCommon):
     short_term_finetune_epochs: int = Field(default=1, ge=0, le=1000)
     max_halvings: int = Field(default=4, ge=0, le=30, description="retries with ΔR halved before failing")
     max_iterations: int = Field(default=200, ge=1, le=10_000)
+    uniform_move: bool = Field(
+        default=True,
+        description="each iteration also offers one candidate that shrinks every unit by the same fraction of what "
+        "it has left to the same ΔR, so the greedy choice can take the flat step when no single unit is better",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -498,10 +503,11 @@ class NetAdaptConfig(SearchCommon):
         return value
 
     def epoch_terms(self) -> list[EpochTerm]:
-        # One short-term fine-tune per unit tried per iteration: counted per unit (the units are the model's).
+        # One short-term fine-tune per candidate per iteration (one per unit, and the uniform move): counted per
+        # candidate (the units are the model's).
         return [
             EpochTerm(
-                "max_iterations x short_term_finetune_epochs (per unit)",
+                "max_iterations x short_term_finetune_epochs (per candidate)",
                 "short_term_finetune_epochs",
                 self.max_iterations * self.short_term_finetune_epochs,
             ),

@@ -9,6 +9,12 @@ candidate for ``short_term_finetune_epochs`` and evaluates it. The best-scoring 
 weights (a checkpoint artifact), becomes the next iteration's model. The search stops once the measured
 resource is within ``target_resource_ratio * R0``; then ``finetune_epochs`` of long-term fine-tuning.
 
+With ``uniform_move`` (the default) every iteration also asks one ``netadapt_candidate`` job whose unit is
+:data:`UNIFORM_MOVE`: every unit keeps the same fraction of the channels it has left, the least pruning whose
+measured resource meets the same target. The paper's per-unit greedy starves single layers at aggressive budgets
+(FLOPs x0.25 on the budgets bench lost to uniform pruning after the same final fine-tune); with the flat step
+among the candidates, the greedy choice takes it whenever it scores best after the short-term fine-tune.
+
 When no unit can reach ``ΔR`` (every unit is nearly empty, or the reduction is coarser than any unit's
 filters), the iteration is retried with ``ΔR`` halved, at most ``max_halvings`` times, after which the search
 stops with ``state.stop_reason`` saying why (NNI looped forever here). Progress is the measured resource.
@@ -27,7 +33,10 @@ from pruning.search.base import Job, Result, SearchProblem, SearchState, better
 from pruning.search.configs import NetAdaptConfig
 from pruning.search.finalists import FinalistsState
 
-__all__ = ["NetAdaptSearch", "NetAdaptState", "execute"]
+__all__ = ["NetAdaptSearch", "NetAdaptState", "UNIFORM_MOVE", "execute"]
+
+# The unit name of a job that shrinks every unit at once (the uniform move).
+UNIFORM_MOVE = "*"
 
 
 class NetAdaptState(SearchState):
@@ -130,6 +139,25 @@ class NetAdaptSearch:
                         "iteration": state.iteration,
                         "layer": unit.name,
                         "delta_resource": state.current_resource - target,  # the last step: only down to the budget
+                        "halving": state.halvings,
+                    },
+                )
+            )
+        if jobs and self.config.uniform_move and len(jobs) > 1:
+            # One unit left to prune makes the flat step the same as that unit's.
+            jobs.append(
+                Job(
+                    key=f"netadapt-{state.iteration}-h{state.halvings}-uniform",
+                    kind="netadapt_candidate",
+                    distribution=state.current_distribution,
+                    parent_artifact=state.current_artifact,
+                    finetune_epochs=self.config.short_term_finetune_epochs,
+                    save_artifact=True,
+                    params={"unit": UNIFORM_MOVE, "target_resource": target},
+                    context={
+                        "iteration": state.iteration,
+                        "layer": UNIFORM_MOVE,
+                        "delta_resource": state.current_resource - target,
                         "halving": state.halvings,
                     },
                 )
@@ -291,7 +319,8 @@ def _record(
 def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str = "cpu") -> Result:
     """Run one ``netadapt_candidate`` job: the smallest pruning of ``job.params["unit"]`` (whole filters, the
     base algorithm's ranking, monotonic over the parent's masks) whose measured resource on the shrunk model
-    is at most ``job.params["target_resource"]``; then fine-tune, evaluate, save a checkpoint.
+    is at most ``job.params["target_resource"]``; then fine-tune, evaluate, save a checkpoint. The unit
+    :data:`UNIFORM_MOVE` prunes every unit by the same fraction of what it has left (a bisection on that fraction).
 
     A unit that cannot reach the target even at its bound gives a failed result whose error says so (no
     training or evaluation is spent on it). ``Result.extra["distribution"]`` is the candidate's unit-level
@@ -303,58 +332,30 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
     from pruning.pruner import collected_importance, compute_masks
 
     pruning = problem.pruning
-    unit = pruning.unit(str(job.params["unit"]))
     target = float(job.params["target_resource"])
     model, previous = load_checkpoint(task, store, job.parent_artifact)
     model.to(device)
     dummy = task.dummy_input()
-    assert unit.channels is not None
-    channels = unit.channels
-
     importance = collected_importance(model, pruning, task)  # statistics once for every probe below
 
-    def masks_for(count: int) -> tuple[dict[str, float], dict[str, Any]]:
-        distribution = dict(job.distribution)
-        distribution[unit.name] = count / channels
+    def measured(distribution: dict[str, float]) -> tuple[float, dict[str, float], dict[str, Any]]:
         # Monotonic: what the parent removed ranks first and stays removed.
-        return distribution, compute_masks(model, pruning, distribution, importance=importance, previous=previous)
-
-    def measured(count: int) -> tuple[float, dict[str, float], dict[str, Any], dict[str, Any]]:
-        distribution, masks = masks_for(count)
+        masks = compute_masks(model, pruning, distribution, importance=importance, previous=previous)
         metrics, _, _ = measure_model(model, masks, problem, dummy, device)
         value = {"params": metrics["params"], "flops": metrics["flops"]}.get(problem.resource)
         if value is None:
             value = metrics["latency_ms"]
-        return float(value), distribution, masks, metrics
+        return float(value), distribution, masks
 
-    low = unit.count(job.distribution[unit.name]) + 1
-    high = _prunable_channels(unit)
-    if low > high:
-        return Result(key=job.key, status="failed", error=f"unit {unit.name} has no channel left to prune")
-    # Resources fall monotonically with the channels removed: binary search the smallest count that reaches
-    # the target, measuring each probe on the physically shrunk model.
-    found: tuple[float, dict[str, float], dict[str, Any], dict[str, Any]] | None = None
-    top = measured(high)
-    if top[0] > target:
-        return Result(
-            key=job.key,
-            status="failed",
-            error=(
-                f"unit {unit.name} cannot reach {problem.resource} {target:g}: pruning {high} of {channels} "
-                f"channels measures {top[0]:g}"
-            ),
-            extra={"reached": False, "best_possible": top[0]},
-        )
-    found, hi, lo = top, high, low
-    while lo < hi:
-        mid = (lo + hi) // 2
-        probe = measured(mid)
-        if probe[0] <= target:
-            found, hi = probe, mid
-        else:
-            lo = mid + 1
-    assert found is not None
-    _, distribution, masks, _ = found
+    if job.params["unit"] == UNIFORM_MOVE:
+        found = _uniform_move(job, pruning, measured, target, problem.resource)
+        name = UNIFORM_MOVE
+    else:
+        found = _unit_move(job, pruning.unit(str(job.params["unit"])), measured, target, problem.resource)
+        name = str(job.params["unit"])
+    if isinstance(found, Result):
+        return found
+    distribution, masks, pruned = found
     apply_masks(model, masks, structured=True)
     if job.finetune_epochs:
         task.fine_tune(model, job.finetune_epochs)
@@ -367,7 +368,7 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
         requested=layer_distribution(distribution, pruning),
         achieved=achieved_sparsity(masks, pruning),
         overall_sparsity=overall_sparsity(distribution, pruning),
-        extra={"distribution": distribution, "reached": True, "pruned_channels": hi, "unit": unit.name},
+        extra={"distribution": distribution, "reached": True, "pruned_channels": pruned, "unit": name},
         **metrics,
     )
     if job.save_artifact:
@@ -379,3 +380,77 @@ def execute(task: Any, problem: SearchProblem, job: Job, store: Any, device: str
             update={"artifact": checkpoint, "extra": {**result.extra, "model_artifact": model_id}}
         )
     return result
+
+
+Probe = tuple[float, dict[str, float], dict[str, Any]]  # measured resource, distribution, masks
+Move = tuple[dict[str, float], dict[str, Any], int]  # distribution, masks, channels pruned in the moved units
+
+
+def _unit_move(job: Job, unit: Any, measured: Any, target: float, resource: str) -> Move | Result:
+    """The fewest channels of ``unit`` whose measured resource reaches ``target``: a binary search over the
+    count (resources fall monotonically with the channels removed), each probe measured on the shrunk model."""
+    assert unit.channels is not None
+    channels = unit.channels
+
+    def probe(count: int) -> Probe:
+        return measured({**job.distribution, unit.name: count / channels})
+
+    low = unit.count(job.distribution[unit.name]) + 1
+    high = _prunable_channels(unit)
+    if low > high:
+        return Result(key=job.key, status="failed", error=f"unit {unit.name} has no channel left to prune")
+    top = probe(high)
+    if top[0] > target:
+        return Result(
+            key=job.key,
+            status="failed",
+            error=(
+                f"unit {unit.name} cannot reach {resource} {target:g}: pruning {high} of {channels} "
+                f"channels measures {top[0]:g}"
+            ),
+            extra={"reached": False, "best_possible": top[0]},
+        )
+    found, hi, lo = top, high, low
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = probe(mid)
+        if candidate[0] <= target:
+            found, hi = candidate, mid
+        else:
+            lo = mid + 1
+    return found[1], found[2], hi
+
+
+def _uniform_move(job: Job, pruning: Any, measured: Any, target: float, resource: str) -> Move | Result:
+    """Every unit pruned by one fraction ``a`` of what it has left (``s_u = p_u + (1 - p_u) * a``, each unit
+    capped where it keeps one channel): the least ``a`` whose measured resource reaches ``target``."""
+    from pruning.budget import BudgetUnreachable, project
+
+    def capped(distribution: dict[str, float]) -> dict[str, float]:
+        return {u.name: min(distribution[u.name], _prunable_channels(u) / u.channels) for u in pruning.units}
+
+    def signature(distribution: dict[str, float]) -> tuple[int, ...]:
+        return tuple(u.count(distribution[u.name]) for u in pruning.units)
+
+    probes: dict[tuple[int, ...], Probe] = {}  # one shrink-and-measure per distinct channel count
+
+    def ratio_of(distribution: dict[str, float]) -> float:
+        distribution = capped(distribution)
+        key = signature(distribution)
+        if key not in probes:
+            probes[key] = measured(distribution)
+        return probes[key][0]
+
+    try:
+        projection = project({u.name: 1.0 for u in pruning.units}, pruning, ratio_of, target, floor=job.distribution)
+    except BudgetUnreachable:
+        return Result(
+            key=job.key,
+            status="failed",
+            error=f"the uniform move cannot reach {resource} {target:g} with every unit at its bound",
+            extra={"reached": False},
+        )
+    chosen = capped(projection.distribution)
+    ratio_of(chosen)
+    _, distribution, masks = probes[signature(chosen)]
+    return distribution, masks, sum(signature(chosen))

@@ -15,6 +15,7 @@ from pruning.budget import Budget, project
 from pruning.config import PrunableLayer, PruningProblem, PruningUnit, layer_distribution, overall_sparsity
 from pruning.search._common import evaluated_distribution
 from pruning.search.base import Job, Result, SearchProblem
+from pruning.search.netadapt import UNIFORM_MOVE
 
 # (name, output channels, weight count, MACs): a small plain CNN.
 _UNITS = [
@@ -217,14 +218,16 @@ class FakeExecutor:
         )
 
     def _netadapt(self, problem: SearchProblem, job: Job, sign: float) -> Result:
-        unit = problem.pruning.unit(job.params["unit"])
-        assert unit.channels is not None
         target = float(job.params["target_resource"])
-        low = unit.count(job.distribution[unit.name]) + 1
-        high = min(unit.count(unit.max_sparsity), unit.channels - 1)
-        for count in range(low, high + 1):
-            distribution = dict(job.distribution)
-            distribution[unit.name] = count / unit.channels
+        if job.params["unit"] == UNIFORM_MOVE:
+            candidates = [self._flat_step(problem, job.distribution, i / 100) for i in range(1, 101)]
+        else:
+            unit = problem.pruning.unit(job.params["unit"])
+            assert unit.channels is not None
+            low = unit.count(job.distribution[unit.name]) + 1
+            high = min(unit.count(unit.max_sparsity), unit.channels - 1)
+            candidates = [{**job.distribution, unit.name: count / unit.channels} for count in range(low, high + 1)]
+        for distribution in candidates:
             metrics = self.measure(problem, distribution)
             value = metrics["latency_ms"] if problem.resource == "latency" else metrics[problem.resource]
             if value <= target:
@@ -238,4 +241,14 @@ class FakeExecutor:
                     extra={"distribution": distribution, "reached": True},
                     **metrics,
                 )
-        return Result(key=job.key, status="failed", error=f"unit {unit.name} cannot reach {target}")
+        return Result(key=job.key, status="failed", error=f"unit {job.params['unit']} cannot reach {target}")
+
+    @staticmethod
+    def _flat_step(problem: SearchProblem, parent: dict[str, float], fraction: float) -> dict[str, float]:
+        """NetAdapt's uniform move: every unit loses ``fraction`` of what it has left, keeping one channel."""
+        out = {}
+        for unit in problem.pruning.units:
+            assert unit.channels is not None
+            bound = min(unit.count(unit.max_sparsity), unit.channels - 1) / unit.channels
+            out[unit.name] = min(parent[unit.name] + (1.0 - parent[unit.name]) * fraction, bound)
+        return out

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from pruning.search.configs import parse_algorithm_config
+from pruning.search.netadapt import UNIFORM_MOVE
 from tests.pruning.search.driver import drive
 from tests.pruning.search.fakes import FakeExecutor, fake_problem
 
@@ -31,9 +32,11 @@ def test_reduction_schedule_decays() -> None:
             assert delta == pytest.approx(scheduled)
         else:  # the step that crosses the budget asks only for what is left above it
             assert delta <= scheduled + 1e-9
-    # One job per unit per iteration, all independent (same parent).
+    # One job per unit per iteration and the uniform move, all independent (same parent).
     first = [j for j in run.jobs if j.context.get("iteration") == 0 and j.kind == "netadapt_candidate"]
-    assert len(first) == len(fake_problem().pruning.units) and len({j.parent_artifact for j in first}) == 1
+    units = [j.params["unit"] for j in first]
+    assert units == [*fake_problem().pruning.unit_names(), UNIFORM_MOVE]
+    assert len({j.parent_artifact for j in first}) == 1
     assert state.progress == pytest.approx(r0 - state.current_resource)  # type: ignore[attr-defined]
 
 
@@ -79,3 +82,30 @@ def test_the_step_that_crosses_the_budget_aims_at_the_budget() -> None:
     assert min(targets) == pytest.approx(budget) and budget == pytest.approx(0.5 * r0)
     # The handed-out model sits just under the budget, not a whole step below it.
     assert 0.45 * r0 < state.current_resource <= budget  # type: ignore[attr-defined]
+
+
+def test_without_the_uniform_move_each_candidate_prunes_one_unit() -> None:
+    run = drive(netadapt(uniform_move=False), fake_problem(), FakeExecutor())
+    units = {j.params["unit"] for j in run.jobs if j.kind == "netadapt_candidate"}
+    assert units and UNIFORM_MOVE not in units and run.state.best_key is not None
+
+
+def test_the_uniform_move_wins_when_it_scores_best() -> None:
+    # An evaluator that rewards flat distributions: the flat step is chosen every iteration, so every unit moves
+    # together and the handed-out distribution is flat up to the units' bounds.
+    executor = FakeExecutor()
+
+    def flat_is_best(problem, job):  # type: ignore[no-untyped-def]
+        result = executor(problem, job)
+        if job.kind != "netadapt_candidate" or result.status != "succeeded":
+            return result
+        spread = max(result.extra["distribution"].values()) - min(result.extra["distribution"].values())
+        return result.model_copy(update={"score": 1.0 - spread})
+
+    run = drive(netadapt(target_resource_ratio=0.5, initial_reduction=0.1, reduction_decay=1.0), fake_problem(),
+                flat_is_best)
+    chosen = [r for r in run.state.history if r.decision == "chosen"]  # type: ignore[attr-defined]
+    assert chosen and all(r.context["layer"] == UNIFORM_MOVE for r in chosen)
+    distribution = run.state.current_distribution  # type: ignore[attr-defined]
+    assert max(distribution.values()) - min(distribution.values()) < 0.1
+    assert run.state.current_resource <= run.state.budget  # type: ignore[attr-defined]
