@@ -48,7 +48,6 @@ __all__ = [
 
 CANVAS = 12
 EPOCHS = 20
-NOISE = 0.0
 _CACHE_VERSION = "v1"
 
 
@@ -67,10 +66,7 @@ def _held_out() -> tuple[torch.Tensor, torch.Tensor]:
     corners = (0, span // 2, span)
     offsets = [(r, c) for r in corners for c in corners]
     xs = [_place(x_test, torch.full((len(x_test),), r), torch.full((len(x_test),), c)) for r, c in offsets]
-    held = torch.cat(xs)
-    if NOISE:
-        held = held + NOISE * torch.randn(held.shape, generator=torch.Generator().manual_seed(SEED * 1000 + 3))
-    return held, y_test.repeat(len(offsets))
+    return torch.cat(xs), y_test.repeat(len(offsets))
 
 
 def _shifted_train(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +76,7 @@ def _shifted_train(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     span = CANVAS - 8 + 1
     rows = torch.randint(0, span, (len(x_train),), generator=generator)
     cols = torch.randint(0, span, (len(x_train),), generator=generator)
-    placed = _place(x_train, rows, cols)
-    if NOISE:
-        placed = placed + NOISE * torch.randn(placed.shape, generator=generator)
-    return placed, y_train
+    return _place(x_train, rows, cols), y_train
 
 
 def init_model() -> nn.Module:

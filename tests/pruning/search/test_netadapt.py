@@ -102,8 +102,9 @@ def test_the_uniform_move_wins_when_it_scores_best() -> None:
         spread = max(result.extra["distribution"].values()) - min(result.extra["distribution"].values())
         return result.model_copy(update={"score": 1.0 - spread})
 
-    run = drive(netadapt(target_resource_ratio=0.5, initial_reduction=0.1, reduction_decay=1.0), fake_problem(),
-                flat_is_best)
+    run = drive(
+        netadapt(target_resource_ratio=0.5, initial_reduction=0.1, reduction_decay=1.0), fake_problem(), flat_is_best
+    )
     chosen = [r for r in run.state.history if r.decision == "chosen"]  # type: ignore[attr-defined]
     assert chosen and all(r.context["layer"] == UNIFORM_MOVE for r in chosen)
     distribution = run.state.current_distribution  # type: ignore[attr-defined]
