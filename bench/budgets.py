@@ -75,6 +75,13 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     # finish (the rank study below), a one-epoch fine-tune does (docs/benchmarks.md, section 1).
     "annealing": {"cool_down_rate": 0.8, "finetune_epochs": 1},
     "netadapt": {"short_term_finetune_epochs": 1, "initial_reduction": 0.1, "reduction_decay": 1.0},
+    # The same with its uniform move among each iteration's candidates (pruning.search.netadapt).
+    "netadapt_uniform": {
+        "short_term_finetune_epochs": 1,
+        "initial_reduction": 0.1,
+        "reduction_decay": 1.0,
+        "uniform_move": True,
+    },
     "admm": {"num_iterations": 3, "rho": 0.05, "retrain_epochs": 1},
     "autocompress": {
         "num_rounds": 2,
@@ -93,7 +100,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "uniform_trained": {"finetune_epochs": 1},
 }
 # Rows that run another algorithm under their own name.
-ALGORITHM_OF = {"uniform_trained": "uniform"}
+ALGORITHM_OF = {"uniform_trained": "uniform", "netadapt_uniform": "netadapt"}
 # The baselines: never counted as a search that wins.
 CONTROLS = {"uniform", "uniform_trained"}
 # The distribution-choosing searches end with a finalist round (pruning.search.finalists): their 3 best distinct
@@ -102,7 +109,16 @@ FINALISTS = {"finalists": 3, "finalist_epochs": 1}
 FINALIST_STRATEGIES = {"annealing", "optuna", "sensitivity"}
 # Strategies whose training is the method: the final fine-tuning continues from their best checkpoint.
 # The finalist strategies hand out their winning finalist's fine-tuned weights, and the control its trained model.
-KEEP_WEIGHTS = {"netadapt", "admm", "autocompress", "agp", "iterative", "lottery_ticket", "uniform_trained"}
+KEEP_WEIGHTS = {
+    "netadapt",
+    "netadapt_uniform",
+    "admm",
+    "autocompress",
+    "agp",
+    "iterative",
+    "lottery_ticket",
+    "uniform_trained",
+}
 KEEP_WEIGHTS |= FINALIST_STRATEGIES
 
 

@@ -378,6 +378,7 @@ COLORS = {
     "uniform": "#444444",
     "annealing": "#1f77b4",
     "netadapt": "#2ca02c",
+    "netadapt_uniform": "#98df8a",
     "admm": "#9467bd",
     "autocompress": "#8c564b",
     "optuna": "#17becf",

@@ -466,7 +466,7 @@ class NetAdaptConfig(SearchCommon):
     max_halvings: int = Field(default=4, ge=0, le=30, description="retries with ΔR halved before failing")
     max_iterations: int = Field(default=200, ge=1, le=10_000)
     uniform_move: bool = Field(
-        default=True,
+        default=False,
         description="each iteration also offers one candidate that shrinks every unit by the same fraction of what "
         "it has left to the same ΔR, so the greedy choice can take the flat step when no single unit is better",
     )

@@ -9,11 +9,11 @@ candidate for ``short_term_finetune_epochs`` and evaluates it. The best-scoring 
 weights (a checkpoint artifact), becomes the next iteration's model. The search stops once the measured
 resource is within ``target_resource_ratio * R0``; then ``finetune_epochs`` of long-term fine-tuning.
 
-With ``uniform_move`` (the default) every iteration also asks one ``netadapt_candidate`` job whose unit is
+With ``uniform_move`` every iteration also asks one ``netadapt_candidate`` job whose unit is
 :data:`UNIFORM_MOVE`: every unit keeps the same fraction of the channels it has left, the least pruning whose
-measured resource meets the same target. The paper's per-unit greedy starves single layers at aggressive budgets
-(FLOPs x0.25 on the budgets bench lost to uniform pruning after the same final fine-tune); with the flat step
-among the candidates, the greedy choice takes it whenever it scores best after the short-term fine-tune.
+measured resource meets the same target, so the greedy choice can take the flat step whenever it scores best
+after the short-term fine-tune. It is off by default (the paper's per-unit greedy): on the budgets bench it won
+some settings and lost others (``netadapt_uniform`` beside ``netadapt`` in docs/benchmarks.md, section 1).
 
 When no unit can reach ``ΔR`` (every unit is nearly empty, or the reduction is coarser than any unit's
 filters), the iteration is retried with ``ΔR`` halved, at most ``max_halvings`` times, after which the search

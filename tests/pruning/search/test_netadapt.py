@@ -18,7 +18,7 @@ def netadapt(**extra: object) -> dict[str, object]:
 
 
 def test_reduction_schedule_decays() -> None:
-    run = drive(netadapt(), fake_problem(), FakeExecutor())
+    run = drive(netadapt(uniform_move=True), fake_problem(), FakeExecutor())
     state = run.state
     deltas = {}
     for job in run.jobs:
@@ -84,8 +84,8 @@ def test_the_step_that_crosses_the_budget_aims_at_the_budget() -> None:
     assert 0.45 * r0 < state.current_resource <= budget  # type: ignore[attr-defined]
 
 
-def test_without_the_uniform_move_each_candidate_prunes_one_unit() -> None:
-    run = drive(netadapt(uniform_move=False), fake_problem(), FakeExecutor())
+def test_by_default_each_candidate_prunes_one_unit() -> None:
+    run = drive(netadapt(), fake_problem(), FakeExecutor())
     units = {j.params["unit"] for j in run.jobs if j.kind == "netadapt_candidate"}
     assert units and UNIFORM_MOVE not in units and run.state.best_key is not None
 
@@ -103,7 +103,9 @@ def test_the_uniform_move_wins_when_it_scores_best() -> None:
         return result.model_copy(update={"score": 1.0 - spread})
 
     run = drive(
-        netadapt(target_resource_ratio=0.5, initial_reduction=0.1, reduction_decay=1.0), fake_problem(), flat_is_best
+        netadapt(target_resource_ratio=0.5, initial_reduction=0.1, reduction_decay=1.0, uniform_move=True),
+        fake_problem(),
+        flat_is_best,
     )
     chosen = [r for r in run.state.history if r.decision == "chosen"]  # type: ignore[attr-defined]
     assert chosen and all(r.context["layer"] == UNIFORM_MOVE for r in chosen)
