@@ -55,6 +55,7 @@ __all__ = [
     "advance",
     "evaluate",
     "kick_queue",
+    "may_have_ended",
     "run_experiment",
     "run_inprocess",
     "transact",
@@ -798,7 +799,17 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
 
 
 ENDED = frozenset(status.value for status in ExperimentStatus if status.terminal)
-"""The outcomes after which a run's place is free: :func:`kick_queue` then."""
+"""The outcomes of :func:`advance` (and of :func:`run_inprocess`) after which a run's place is free."""
+
+
+def may_have_ended(task: str, outcome: str) -> bool:
+    """Whether the use case ``task`` that returned ``outcome`` may have ended its experiment, so that
+    :func:`kick_queue` should start who is next. An advance ends a run with one of :data:`ENDED`; an evaluation
+    ends one only with a job whose failure is fatal (a broken task module), whose outcome is ``"failed"``. Its
+    ``"succeeded"`` (most jobs) ends nothing: kicking after each of those cost a transaction per job."""
+    if task == EVALUATE:
+        return outcome == TrialStatus.failed.value
+    return outcome in ENDED
 
 
 def kick_queue(ctx: RunContext) -> int | None:
