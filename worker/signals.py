@@ -39,8 +39,10 @@ def get_context() -> WorkerContext:
             # Inherited from the parent: drop its pooled connections without closing the parent's sockets.
             _context.engine.dispose(close=False)
         settings = get_settings()
-        # Its transactions are short (orchestration only): one idle for long lost its client (make_engine).
-        engine = make_engine(settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s)
+        # Its transactions are short (orchestration only): one idle for long lost its client (make_engine). No
+        # pre-ping: every transaction of the runner retries on a connection error (worker.runner.transact).
+        engine = make_engine(settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s,
+                             pre_ping=False)
         _context = WorkerContext(settings, engine, make_session_factory(engine), os.getpid())
     return _context
 
