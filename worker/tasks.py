@@ -32,7 +32,8 @@ def register_tasks(app: Celery) -> None:
 
         context = get_context()
         factory, settings, worker_id = context.session_factory, context.settings, context.worker_id
-        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings))
+        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings),
+                         leases=context.leases)
         if settings.runner == "inprocess":
             outcome = run_inprocess((task, target_id), session_factory=factory, settings=settings,
                                     worker_id=worker_id)
