@@ -29,13 +29,13 @@ import logging
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -426,7 +426,40 @@ def _experiment(session: Session, experiment_id: int, *, lock: bool = False) -> 
     return experiment
 
 
+StateKey = tuple[int, Any, int]
+_KEPT_STATES = 64
+_kept: OrderedDict[StateKey, tuple[Any, Any, Any]] = OrderedDict()
+"""The config, strategy and search state each advance of this process committed, for the experiment's next advance
+here (a coordinator advances the same experiments again and again): reading the state back from its row and
+validating it was a cost per step that grows with the search's history. The stored state stays the source of
+truth; an entry is used only while it is still the stored one (:func:`_state_key`), and taken out when used, so a
+failed advance leaves nothing behind (a state that the next advance reads back from the row)."""
+
+
+def _state_key(experiment: Experiment) -> StateKey:
+    # ``state_version`` grows with every write of the state (here or in another process), so an entry another
+    # advance outdated never matches again; ``created_at`` tells apart two experiments with one id (two databases).
+    return experiment.id, experiment.created_at, experiment.state_version
+
+
+def _keep_state(session: Session, experiment: Experiment, loaded: tuple[Any, Any, Any]) -> None:
+    """Keep ``loaded`` for the experiment's next advance once this transaction has committed (never before: a
+    rolled-back advance's state was not stored)."""
+    key = _state_key(experiment)
+
+    def keep(_session: Session) -> None:
+        _kept[key] = loaded
+        _kept.move_to_end(key)
+        while len(_kept) > _KEPT_STATES:
+            _kept.popitem(last=False)
+
+    event.listen(session, "after_commit", keep, once=True)
+
+
 def _load(experiment: Experiment) -> tuple[Any, Any, Any]:
+    kept = _kept.pop(_state_key(experiment), None)
+    if kept is not None:
+        return kept  # what the last advance here committed, and still the stored state: its row is not read
     from pruning.search import make_strategy, state_type
     from pruning.search.base import SearchProblem
     from pruning.search.configs import parse_algorithm_config
@@ -492,6 +525,7 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
                           status=TrialStatus.pending, step=next_step, first_seq=tally.last_seq + 1)
     known.update((trial.job_key, trial) for trial in new)
     outbox.extend((EVALUATE, known[job.key].id) for job in jobs if known[job.key].status not in runs.FINISHED)
+    _keep_state(session, experiment, (config, strategy, state))  # the state just stored, for the next tell here
     if not outbox:
         outbox.append((ADVANCE, experiment_id))  # every job of the step was recorded already: tell at once
     return f"step {next_step}: {len(jobs)} job(s)"
@@ -679,8 +713,12 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         runs.record_result(session, trial, result)
         # The experiment's row lock serialises the step's finishers (_after_job); its whole row is read only when
         # this job changes it (a problem, a fatal failure).
-        status = runs.lock_experiment(session, trial.experiment_id)
-        assert status is not None
+        if ctx.inprocess:  # the advance that follows in this transaction reads the row: lock it by reading it
+            status = _experiment(session, trial.experiment_id, lock=True).status
+        else:
+            locked = runs.lock_experiment(session, trial.experiment_id)
+            assert locked is not None
+            status = locked
         live = not ExperimentStatus(status).terminal
         if executed.problem is not None and live:
             runs.store_problem(session, _experiment(session, trial.experiment_id), executed.problem)

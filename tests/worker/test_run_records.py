@@ -23,6 +23,7 @@ from server.db.session import make_engine, make_session_factory
 from server.services import runs
 from server.services.dispatch import ADVANCE, EVALUATE
 from server.services.experiments import create_experiment
+from server.settings import Settings
 from tests.conftest import _reset_postgres
 from worker.runner import TrialLeases, may_have_ended
 
@@ -44,13 +45,12 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionm
     engine.dispose()
 
 
-def _experiment(factory: sessionmaker[Session]) -> int:
+def _experiment(factory: sessionmaker[Session], algorithm: str = "uniform", **config: Any) -> int:
+    spec = {"algorithm": algorithm, "config_list": [{"sparsity": 0.5, "op_types": ["Conv2d"]}], **config}
     with factory() as session:
         experiment = create_experiment(
             session, owner="local", name="records", entrypoint="examples.digits",
-            config=parse_algorithm_config({"algorithm": "uniform", "config_list": [{"sparsity": 0.5,
-                                                                                    "op_types": ["Conv2d"]}]}),
-            allowed_prefixes=["examples."],
+            config=parse_algorithm_config(spec), allowed_prefixes=["examples."],
         )
         session.commit()
         return experiment.id
@@ -202,3 +202,101 @@ def test_only_an_advance_that_ended_a_run_or_a_failed_job_kicks_the_queue() -> N
     assert may_have_ended(EVALUATE, "failed")
     for outcome in ("succeeded", "cancelled", "skipped", "done", "retrying", "missing"):
         assert not may_have_ended(EVALUATE, outcome)
+
+
+# ------------------------------------------------------------------------------------------ the kept search state
+
+
+def _search(factory: sessionmaker[Session], tmp_path: Path, *, forget: bool, steps: int = 6) -> list[Any]:
+    """Advance an annealing search on the synthetic problem for ``steps`` steps, recording each job's result
+    from :class:`FakeExecutor` as the worker would, through the broker transport's advance; ``forget`` drops
+    the kept states before every advance (each then reads its state back from the row). Returns the trials."""
+    from tests.pruning.search.fakes import FakeExecutor, fake_problem
+    from worker import runner
+
+    problem = fake_problem()
+    settings = Settings(home=tmp_path, database_url="sqlite://", artifacts_dir=tmp_path / "artifacts",
+                        allowed_entrypoints=["examples."])
+    experiment_id = _experiment(factory, algorithm="annealing", max_trials=40)
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        experiment.status, experiment.problem = "running", problem.model_dump(mode="json")
+        session.commit()
+    sent: list[tuple[str, int]] = []
+    ctx = runner.RunContext(factory, settings, "w", runner.CeleryTransport(lambda *m: sent.append(m), factory,
+                                                                           settings))
+    executor = FakeExecutor()
+    for _ in range(steps):
+        if forget:
+            runner._kept.clear()
+        sent.clear()
+        assert runner.advance(experiment_id, ctx).startswith("step")
+        for _task, trial_id in sent:
+            with factory() as session:
+                trial = session.get(Trial, trial_id)
+                assert trial is not None
+                job = Job.model_validate(trial.extra["job"])
+                runs.record_result(session, trial, executor(problem, job))
+                session.commit()
+    with factory() as session:
+        trials = session.scalars(select(Trial).where(Trial.experiment_id == experiment_id).order_by(Trial.seq))
+        return [(t.seq, t.job_key, t.distribution, t.context, t.status) for t in trials]
+
+
+def test_a_kept_state_continues_as_the_stored_one_would(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    from worker import runner
+
+    runner._kept.clear()
+    kept = _search(factory, tmp_path, forget=False)
+    assert runner._kept  # the last advance kept its state
+    assert kept == _search(factory, tmp_path, forget=True)
+
+
+def test_a_kept_state_is_not_used_once_the_stored_one_changed(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    from worker import runner
+
+    runner._kept.clear()
+    _search(factory, tmp_path, forget=False, steps=2)
+    with factory() as session:
+        experiment = session.scalars(select(Experiment).order_by(Experiment.id.desc())).first()
+        assert experiment is not None
+        key = runner._state_key(experiment)
+        assert key in runner._kept
+        kept_state = runner._kept[key][2]
+        # Another coordinator advanced it: a new state, a new version.
+        experiment.search_state = {**experiment.search_state, "phase": "advanced elsewhere"}  # type: ignore[dict-item]
+        experiment.state_version += 1
+        session.commit()
+        assert runner._load(experiment)[2].phase == "advanced elsewhere"
+        assert runner._load(experiment)[2] is not runner._load(experiment)[2]  # nothing kept for it: read each time
+    with factory() as session:
+        experiment = session.get(Experiment, key[0])
+        assert experiment is not None
+        # The id and version kept, but another experiment's row (another database's, created at another time).
+        experiment.state_version = key[2]
+        experiment.created_at = experiment.created_at + timedelta(seconds=1)
+        session.commit()
+        assert runner._load(experiment)[2] is not kept_state
+        assert key in runner._kept  # still kept for its own experiment
+    runner._kept.clear()
+
+
+def test_a_rolled_back_advance_keeps_nothing(factory: sessionmaker[Session]) -> None:
+    from worker import runner
+
+    experiment_id = _experiment(factory)
+    runner._kept.clear()
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        runner._keep_state(session, experiment, ("config", "strategy", "state"))
+        session.rollback()
+    assert runner._kept == {}
+    with factory() as session:
+        experiment = session.get(Experiment, experiment_id)
+        assert experiment is not None
+        runner._keep_state(session, experiment, ("config", "strategy", "state"))
+        session.commit()
+    assert list(runner._kept.values()) == [("config", "strategy", "state")]
+    runner._kept.clear()
