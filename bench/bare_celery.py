@@ -92,7 +92,9 @@ def run(jobs: int = 200, rounds: int = 3, warmup: int = 20) -> dict[str, Any]:
         env = service_env(home)
         try:
             for queue in (COORDINATE, EVALUATE):
-                procs.spawn([sys.executable, "-m", "bench.bare_celery", "--worker", queue], env, f"{queue}.log")
+                # The broker by argument: service_env passes no PRUNEHUB_* variable on (PRUNEHUB_BENCH_REDIS_URL).
+                procs.spawn([sys.executable, "-m", "bench.bare_celery", "--worker", queue, "--broker", REDIS_URL], env,
+                            f"{queue}.log")
             procs.wait_idle(timeout=60)
             _round(app, client, warmup)
             per_job = [_round(app, client, jobs) for _ in range(rounds)]
@@ -103,8 +105,8 @@ def run(jobs: int = 200, rounds: int = 3, warmup: int = 20) -> dict[str, Any]:
             "median_per_job_ms": round(statistics.median(per_job), 2), "load": loadavg()}
 
 
-def _worker(queue: str) -> None:
-    app = make_app(REDIS_URL)
+def _worker(queue: str, broker_url: str) -> None:
+    app = make_app(broker_url)
     app.worker_main(["worker", "--queues", queue, "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING",
                      "--hostname", f"bare-{queue}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
 
@@ -114,8 +116,9 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a worker process this bench starts
+    parser.add_argument("--broker", default=REDIS_URL, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker)
+        _worker(args.worker, args.broker)
     else:
         print(json.dumps(run(args.jobs, args.rounds)))
