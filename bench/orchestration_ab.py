@@ -13,6 +13,10 @@ process) for both trees, and their ratio. Make the baseline tree with ``git arch
 The baseline's own ``bench/service.py`` is not used: only its service code runs (``PYTHONPATH``), so the same
 measurement applies to both. Absolute times depend on the machine's load (2 shared cores here); the ratio, taken
 in alternating rounds, is the claim.
+
+With ``distributed`` among the backends, a reference line follows: a bare Celery round trip per job on the same
+Redis (``bench.bare_celery``: two workers handing a counter back and forth, the two hops of a job without prunehub
+or a database), the floor under the distributed runner's figure, measured in the same run.
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ def run(baseline: Path, rounds: int, trials: int, backends: list[str], settle_s:
         before, after = row["baseline"]["steady_wall_per_trial_ms"], row["this tree"]["steady_wall_per_trial_ms"]
         row["after / before (steady wall per trial)"] = round(after / before, 2) if before and after else None
         summary[backend] = row
+    if "distributed" in backends:
+        from bench import bare_celery
+
+        floor = bare_celery.run(jobs=max(trials, 100), rounds=max(rounds, 3))
+        print(json.dumps({"bare celery": floor}), flush=True)
+        summary["reference: bare Celery round trip per job (two hops, no prunehub)"] = {
+            "median_per_job_ms": floor["median_per_job_ms"], "per_job_ms": floor["per_job_ms"], "load": floor["load"]}
     return {"summary": summary, "runs": runs, "trees": {k: str(v) for k, v in trees.items()}}
 
 

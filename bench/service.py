@@ -15,9 +15,13 @@ per-trial orchestration overhead of a real ``prunehub serve`` + ``prunehub worke
    costs the two cores less than our own client), else the asyncio client. With ``--baseline DIR`` (a checkout of
    an earlier commit), a second ``prunehub serve`` from DIR on the same database is measured alternately with it:
    before and after in one run.
-2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis) run
-   ``annealing`` on ``bench.tasks.noop`` (a tiny model whose evaluator returns a constant at once) for N trials.
-   Overhead per trial = (experiment wall time − sum of trial durations) / N; also the wall time per trial.
+2. Orchestration: a real API + worker (embedded SQLite + filesystem broker, then PostgreSQL + Redis, both with
+   the in-process runner, then the distributed runner on PostgreSQL + Redis with a coordinator and one evaluation
+   worker) run ``annealing`` on ``bench.tasks.noop`` (a tiny model whose evaluator returns a constant at once) for
+   N trials. Overhead per trial = (experiment wall time − sum of trial durations) / N; also the wall time per
+   trial, and in steady state: the span from the first search trial's creation to the last one's end, divided by
+   the search trials (the figure ``bench.scaling`` reports "once the search runs": without the one-off start-up of
+   the task process and the problem's resolve, nor the export).
 
     python -m bench.service [--quick] [--api-only] [--baseline DIR] [--json FILE]
 """
@@ -340,10 +344,14 @@ def api_throughput(quick: bool, baseline: Path | None = None) -> dict[str, Any]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+ORCHESTRATION_BACKENDS = ("embedded", "postgres", "distributed")
+
+
 def orchestration(backend: str, trials: int, code_root: Path | None = None, settle_s: float = 0.0) -> dict[str, Any]:
     """One no-op annealing run on ``backend``: ``embedded`` (SQLite + filesystem broker, in-process runner),
     ``postgres`` (PostgreSQL + Redis, in-process runner) or ``distributed`` (PostgreSQL + Redis, the distributed
-    runner: each job and each advance a Celery task of its own, one worker process); ``code_root`` runs the service from
+    runner: each job and each advance a Celery task of its own, on a coordinator worker (``--queues experiments``)
+    and one evaluation worker (``--queues evaluations``), as in production); ``code_root`` runs the service from
     another source tree (``bench.orchestration_ab`` compares a baseline commit with this one). ``settle_s``: wait
     that long after starting the worker before submitting, as a run submitted to a worker that has been up a
     while (what a pre-warmed task process is for); 0 submits at once."""
@@ -359,7 +367,11 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None, sett
         else:
             env = service_env(home, **code)
         url = procs.serve(env, free_port())
-        procs.cli(env, "worker.log", "worker", "--loglevel", "WARNING")
+        if backend == "distributed":  # a coordinator and one evaluation worker
+            for queue in ("experiments", "evaluations"):
+                procs.cli(env, f"worker-{queue}.log", "worker", "--queues", queue, "--loglevel", "WARNING")
+        else:
+            procs.cli(env, "worker.log", "worker", "--loglevel", "WARNING")
         time.sleep(settle_s)
         spec = {
             "name": f"noop annealing x{trials}",
@@ -398,11 +410,12 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None, sett
                 if not cursor:
                     break
         if body.get("status") != "succeeded":
+            logs = sorted(home.glob("worker*.log"))
             return {
                 "backend": backend,
                 "status": body.get("status"),
                 "error": body.get("error"),
-                "log": (home / "worker.log").read_text(errors="replace")[-2000:],
+                "log": "".join(p.read_text(errors="replace")[-2000:] for p in logs),
             }
         from datetime import datetime
 
@@ -462,7 +475,7 @@ def run(quick: bool = False, *, api_only: bool = False, baseline: Path | None = 
         return out
     trials = 10 if quick else 40
     out["orchestration"] = []
-    for backend in ("embedded", "postgres"):
+    for backend in ORCHESTRATION_BACKENDS:
         try:
             out["orchestration"].append(orchestration(backend, trials))
         except Exception as exc:

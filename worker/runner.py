@@ -29,15 +29,15 @@ import logging
 import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from server.db.models import Experiment, ExperimentStatus, Trial, TrialStatus, as_utc, utcnow
 from server.services import runs
@@ -51,10 +51,12 @@ __all__ = [
     "InProcessTransport",
     "Message",
     "RunContext",
+    "TrialLeases",
     "Transport",
     "advance",
     "evaluate",
     "kick_queue",
+    "may_have_ended",
     "run_experiment",
     "run_inprocess",
     "transact",
@@ -126,6 +128,69 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
 
+class TrialLeases:
+    """The leases on the jobs this process runs, renewed together by one daemon thread: every ``interval`` seconds
+    one UPDATE (:func:`~server.services.runs.renew_trial_leases`) for all the trials held (:meth:`hold`), so a
+    duplicate delivery of a running job sees a live lease and a dead worker's goes stale. A thread per job
+    (started and joined around each one) cost milliseconds per job on a loaded machine; this one starts with the
+    first job a process runs and sleeps while it holds none. :meth:`close` stops it."""
+
+    def __init__(self, session_factory: sessionmaker[Session], interval: float) -> None:
+        self._session_factory, self._interval = session_factory, interval
+        self._held: dict[int, str] = {}  # trial id -> the worker id whose lease it is
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def hold(self, trial_id: int, worker_id: str) -> Iterator[None]:
+        """Renew ``worker_id``'s lease on ``trial_id`` while the block runs (the lease itself was taken when the
+        job was claimed, :func:`~server.services.runs.take_trial_lease`)."""
+        with self._lock:
+            self._held[trial_id] = worker_id
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._loop, name="trial-leases", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(trial_id, None)
+
+    def held(self) -> dict[int, str]:
+        """The trials held now, with whose lease each is."""
+        with self._lock:
+            return dict(self._held)
+
+    def renew(self) -> int:
+        """One beat: renew every held lease now (one UPDATE per worker id, usually one) and commit; returns how
+        many leases were still held in the database."""
+        owners: dict[str, list[int]] = {}
+        for trial_id, worker_id in self.held().items():
+            owners.setdefault(worker_id, []).append(trial_id)
+        if not owners:
+            return 0
+        with self._session_factory() as session:
+            renewed = sum(runs.renew_trial_leases(session, ids, worker_id) for worker_id, ids in owners.items())
+            session.commit()
+        return renewed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                log.warning("renewing the trial leases %s failed", sorted(self.held()), exc_info=True)
+
+    def close(self) -> None:
+        """Stop renewing (the thread ends within its interval's wait; joined here)."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
+
+
 class Transport(Protocol):
     """Carries the messages a use case emits after its commit."""
 
@@ -180,10 +245,12 @@ class RunContext:
     transport: Transport
     inprocess: bool = False
     """Set by :func:`run_inprocess`, whose worker holds the experiment and drains every message itself. Then
-    :func:`evaluate` starts no heartbeat thread of its own for a job (the experiment's heartbeat renews the lease
+    :func:`evaluate` does not hold the job's lease in :attr:`leases` (the experiment's heartbeat renews the lease
     of the job it runs, :func:`~server.services.runs.heartbeat`), and the advance after a step's last job joins
-    the transaction that records it: one commit instead of two per step, and no thread per job (each cost
-    milliseconds on a loaded machine)."""
+    the transaction that records it: one commit instead of two per step."""
+    leases: TrialLeases | None = None
+    """The process's lease registry (``worker.signals.WorkerContext.leases``) that renews the leases of the jobs
+    :func:`evaluate` runs; without one, each job gets a registry of its own, closed after it."""
 
     def commit_and_emit(self, work: Callable[[Session, list[Message]], T]) -> T:
         """Run ``work(session, outbox)`` in a transaction, record the outbox's sends on their rows (broker
@@ -266,30 +333,33 @@ def _max_minutes(config: dict[str, Any]) -> float | None:
 
 
 def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
-    """:func:`advance` on an experiment this transaction has locked."""
+    """:func:`advance` on an experiment this transaction has locked.
+
+    Its reads come first and the experiment's row is written once, in the flush that inserts the step's trials
+    (or at the commit): no autoflush writes it again before each query (three UPDATEs of the row per step)."""
     experiment_id = experiment.id
     status = ExperimentStatus(experiment.status)
     if status.terminal:
         return "terminal"
-    unfinished = session.scalar(
-        select(func.count()).where(Trial.experiment_id == experiment_id, Trial.status.in_(runs.UNFINISHED))
-    )
-    if status is ExperimentStatus.cancelling:
-        if unfinished:
-            return "waiting for jobs to stop"
-        runs.finish_experiment(session, experiment, ExperimentStatus.cancelled)
-        return "cancelled"
-    if status is ExperimentStatus.queued:
-        experiment.status = ExperimentStatus.running.value
-        experiment.started_at = experiment.started_at or utcnow()
-        experiment.attempts += 1
-        add_event(session, experiment_id, "status", status="running", attempt=experiment.attempts)
-    experiment.heartbeat_at = utcnow()
-    if unfinished:
-        return "step still running"
-    if experiment.problem is None:
-        return _resolve_step(session, experiment, outbox)
-    return _advance_step(session, experiment, outbox)
+    session.flush()  # what the caller changed (the record of a step's last job) counts in the tally
+    with session.no_autoflush:
+        tally = runs.tally_trials(session, experiment_id)
+        if status is ExperimentStatus.cancelling:
+            if tally.unfinished:
+                return "waiting for jobs to stop"
+            runs.finish_experiment(session, experiment, ExperimentStatus.cancelled)
+            return "cancelled"
+        if status is ExperimentStatus.queued:
+            experiment.status = ExperimentStatus.running.value
+            experiment.started_at = experiment.started_at or utcnow()
+            experiment.attempts += 1
+            add_event(session, experiment_id, "status", status="running", attempt=experiment.attempts)
+        experiment.heartbeat_at = utcnow()
+        if tally.unfinished:
+            return "step still running"
+        if experiment.problem is None:
+            return _resolve_step(session, experiment, outbox)
+        return _advance_step(session, experiment, tally, outbox)
 
 
 def advance(experiment_id: int, ctx: RunContext) -> str:
@@ -303,7 +373,8 @@ def advance(experiment_id: int, ctx: RunContext) -> str:
     def work(session: Session, outbox: list[Message]) -> str:
         nonlocal target
         target = experiment_id
-        experiment = session.get(Experiment, experiment_id, with_for_update=True)
+        experiment = session.get(Experiment, experiment_id, with_for_update=True,
+                                 options=[defer(Experiment.search_state)])  # read by _load when it is needed
         if experiment is None:
             return "missing"
         status = ExperimentStatus(experiment.status)
@@ -340,15 +411,55 @@ def _resolve_step(session: Session, experiment: Experiment, outbox: list[Message
     if resolve is not None:
         # Finished without storing a problem: its failure ended the experiment, or a racing advance saw it first.
         return "resolving"
+    experiment.phase = "resolving the problem"  # before the flush that inserts the job: one write of the row
     # The runner's own job, not one the strategy asked for: seq 0, before every search trial.
     trial = runs.add_job_trial(session, experiment.id, key=runs.RESOLVE_KEY, kind=runs.RESOLVE_KIND,
                                job={"kind": "resolve"}, step=0, seq=0)
-    experiment.phase = "resolving the problem"
     outbox.append((EVALUATE, trial.id))
     return "resolving"
 
 
+def _experiment(session: Session, experiment_id: int, *, lock: bool = False) -> Experiment:
+    """The experiment's row (locked when ``lock``), its search state left unread until it is used."""
+    experiment = session.get(Experiment, experiment_id, with_for_update=lock, options=[defer(Experiment.search_state)])
+    assert experiment is not None
+    return experiment
+
+
+StateKey = tuple[int, Any, int]
+_KEPT_STATES = 64
+_kept: OrderedDict[StateKey, tuple[Any, Any, Any]] = OrderedDict()
+"""The config, strategy and search state each advance of this process committed, for the experiment's next advance
+here (a coordinator advances the same experiments again and again): reading the state back from its row and
+validating it was a cost per step that grows with the search's history. The stored state stays the source of
+truth; an entry is used only while it is still the stored one (:func:`_state_key`), and taken out when used, so a
+failed advance leaves nothing behind (a state that the next advance reads back from the row)."""
+
+
+def _state_key(experiment: Experiment) -> StateKey:
+    # ``state_version`` grows with every write of the state (here or in another process), so an entry another
+    # advance outdated never matches again; ``created_at`` tells apart two experiments with one id (two databases).
+    return experiment.id, experiment.created_at, experiment.state_version
+
+
+def _keep_state(session: Session, experiment: Experiment, loaded: tuple[Any, Any, Any]) -> None:
+    """Keep ``loaded`` for the experiment's next advance once this transaction has committed (never before: a
+    rolled-back advance's state was not stored)."""
+    key = _state_key(experiment)
+
+    def keep(_session: Session) -> None:
+        _kept[key] = loaded
+        _kept.move_to_end(key)
+        while len(_kept) > _KEPT_STATES:
+            _kept.popitem(last=False)
+
+    event.listen(session, "after_commit", keep, once=True)
+
+
 def _load(experiment: Experiment) -> tuple[Any, Any, Any]:
+    kept = _kept.pop(_state_key(experiment), None)
+    if kept is not None:
+        return kept  # what the last advance here committed, and still the stored state: its row is not read
     from pruning.search import make_strategy, state_type
     from pruning.search.base import SearchProblem
     from pruning.search.configs import parse_algorithm_config
@@ -363,13 +474,15 @@ def _load(experiment: Experiment) -> tuple[Any, Any, Any]:
     return config, strategy, state
 
 
-def _advance_step(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
-    export = session.scalar(
-        select(Trial).where(Trial.experiment_id == experiment.id, Trial.kind == runs.EXPORT_KIND)
-    )
-    if export is not None:  # the search ended and its export ran (its result is on the best trial)
+def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTally, outbox: list[Message]) -> str:
+    if tally.exports:  # the search ended and its export ran (its result is on the best trial)
+        export = session.scalar(
+            select(Trial).where(Trial.experiment_id == experiment.id, Trial.kind == runs.EXPORT_KIND)
+        )
+        assert export is not None
         return _finish(session, experiment, export.context.get("reason"))
     config, strategy, state = _load(experiment)
+    previous_best = state.best_key
     experiment_id = experiment.id
     told: dict[str, Trial] = {}
     if experiment.step > 0:
@@ -379,7 +492,7 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
         trials = list(session.scalars(step_trials.order_by(Trial.seq)))
         state = strategy.tell(state, [trial_to_result(t) for t in trials])
         told = {t.job_key: t for t in trials}
-    finished = runs.finished_trials(session, experiment_id)
+    finished = tally.finished
     stop_reason = None
     if config.max_minutes is not None and elapsed_minutes(experiment.started_at) >= config.max_minutes:
         stop_reason = f"stopped after max_minutes={config.max_minutes}"
@@ -390,28 +503,29 @@ def _advance_step(session: Session, experiment: Experiment, outbox: list[Message
     # decisions are in its history already. Serialising it after tell too doubled the cost of every step.
     state_json = state.model_dump(mode="json")
     if told:
-        persist_told_state(session, experiment, state, state_json, told, finished, config.max_trials)
+        persist_told_state(session, experiment, state, state_json, told, finished, config.max_trials, previous_best)
     if not jobs:
         if stop_reason is None and not state.done:
             raise RuntimeError("the strategy asked for no job but is not done")
         return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox)
     next_step = experiment.step + 1
-    for job in jobs:
-        trial = runs.trial_by_key(session, experiment_id, job.key)
-        if trial is None:
-            trial = runs.add_trial(session, experiment_id, job, status=TrialStatus.pending, step=next_step)
-        elif trial.step == next_step:
-            raise IntegrityError("a racing advance asked this step", None, ValueError(job.key))
-        else:
-            trial.step = next_step  # recorded before a restart (an older database): its result is told, not re-run
-        if trial.status not in runs.FINISHED:
-            outbox.append((EVALUATE, trial.id))
+    known = runs.trials_by_key(session, experiment_id, [job.key for job in jobs])
+    for trial in known.values():
+        if trial.step == next_step:
+            raise IntegrityError("a racing advance asked this step", None, ValueError(trial.job_key))
+        trial.step = next_step  # recorded before a restart (an older database): its result is told, not re-run
     if not told:
         experiment.search_state = state_json  # the first step's state (persist_told_state saved the others)
         experiment.state_version += 1
     experiment.step = next_step
     experiment.phase = f"step {next_step}: {len(jobs)} job(s)"
     add_event(session, experiment_id, "step", step=next_step, jobs=len(jobs))
+    # One flush: the experiment's row, the told trials' decisions and one INSERT of the step's new trials.
+    new = runs.add_trials(session, experiment_id, [job for job in jobs if job.key not in known],
+                          status=TrialStatus.pending, step=next_step, first_seq=tally.last_seq + 1)
+    known.update((trial.job_key, trial) for trial in new)
+    outbox.extend((EVALUATE, known[job.key].id) for job in jobs if known[job.key].status not in runs.FINISHED)
+    _keep_state(session, experiment, (config, strategy, state))  # the state just stored, for the next tell here
     if not outbox:
         outbox.append((ADVANCE, experiment_id))  # every job of the step was recorded already: tell at once
     return f"step {next_step}: {len(jobs)} job(s)"
@@ -423,6 +537,7 @@ def _end_search(
 ) -> str:
     """The strategy is done (or a budget ran out): export the best trial's model when it has none, else finish."""
     experiment.search_state = state_json
+    experiment.state_version += 1
     if state.best_key is None:
         runs.finish_experiment(session, experiment, ExperimentStatus.failed,
                                error=failure_reason(session, experiment.id, reason))
@@ -433,10 +548,10 @@ def _end_search(
         return _finish(session, experiment, reason)
     if reason:
         add_event(session, experiment.id, "note", text=reason)
+    experiment.phase = "saving the best pruned model"
     trial = runs.add_job_trial(session, experiment.id, key=runs.EXPORT_KEY, kind=runs.EXPORT_KIND,
                                job={**job, "best_trial_id": best.id}, step=experiment.step + 1,
                                context={"reason": reason} if reason else {})
-    experiment.phase = "saving the best pruned model"
     outbox.append((EVALUATE, trial.id))
     return "exporting"
 
@@ -450,11 +565,11 @@ def _finish(session: Session, experiment: Experiment, reason: str | None) -> str
 
 def persist_told_state(
     session: Session, experiment: Experiment, state: Any, state_json: dict[str, Any], told: dict[str, Trial],
-    finished: int, max_trials: int | None,
+    finished: int, max_trials: int | None, previous_best: str | None,
 ) -> None:
     """After a tell: copy the strategy's decisions onto the told step's trials (``told``, by job key: accepted,
     rejected and chosen are known only now), then save the state (``state_json``, its serialised form), the
-    progress (``finished`` trials) and the best so far."""
+    progress (``finished`` trials) and the best so far (``previous_best``: the best key of the state told)."""
     decisions = _decisions(state_json, set(told))
     if decisions:
         runs.record_decisions(session, experiment.id, decisions, known=told)
@@ -468,6 +583,7 @@ def persist_told_state(
         else (float(max_trials) if max_trials else None),
         phase=state.phase or f"{experiment.algorithm}: {finished} trial(s)",
         best_key=state.best_key,
+        previous_best_key=previous_best,
         known=told,
     )
 
@@ -535,11 +651,18 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
     worker_id, settings = ctx.worker_id, ctx.settings
 
     def claim(session: Session, outbox: list[Message]) -> tuple[str, _Claimed | None]:
-        trial = session.get(Trial, trial_id, with_for_update=True)
-        if trial is None:
+        # The trial (locked) with the columns of its experiment the job needs, in one query: not the experiment's
+        # whole row, whose search state grows with the search and was read and parsed for every job.
+        row = session.execute(
+            select(Trial, Experiment.status, Experiment.entrypoint, Experiment.bundle, Experiment.config,
+                   Experiment.problem, Experiment.started_at)
+            .join(Experiment, Experiment.id == Trial.experiment_id)
+            .where(Trial.id == trial_id)
+            .with_for_update(of=Trial)
+        ).one_or_none()
+        if row is None:
             return "missing", None
-        experiment = session.get(Experiment, trial.experiment_id)
-        assert experiment is not None
+        trial, experiment = row[0], row
         if trial.status in runs.FINISHED:
             _after_job(session, trial, outbox)  # a replay: the advance it should have caused may be lost
             return "done", None
@@ -560,8 +683,9 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
             _after_job(session, trial, outbox)
             return "gave up", None
         runs.take_trial_lease(trial, worker_id)
-        return "run", _Claimed(experiment.id, experiment.entrypoint, experiment.bundle, trial.kind, experiment.config,
-                               experiment.problem, dict(trial.extra["job"]), trial.attempts, experiment.started_at)
+        return "run", _Claimed(trial.experiment_id, experiment.entrypoint, experiment.bundle, trial.kind,
+                               experiment.config, experiment.problem, dict(trial.extra["job"]), trial.attempts,
+                               experiment.started_at)
 
     outcome, claimed = ctx.commit_and_emit(claim)
     if claimed is None:
@@ -587,17 +711,24 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
             return  # taken over (our lease went stale) and recorded by the other worker
         runs.record_result(session, trial, result)
-        experiment = session.get(Experiment, trial.experiment_id, with_for_update=True)
-        assert experiment is not None
-        if executed.problem is not None and not ExperimentStatus(experiment.status).terminal:
-            runs.store_problem(session, experiment, executed.problem)
+        # The experiment's row lock serialises the step's finishers (_after_job); its whole row is read only when
+        # this job changes it (a problem, a fatal failure).
+        if ctx.inprocess:  # the advance that follows in this transaction reads the row: lock it by reading it
+            status = _experiment(session, trial.experiment_id, lock=True).status
+        else:
+            locked = runs.lock_experiment(session, trial.experiment_id)
+            assert locked is not None
+            status = locked
+        live = not ExperimentStatus(status).terminal
+        if executed.problem is not None and live:
+            runs.store_problem(session, _experiment(session, trial.experiment_id), executed.problem)
         elif trial.kind == runs.EXPORT_KIND:
             best = session.get(Trial, int(claimed.job["best_trial_id"]))
             if best is not None:
                 runs.attach_model_result(session, best, result)
-        if executed.fatal is not None and not ExperimentStatus(experiment.status).terminal:
-            runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=executed.fatal,
-                                   traceback=executed.traceback)
+        if executed.fatal is not None and live:
+            runs.finish_experiment(session, _experiment(session, trial.experiment_id), ExperimentStatus.failed,
+                                   error=executed.fatal, traceback=executed.traceback)
             return
         _after_job(session, trial, outbox)
 
@@ -605,9 +736,7 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         record(session, outbox)
         if (ADVANCE, claimed.experiment_id) in outbox:
             outbox.remove((ADVANCE, claimed.experiment_id))
-            experiment = session.get(Experiment, claimed.experiment_id)  # locked by record
-            assert experiment is not None
-            _advance_locked(session, experiment, outbox)
+            _advance_locked(session, _experiment(session, claimed.experiment_id), outbox)  # locked by record
 
     if ctx.inprocess:
         try:
@@ -644,23 +773,14 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
         except DB_CONNECTION_ERRORS:
             return False  # the database is away: keep running and ask again at the next poll
 
-    def beat(session: Session) -> None:
-        trial = session.get(Trial, trial_id)
-        if trial is not None and trial.lease_owner == ctx.worker_id:
-            trial.heartbeat_at = utcnow()
-
     def failed(error: str, **extra: Any) -> Any:
         return Result(key=key, status="failed", error=error, extra=extra)
 
     started = time.monotonic()
     resolving = claimed.kind == runs.RESOLVE_KIND
     try:
-        # In-process, the experiment's heartbeat renews this job's lease (RunContext.inprocess).
-        heartbeat: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if not ctx.inprocess:
-            heartbeat = Heartbeat(beat, ctx.session_factory, settings.worker_heartbeat_s, name=f"trial {trial_id}")
         with open_task_process(claimed.entrypoint, settings, bundle=claimed.bundle,
-                               experiment_id=claimed.experiment_id) as child, heartbeat:
+                               experiment_id=claimed.experiment_id) as child, _job_lease(ctx, trial_id):
             if resolving:
                 answer = child.request("resolve", {"config": claimed.config}, should_stop=cancelled,
                                        deadline=deadline)
@@ -693,6 +813,22 @@ def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
         log.exception("trial %s could not run", trial_id)
         error = f"{type(exc).__name__}: {exc}"
         return _Outcome(failed(error, traceback=traceback.format_exc()), fatal=error if resolving else None)
+
+
+@contextlib.contextmanager
+def _job_lease(ctx: RunContext, trial_id: int) -> Iterator[None]:
+    """Keep the lease on a running job alive: the process's :class:`TrialLeases` renews it (in-process, the
+    experiment's heartbeat does, :attr:`RunContext.inprocess`)."""
+    if ctx.inprocess:
+        yield
+        return
+    leases = ctx.leases if ctx.leases is not None else TrialLeases(ctx.session_factory, ctx.settings.worker_heartbeat_s)
+    try:
+        with leases.hold(trial_id, ctx.worker_id):
+            yield
+    finally:
+        if leases is not ctx.leases:
+            leases.close()
 
 
 def _after_job(session: Session, trial: Trial, outbox: list[Message]) -> None:
@@ -798,7 +934,17 @@ def run_inprocess(entry: Message, *, session_factory: sessionmaker[Session], set
 
 
 ENDED = frozenset(status.value for status in ExperimentStatus if status.terminal)
-"""The outcomes after which a run's place is free: :func:`kick_queue` then."""
+"""The outcomes of :func:`advance` (and of :func:`run_inprocess`) after which a run's place is free."""
+
+
+def may_have_ended(task: str, outcome: str) -> bool:
+    """Whether the use case ``task`` that returned ``outcome`` may have ended its experiment, so that
+    :func:`kick_queue` should start who is next. An advance ends a run with one of :data:`ENDED`; an evaluation
+    ends one only with a job whose failure is fatal (a broken task module), whose outcome is ``"failed"``. Its
+    ``"succeeded"`` (most jobs) ends nothing: kicking after each of those cost a transaction per job."""
+    if task == EVALUATE:
+        return outcome == TrialStatus.failed.value
+    return outcome in ENDED
 
 
 def kick_queue(ctx: RunContext) -> int | None:

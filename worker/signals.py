@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.session import make_engine, make_session_factory
 from server.settings import Settings, get_settings
+from worker.runner import TrialLeases
 
 __all__ = ["WorkerContext", "get_context", "reset_context"]
 
@@ -22,6 +23,8 @@ class WorkerContext:
     engine: Engine
     session_factory: sessionmaker[Session]
     pid: int
+    leases: TrialLeases
+    """Renews the leases of the jobs this process runs (one thread per process, not one per job)."""
 
     @property
     def worker_id(self) -> str:
@@ -39,15 +42,20 @@ def get_context() -> WorkerContext:
             # Inherited from the parent: drop its pooled connections without closing the parent's sockets.
             _context.engine.dispose(close=False)
         settings = get_settings()
-        # Its transactions are short (orchestration only): one idle for long lost its client (make_engine).
-        engine = make_engine(settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s)
-        _context = WorkerContext(settings, engine, make_session_factory(engine), os.getpid())
+        # Its transactions are short (orchestration only): one idle for long lost its client (make_engine). No
+        # pre-ping: every transaction of the runner retries on a connection error (worker.runner.transact).
+        engine = make_engine(settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s,
+                             pre_ping=False)
+        factory = make_session_factory(engine)
+        _context = WorkerContext(settings, engine, factory, os.getpid(),
+                                 TrialLeases(factory, settings.worker_heartbeat_s))
     return _context
 
 
 def reset_context() -> None:
     global _context
     if _context is not None:
+        _context.leases.close()
         _context.engine.dispose()
     _context = None
 

@@ -19,19 +19,29 @@ def register_tasks(app: Celery) -> None:
     send = CeleryDispatcher(app).send
 
     def handle(task: str, target_id: int) -> str:
-        from worker.runner import ENDED, CeleryTransport, RunContext, advance, evaluate, kick_queue, run_inprocess
+        from worker.runner import (
+            CeleryTransport,
+            RunContext,
+            advance,
+            evaluate,
+            kick_queue,
+            may_have_ended,
+            run_inprocess,
+        )
         from worker.signals import get_context
 
         context = get_context()
         factory, settings, worker_id = context.session_factory, context.settings, context.worker_id
-        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings))
+        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings),
+                         leases=context.leases)
         if settings.runner == "inprocess":
             outcome = run_inprocess((task, target_id), session_factory=factory, settings=settings,
                                     worker_id=worker_id)
         else:
             outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
-        if outcome in ENDED:
-            # A run ended (or, distributed, a trial failed: a token too many is harmless): start who is next.
+        # In-process, the message ran its experiment to the end; distributed, only an advance that finished it or
+        # a failed job (which may have ended it: a token too many is harmless) frees a place. Start who is next.
+        if may_have_ended(ADVANCE if settings.runner == "inprocess" else task, outcome):
             kick_queue(ctx)
         return outcome
 

@@ -14,7 +14,9 @@ from server.files import secure_sqlite
 __all__ = ["make_engine", "make_session_factory"]
 
 
-def make_engine(url: str, *, pool_size: int | None = None, idle_in_transaction_s: float | None = None) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int | None = None, idle_in_transaction_s: float | None = None, pre_ping: bool = True
+) -> Engine:
     """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys (its only special case).
 
     ``idle_in_transaction_s`` (PostgreSQL; the workers): the server ends a session whose transaction has waited
@@ -28,7 +30,12 @@ def make_engine(url: str, *, pool_size: int | None = None, idle_in_transaction_s
     SQLite too (whose default pool, 5 + 10, is smaller than the admitted requests), that fails fast: the caller
     admits no more concurrent users than connections, so a wait on the pool means something is wrong, and a 10 s
     timeout surfaces it as a 503 (see ``server.api.main``) instead of a 30 s stall. Without it (workers, the CLI):
-    10 connections plus 20 overflow."""
+    10 connections plus 20 overflow.
+
+    ``pre_ping`` (without ``pool_size``): test each connection with a round trip when it is checked out of the pool.
+    The workers turn it off: they check a connection out for every transaction (three or four per job), and each of
+    their transactions already retries on a connection error (``worker.runner.transact``), where the dead
+    connection's error makes SQLAlchemy invalidate the pool, so the retry connects afresh. The CLI keeps it."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
@@ -65,7 +72,7 @@ def make_engine(url: str, *, pool_size: int | None = None, idle_in_transaction_s
         # request 503 + Retry-After (server.api.main), so the client's retry gets a fresh connection.
         return create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=10, pool_recycle=1800,
                              connect_args=connect_args)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -6,7 +6,8 @@ not the broker or a process's memory, is the source of truth.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,8 +19,12 @@ from server.services.dispatch import ADVANCE, EVALUATE
 from server.services.events import add_event
 
 __all__ = [
+    "JobTrial",
+    "TrialTally",
     "add_job_trial",
+    "add_job_trials",
     "add_trial",
+    "add_trials",
     "attach_model_result",
     "cancel_requested",
     "claim_experiment",
@@ -31,7 +36,9 @@ __all__ = [
     "heartbeat",
     "lease_is_live",
     "lease_is_live_at",
+    "lock_experiment",
     "record_sent",
+    "renew_trial_leases",
     "trials_to_resend",
     "finish_experiment",
     "record_decisions",
@@ -39,7 +46,9 @@ __all__ = [
     "save_progress",
     "take_trial_lease",
     "store_problem",
+    "tally_trials",
     "trial_by_key",
+    "trials_by_key",
 ]
 
 
@@ -230,13 +239,15 @@ def record_sent(session: Session, messages: Iterable[tuple[str, int]], *, sent: 
     Other tasks are not tracked."""
     at = utcnow() if sent else None
     tracked: dict[str, type[Experiment] | type[Trial]] = {ADVANCE: Experiment, EVALUATE: Trial}
+    targets: dict[str, list[int]] = {}
     for task, target_id in messages:
-        model = tracked.get(task)
-        if model is not None:
-            session.execute(
-                update(model).where(model.id == target_id).values(enqueued_at=at)
-                .execution_options(synchronize_session=False)
-            )
+        if task in tracked:
+            targets.setdefault(task, []).append(target_id)
+    for task, ids in targets.items():
+        # One UPDATE per table (a step's jobs are sent together), not one per message.
+        model = tracked[task]
+        target = model.id == ids[0] if len(ids) == 1 else model.id.in_(ids)
+        session.execute(update(model).where(target).values(enqueued_at=at).execution_options(synchronize_session=False))
 
 
 FINISHED = (TrialStatus.succeeded.value, TrialStatus.failed.value)
@@ -260,6 +271,35 @@ def store_problem(session: Session, experiment: Experiment, problem: dict[str, A
     add_event(
         session, experiment.id, "problem", units=len(pruning["units"]), target_sparsity=pruning["target_sparsity"]
     )
+
+
+@dataclass(frozen=True)
+class TrialTally:
+    """What an advance needs to know of an experiment's trials, counted in one query (:func:`tally_trials`)."""
+
+    unfinished: int
+    """Trials of any kind that are pending or running."""
+    finished: int
+    """Search trials (not resolve or export) with a result."""
+    last_seq: int
+    """The highest sequence number so far (0 without trials): the next trial gets ``last_seq + 1``."""
+    exports: int
+    """Export trials (at most one): the search ended and its best model's export was asked for."""
+
+
+def tally_trials(session: Session, experiment_id: int) -> TrialTally:
+    """Count the experiment's unfinished and finished trials, its last sequence number and its export in one
+    query (an advance asked each in a statement of its own)."""
+    count = func.count(Trial.id)
+    row = session.execute(
+        select(
+            count.filter(Trial.status.in_(UNFINISHED)),
+            count.filter(Trial.status.in_(FINISHED), SEARCH_TRIAL),
+            func.coalesce(func.max(Trial.seq), 0),
+            count.filter(Trial.kind == EXPORT_KIND),
+        ).where(Trial.experiment_id == experiment_id)
+    ).one()
+    return TrialTally(unfinished=int(row[0]), finished=int(row[1]), last_seq=int(row[2]), exports=int(row[3]))
 
 
 def finished_trials(session: Session, experiment_id: int) -> int:
@@ -320,6 +360,12 @@ def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
     return True
 
 
+def lock_experiment(session: Session, experiment_id: int) -> str | None:
+    """Lock the experiment's row until this transaction ends and return its status (``None``: no such row),
+    without reading the rest of it."""
+    return session.scalar(select(Experiment.status).where(Experiment.id == experiment_id).with_for_update())
+
+
 def cancel_requested(session: Session, experiment_id: int) -> bool:
     status = session.scalar(select(Experiment.status).where(Experiment.id == experiment_id))
     return status in (ExperimentStatus.cancelling.value, ExperimentStatus.cancelled.value)
@@ -327,6 +373,15 @@ def cancel_requested(session: Session, experiment_id: int) -> bool:
 
 def trial_by_key(session: Session, experiment_id: int, job_key: str) -> Trial | None:
     return session.scalar(select(Trial).where(Trial.experiment_id == experiment_id, Trial.job_key == job_key))
+
+
+def trials_by_key(session: Session, experiment_id: int, job_keys: Collection[str]) -> dict[str, Trial]:
+    """The experiment's trials with one of ``job_keys``, by key, in one query (those it has; none for no keys)."""
+    if not job_keys:
+        return {}
+    keys = list(job_keys)
+    where = Trial.job_key == keys[0] if len(keys) == 1 else Trial.job_key.in_(keys)
+    return {t.job_key: t for t in session.scalars(select(Trial).where(Trial.experiment_id == experiment_id, where))}
 
 
 def _known_or_query(
@@ -337,13 +392,74 @@ def _known_or_query(
     return trial_by_key(session, experiment_id, job_key)
 
 
+@dataclass(frozen=True)
+class JobTrial:
+    """A trial row to insert for a job (JSON): what :func:`add_job_trials` takes."""
+
+    key: str
+    kind: str
+    job: dict[str, Any]
+    distribution: dict[str, float] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, job: Any) -> JobTrial:
+        """The row of a strategy's :class:`~pruning.search.base.Job`."""
+        return cls(key=job.key, kind=job.kind, job=job.model_dump(mode="json"), distribution=dict(job.distribution),
+                   context=dict(job.context))
+
+
+def add_job_trials(
+    session: Session,
+    experiment_id: int,
+    rows: Sequence[JobTrial],
+    *,
+    status: TrialStatus = TrialStatus.pending,
+    step: int | None = None,
+    first_seq: int | None = None,
+) -> list[Trial]:
+    """Insert one trial row per job of ``rows``, in order, numbered from ``first_seq`` (by default the next
+    sequence number), in one INSERT (a step's jobs together), and return them with their ids. A job key the
+    experiment already has fails at the flush (unique per experiment): the caller decides whether that is a replay
+    or a lost race."""
+    if first_seq is None:
+        first_seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
+    trials = [
+        Trial(
+            experiment_id=experiment_id,
+            seq=first_seq + i,
+            step=step,
+            job_key=row.key,
+            kind=row.kind,
+            status=status.value,
+            distribution=dict(row.distribution),
+            context=dict(row.context),
+            extra={"job": row.job},  # kept so the best model can be rebuilt for download
+        )
+        for i, row in enumerate(rows)
+    ]
+    session.add_all(trials)
+    session.flush()
+    return trials
+
+
+def add_trials(
+    session: Session,
+    experiment_id: int,
+    jobs: Sequence[Any],
+    *,
+    status: TrialStatus,
+    step: int | None = None,
+    first_seq: int | None = None,
+) -> list[Trial]:
+    """Insert the trial rows of a strategy's ``jobs`` in one INSERT (:func:`add_job_trials`)."""
+    return add_job_trials(session, experiment_id, [JobTrial.of(job) for job in jobs], status=status, step=step,
+                          first_seq=first_seq)
+
+
 def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialStatus, step: int | None = None) -> Trial:
-    """Insert the trial row of ``job`` with the next sequence number. A job key the experiment already has fails
-    at the flush (unique per experiment): the caller decides whether that is a replay or a lost race."""
-    return add_job_trial(
-        session, experiment_id, key=job.key, kind=job.kind, job=job.model_dump(mode="json"), status=status,
-        step=step, distribution=dict(job.distribution), context=dict(job.context),
-    )
+    """Insert the trial row of ``job`` with the next sequence number (:func:`add_trials` of one job)."""
+    return add_trials(session, experiment_id, [job], status=status, step=step)[0]
 
 
 def add_job_trial(
@@ -361,22 +477,22 @@ def add_job_trial(
 ) -> Trial:
     """Insert a trial row running ``job`` (JSON), by default with the next sequence number: what
     :func:`add_trial` does for a strategy's job, and the runner for its own (resolve, export)."""
-    if seq is None:
-        seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
-    trial = Trial(
-        experiment_id=experiment_id,
-        seq=seq,
-        step=step,
-        job_key=key,
-        kind=kind,
-        status=status.value,
-        distribution=distribution or {},
-        context=context or {},
-        extra={"job": job},  # kept so the best model can be rebuilt for download
+    row = JobTrial(key=key, kind=kind, job=job, distribution=distribution or {}, context=context or {})
+    return add_job_trials(session, experiment_id, [row], status=status, step=step, first_seq=seq)[0]
+
+
+def renew_trial_leases(session: Session, trial_ids: Collection[int], worker_id: str) -> int:
+    """Renew the leases ``worker_id`` holds on ``trial_ids`` (a heartbeat of every job it runs) in one UPDATE;
+    returns how many it still held. A trial whose lease another worker took over is not touched."""
+    if not trial_ids:
+        return 0
+    ids = list(trial_ids)
+    target = Trial.id == ids[0] if len(ids) == 1 else Trial.id.in_(ids)
+    result = session.execute(
+        update(Trial).where(target, Trial.lease_owner == worker_id).values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
     )
-    session.add(trial)
-    session.flush()
-    return trial
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def take_trial_lease(trial: Trial, worker_id: str) -> None:
@@ -476,11 +592,13 @@ def save_progress(
     progress_total: float | None,
     phase: str | None,
     best_key: str | None,
+    previous_best_key: str | None,
     known: Mapping[str, Trial] | None = None,
 ) -> None:
     """Persist the search state after a tell, with progress and the strategy's best so far (looked up in
-    ``known``, the trials the caller has loaded, before the database)."""
-    previous_best = (experiment.search_state or {}).get("best_key")
+    ``known``, the trials the caller has loaded, before the database). ``previous_best_key``: the best of the
+    state saved before (the caller has it; the stored state is not read back for it)."""
+    previous_best = previous_best_key
     experiment.search_state = state
     experiment.state_version += 1
     experiment.progress_done = progress

@@ -43,3 +43,9 @@ def test_the_urls_own_options_are_kept() -> None:
 def test_without_the_timeout_nothing_is_added() -> None:
     assert "options" not in _connect_params("postgresql+psycopg://u@127.0.0.1:1/db")
     assert "options" not in _connect_params("postgresql+psycopg://u@127.0.0.1:1/db", idle_in_transaction_s=0)
+
+
+def test_pre_ping_is_on_unless_turned_off() -> None:
+    url = "postgresql+psycopg://u@127.0.0.1:1/db"
+    assert make_engine(url).pool._pre_ping
+    assert not make_engine(url, pre_ping=False).pool._pre_ping  # the workers' engines (worker.signals)
