@@ -623,9 +623,16 @@ def _provenance(report: dict[str, Any]) -> list[str]:
             f"  | {name} | `{run.get('command')}` | {run.get('mode')} | {run.get('started')} → "
             f"{run.get('finished')} | `{run.get('commit')}` | {load_text} |"
         )
+    cpus = {(section.get("run") or {}).get("cpu") for section in sections.values()}
+    if None in cpus:
+        where = "the runs before their CPU was recorded may have been on another 2-core machine"
+    elif len(cpus) > 1:
+        where = "the runs' CPUs: " + ", ".join(sorted(str(c) for c in cpus))
+    else:
+        where = "every run was on this machine"
     return lines + [
         "",
-        machine + " (the latest run's; every run was on this machine).",
+        machine + f" (the latest run's; {where}; compare figures within a section).",
         "- **Load**: other engineers run tests on this machine at the same time, which is why every figure is a "
         "same-run ratio, rounds interleave, and spreads are shown.",
     ]

@@ -137,6 +137,7 @@ def main() -> None:
             "commit": report["machine"]["commit"],
             "mode": report["mode"],
             "loadavg_1min": {"min": min(during), "median": statistics.median(during), "max": max(during)},
+            "cpu": report["machine"]["cpu"],  # sessions may land on different machines of one kind
         }
         report["sections"][name] = result
         print(f"----- {name}: {result['section_wall_s']:.0f} s", flush=True)
