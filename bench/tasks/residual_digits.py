@@ -38,15 +38,15 @@ _CACHE_VERSION = "v2"
 
 
 class ResidualDigits(nn.Module):
-    """stem 3x3 (16) → 2 blocks at 16 ch, 8x8 → 2 blocks at 32 ch, 4x4 (projection skip) → pool → fc."""
+    """stem 3x3 (w) → 2 blocks at w ch, 8x8 → 2 blocks at 2w ch, 4x4 (projection skip) → pool → fc; w = 16."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 16, 1))
-        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32, 1))
-        self.fc = nn.Linear(32, 10)
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, width, 1))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
