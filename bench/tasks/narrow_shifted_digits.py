@@ -21,7 +21,8 @@ from bench.tasks.shifted_digits import (
     dummy_input,
     evaluator,
     fine_tuner,
-    loss_x1000,
+    loss_task_of,
+    train_dense,
     trainer,
 )
 from examples.digits import SEED, cached_model, criterion, optimizer, seeded
@@ -60,31 +61,12 @@ def _cache_path() -> Path:
     return home / "bench" / f"narrow-shifted-digits-{_CACHE_VERSION}.safetensors"
 
 
-def _train_dense() -> nn.Module:
-    trained = init_model()
-    opt = optimizer(trained)
-    loss = criterion()
-    for epoch in range(EPOCHS):
-        trainer(trained, opt, loss, epoch)
-    return trained
-
-
 def model() -> nn.Module:
     """The pretrained network, a fresh copy on every call (trained once, then loaded from the cache)."""
-    return cached_model(NarrowResidualDigits, _cache_path(), _train_dense)
+    return cached_model(NarrowResidualDigits, _cache_path(), lambda: train_dense(init_model, EPOCHS))
 
 
 def loss_task() -> SimpleNamespace:
     """This task with 1000 × cross-entropy as its evaluator (entrypoint
     ``bench.tasks.narrow_shifted_digits:loss_task``)."""
-    return SimpleNamespace(
-        model=model,
-        evaluator=loss_x1000,
-        dummy_input=dummy_input,
-        trainer=trainer,
-        fine_tuner=fine_tuner,
-        optimizer=optimizer,
-        criterion=criterion,
-        init_model=init_model,
-        calibration_data=calibration_data,
-    )
+    return loss_task_of(model, init_model)

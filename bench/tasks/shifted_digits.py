@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,9 +40,11 @@ __all__ = [
     "fine_tuner",
     "init_model",
     "loss_task",
+    "loss_task_of",
     "loss_x1000",
     "model",
     "optimizer",
+    "train_dense",
     "trainer",
 ]
 
@@ -154,22 +156,28 @@ def _cache_path() -> Path:
     return home / "bench" / f"shifted-digits-{_CACHE_VERSION}.safetensors"
 
 
-def _train_dense() -> nn.Module:
-    trained = init_model()
+def train_dense(init: Callable[[], nn.Module], epochs: int) -> nn.Module:
+    """``init()`` trained ``epochs`` epochs on the shifted training split (the dense weights a cache holds)."""
+    trained = init()
     opt = optimizer(trained)
     loss = criterion()
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         trainer(trained, opt, loss, epoch)
     return trained
 
 
 def model() -> nn.Module:
     """The pretrained network, a fresh copy on every call (trained once, then loaded from the cache)."""
-    return cached_model(ResidualDigits, _cache_path(), _train_dense)
+    return cached_model(ResidualDigits, _cache_path(), lambda: train_dense(init_model, EPOCHS))
 
 
 def loss_task() -> SimpleNamespace:
     """This task with :func:`loss_x1000` as its evaluator (entrypoint ``bench.tasks.shifted_digits:loss_task``)."""
+    return loss_task_of(model, init_model)
+
+
+def loss_task_of(model: Callable[[], nn.Module], init_model: Callable[[], nn.Module]) -> SimpleNamespace:
+    """The shifted-digits loss task of another network: its ``model`` and ``init_model``, this module's rest."""
     return SimpleNamespace(
         model=model,
         evaluator=loss_x1000,

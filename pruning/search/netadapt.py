@@ -121,47 +121,32 @@ class NetAdaptSearch:
         # The last iteration aims at the budget itself, not past it: a full step from just above the budget would
         # hand out a model well below it (FLOPs x0.148 for a x0.25 budget in the budgets bench), paid in accuracy.
         target = max(state.current_resource - reduction, state.budget or 0.0)
-        jobs = []
-        for unit in state.problem.pruning.units:
-            assert unit.channels is not None
-            if _prunable_channels(unit) <= unit.count(state.current_distribution[unit.name]):
-                continue  # already at its bound: nothing left to offer
-            jobs.append(
-                Job(
-                    key=f"netadapt-{state.iteration}-h{state.halvings}-{unit.name}",
-                    kind="netadapt_candidate",
-                    distribution=state.current_distribution,
-                    parent_artifact=state.current_artifact,
-                    finetune_epochs=self.config.short_term_finetune_epochs,
-                    save_artifact=True,
-                    params={"unit": unit.name, "target_resource": target},
-                    context={
-                        "iteration": state.iteration,
-                        "layer": unit.name,
-                        "delta_resource": state.current_resource - target,  # the last step: only down to the budget
-                        "halving": state.halvings,
-                    },
-                )
+        # Units still above their bound; nothing is left to offer in the others.
+        moves = [
+            (unit.name, unit.name)
+            for unit in state.problem.pruning.units
+            if _prunable_channels(unit) > unit.count(state.current_distribution[unit.name])
+        ]
+        if self.config.uniform_move and len(moves) > 1:  # with one unit left the flat step is that unit's
+            moves.append((UNIFORM_MOVE, "uniform"))
+        jobs = [
+            Job(
+                key=f"netadapt-{state.iteration}-h{state.halvings}-{suffix}",
+                kind="netadapt_candidate",
+                distribution=state.current_distribution,
+                parent_artifact=state.current_artifact,
+                finetune_epochs=self.config.short_term_finetune_epochs,
+                save_artifact=True,
+                params={"unit": unit, "target_resource": target},
+                context={
+                    "iteration": state.iteration,
+                    "layer": unit,
+                    "delta_resource": state.current_resource - target,  # the last step: only down to the budget
+                    "halving": state.halvings,
+                },
             )
-        if jobs and self.config.uniform_move and len(jobs) > 1:
-            # One unit left to prune makes the flat step the same as that unit's.
-            jobs.append(
-                Job(
-                    key=f"netadapt-{state.iteration}-h{state.halvings}-uniform",
-                    kind="netadapt_candidate",
-                    distribution=state.current_distribution,
-                    parent_artifact=state.current_artifact,
-                    finetune_epochs=self.config.short_term_finetune_epochs,
-                    save_artifact=True,
-                    params={"unit": UNIFORM_MOVE, "target_resource": target},
-                    context={
-                        "iteration": state.iteration,
-                        "layer": UNIFORM_MOVE,
-                        "delta_resource": state.current_resource - target,
-                        "halving": state.halvings,
-                    },
-                )
-            )
+            for unit, suffix in moves
+        ]
         if not jobs:
             return self._stop(state, "every unit is at its max_sparsity before the resource budget was reached")
         if state.max_trials is not None and state.trials_asked + len(jobs) > state.max_trials:
