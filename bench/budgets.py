@@ -97,7 +97,9 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "optuna": {"num_trials": 16, "n_startup_trials": 6, "finetune_epochs": 1},
     "agp": {"end_step": 4, "frequency": 1, "finetune_epochs": 1},
     "iterative": {"rounds": 3, "retrain_epochs": 1},
-    "lottery_ticket": {"prune_iterations": 3, "epochs": 6},
+    # Each round trains as long as the task's dense model was trained (the lottery-ticket protocol: every ticket
+    # is trained to completion from the rewound weights): ``epochs`` is set per task, see algorithm_config.
+    "lottery_ticket": {"prune_iterations": 3},
     "sensitivity": {},  # run only when pruning.search has it
     # The equal-training control: uniform-at-budget fine-tuned as long as one finalist is (see FINALISTS), so a
     # search's gain over it is what its distribution gives, not the epoch of training its finalist round adds.
@@ -204,7 +206,15 @@ def algorithm_config(name: str, setting: Setting, seed: int) -> dict[str, Any]:
             **(FINALISTS if name in FINALIST_STRATEGIES else {}),
         },
         **STRATEGIES[name],
+        **({"epochs": dense_epochs(setting.task)} if ALGORITHM_OF.get(name, name) == "lottery_ticket" else {}),
     }
+
+
+def dense_epochs(entrypoint: str) -> int:
+    """How many epochs the task's pretrained model was trained (its module's ``EPOCHS``)."""
+    import importlib
+
+    return int(importlib.import_module(entrypoint.split(":")[0]).EPOCHS)
 
 
 def is_stochastic(name: str, setting: Setting) -> bool:
@@ -459,7 +469,7 @@ def _work(kind: str, args: tuple[Any, ...], home: str) -> dict[str, Any]:
 
 
 # Rough cost of one run relative to annealing's, to start the longest first (two workers then finish together).
-_COST = {"lottery_ticket": 6, "netadapt": 5, "autocompress": 4, "admm": 3, "agp": 3, "iterative": 3, "optuna": 2}
+_COST = {"lottery_ticket": 15, "netadapt": 5, "autocompress": 4, "admm": 3, "agp": 3, "iterative": 3, "optuna": 2}
 
 
 def run(quick: bool = False, plan: Plan | None = None, jobs: int = 2, home: str | None = None) -> dict[str, Any]:
@@ -479,6 +489,9 @@ def run(quick: bool = False, plan: Plan | None = None, jobs: int = 2, home: str 
     for setting in plan.settings:
         task = _task(setting.task)
         dense[setting.task] = task.evaluate(task.model())  # trains and caches each dense model before the pool
+    if "lottery_ticket" in strategies:
+        rounds = ", ".join(f"`{t}` {dense_epochs(t)}" for t in dict.fromkeys(s.task.split(":")[0] for s in plan.settings))
+        notes.append(f"lottery_ticket: each round trains as many epochs as the task's dense model was trained ({rounds})")
     stochastic = {name for name in strategies if plan.settings and is_stochastic(name, plan.settings[0])}
     seeds = {(s, name): plan.seeds if name in stochastic else 1 for s in plan.settings for name in strategies}
     work: list[tuple[str, tuple[Any, ...]]] = [

@@ -4,7 +4,10 @@ proposed distribution onto it.
 A budget (``{"flops": 0.25}``) is what a user pays for: the shrunk model's FLOPs (or params, or latency on the
 worker's device) divided by the dense model's. Every strategy's proposal is *projected* onto the budget before
 it is evaluated: a bounded 1-D search over one global scale ``alpha`` of the proposal's shape
-(``s_u = min(alpha * d_u, max_u)``) for the least pruning whose predicted ratio meets the budget. The predictor
+(``s_u = min(alpha * d_u, max_u)``) for the least pruning whose predicted ratio meets the budget, then (with
+``fill``) single channels given back where the budget still has room (one per unit at most), so that a coarse
+network (a few channels per layer: the scale moves every layer's count at once) lands close below the budget,
+not one whole step under it. The predictor
 is passed in (the executor shrinks a copy of the model and counts it; the contract suite's fake computes the
 same thing in closed form), so the search itself is pure logic and deterministic for FLOPs and params.
 
@@ -25,6 +28,7 @@ __all__ = [
     "Budget",
     "BudgetUnreachable",
     "Projection",
+    "fills_slack",
     "project",
     "project_scalar",
     "scaled",
@@ -77,6 +81,12 @@ class Budget(BaseModel):
         return measured_ratio is not None and measured_ratio <= self.ratio + BUDGET_TOLERANCE
 
 
+def fills_slack(budget: Budget | None) -> bool:
+    """Whether projections onto ``budget`` spend its slack channel by channel: for FLOPs and params, whose
+    prediction is exact and monotone in the channel counts; a measured latency is neither."""
+    return budget is not None and budget.resource != "latency"
+
+
 class BudgetUnreachable(ValueError):
     """Even the most pruning a proposal's shape allows (every unit at its ``max_sparsity``) misses the budget."""
 
@@ -108,9 +118,16 @@ def project_scalar(
     ratio_of: Callable[[dict[str, float]], float],
     target: float,
     problem: PruningProblem,
+    *,
+    fill: bool = False,
+    floor: dict[str, float] | None = None,
 ) -> Projection:
     """The smallest ``x`` in ``[0, high]`` whose ``family(x)`` has ``ratio_of(...) <= target`` (bisection; the
-    ratio must not increase with ``x``). Raises :class:`BudgetUnreachable` when ``family(high)`` misses it."""
+    ratio must not increase with ``x``). Raises :class:`BudgetUnreachable` when ``family(high)`` misses it.
+
+    With ``fill``, the slack the bisection leaves is then spent channel by channel (:func:`_fill`), never below
+    ``floor`` (per unit). Only for predictors that are exact and monotone in the channel counts (FLOPs, params):
+    a measured latency is neither."""
     cache: dict[tuple[float | int, ...], float] = {}
 
     def ratio(distribution: dict[str, float]) -> float:
@@ -138,7 +155,43 @@ def project_scalar(
             best, best_ratio, best_x = candidate, candidate_ratio, middle
         else:
             low = middle
+    if fill:
+        best, best_ratio = _fill(best, family(best_x), ratio, target, problem, floor or {})
     return Projection(distribution=best, ratio=best_ratio, scale=best_x, predictions=len(cache))
+
+
+def _fill(
+    distribution: dict[str, float],
+    wanted: dict[str, float],
+    ratio: Callable[[dict[str, float]], float],
+    target: float,
+    problem: PruningProblem,
+    floor: dict[str, float],
+) -> tuple[dict[str, float], float]:
+    """Give single channels back while the ratio stays within ``target``: at most one per unit, so every unit
+    stays within one channel of the proposal's rounding (for ``uniform``, of the common sparsity).
+
+    Units are tried in order of their sparsity one channel lighter minus the one the proposal wanted for them
+    (``wanted``: the family at the found scale, before rounding to channels), largest first: the units rounding
+    over-pruned most get theirs first; the finer unit first on ties. One prediction per unit at most.
+    """
+    current = dict(distribution)
+    current_ratio = ratio(current)
+    candidates = []
+    for unit in problem.units:
+        if not unit.channels:
+            continue
+        count = unit.count(current[unit.name])
+        lowest = unit.count(floor[unit.name]) if floor.get(unit.name) else 0
+        if count > lowest:
+            lighter = (count - 1) / unit.channels
+            candidates.append((wanted[unit.name] - lighter, -unit.channels, unit.name, lighter))  # ascending
+    for _, _, name, lighter in sorted(candidates):
+        candidate = current | {name: lighter}
+        candidate_ratio = ratio(candidate)
+        if candidate_ratio <= target:  # the ratio only grows as channels come back: a miss stays a miss
+            current, current_ratio = candidate, candidate_ratio
+    return current, current_ratio
 
 
 def project(
@@ -147,6 +200,8 @@ def project(
     ratio_of: Callable[[dict[str, float]], float],
     target: float,
     floor: dict[str, float] | None = None,
+    *,
+    fill: bool = False,
 ) -> Projection:
     """Project a proposal onto ``ratio_of(distribution) <= target`` by one global scale of its shape.
 
@@ -157,14 +212,15 @@ def project(
         projection.distribution   # the same proportions, scaled until the FLOPs ratio is <= 0.25
 
     With ``floor`` (what earlier rounds already pruned, per unit), the shape is read as fractions of what the floor
-    left and the scale applies to those: no unit goes below its floor.
+    left and the scale applies to those: no unit goes below its floor. With ``fill``, the budget's remaining slack
+    is spent channel by channel afterwards (see :func:`project_scalar`).
     """
     if floor and any(floor.values()):
-        return _project_above(shape, problem, ratio_of, target, floor)
+        return _project_above(shape, problem, ratio_of, target, floor, fill)
     if not any(shape.get(u.name, 0.0) > 0 for u in problem.units):
         shape = {u.name: 1.0 for u in problem.units}
     high = max(u.max_sparsity / shape[u.name] for u in problem.units if shape[u.name] > 0)
-    return project_scalar(lambda alpha: scaled(shape, alpha, problem), high, ratio_of, target, problem)
+    return project_scalar(lambda alpha: scaled(shape, alpha, problem), high, ratio_of, target, problem, fill=fill)
 
 
 def _project_above(
@@ -173,6 +229,7 @@ def _project_above(
     ratio_of: Callable[[dict[str, float]], float],
     target: float,
     floor: dict[str, float],
+    fill: bool,
 ) -> Projection:
     names = problem.unit_names()
     fractions = {n: (shape[n] - floor.get(n, 0.0)) / max(1.0 - floor.get(n, 0.0), 1e-12) for n in names}
@@ -190,4 +247,4 @@ def _project_above(
         return out
 
     high = max(caps[n] / fractions[n] for n in names if fractions[n] > 0)
-    return project_scalar(family, high, ratio_of, target, problem)
+    return project_scalar(family, high, ratio_of, target, problem, fill=fill, floor=floor)

@@ -266,13 +266,16 @@ def _prune_finetune_evaluate(task: Task, problem: SearchProblem, job: Job, store
 
         if job.budget_ratio is not None and problem.budget is not None:
             # The global threshold is the one scale: the least overall sparsity whose ranking meets the budget.
-            from pruning.budget import project_scalar
+            from pruning.budget import fills_slack, project_scalar
 
             ratio_of = _ratio_predictor(task, problem, model, device)
             capacity = sum(u.weight_count * u.max_sparsity for u in pruning.units) / sum(
                 u.weight_count for u in pruning.units
             )
-            projection = project_scalar(ranked, min(capacity, 0.999), ratio_of, job.budget_ratio, pruning)
+            projection = project_scalar(
+                ranked, min(capacity, 0.999), ratio_of, job.budget_ratio, pruning,
+                fill=fills_slack(problem.budget) and not previous,  # a parent's removed channels stay removed
+            )
             distribution = projection.distribution
             extra["projection"] = {"scale": projection.scale, "predicted_ratio": projection.ratio}
         else:
@@ -338,6 +341,7 @@ def execute_job(task: Task, problem: SearchProblem, job: Job, store: ArtifactSto
             job.budget_ratio is not None
             and problem.budget is not None
             and job.distribution
+            and not job.projected
             and job.params.get("ranking") != "global"
         ):
             # Every candidate meets the budget: project its shape first (global ranking projects its threshold).
@@ -383,12 +387,15 @@ def _ratio_predictor(task: Task, problem: SearchProblem, model: Any, device: str
 
 def _projected(task: Task, problem: SearchProblem, job: Job, device: str) -> tuple[Job, dict[str, Any]]:
     """``job`` with its distribution projected onto ``job.budget_ratio`` (see :func:`pruning.budget.project`)."""
-    from pruning.budget import BudgetUnreachable, project
+    from pruning.budget import BudgetUnreachable, fills_slack, project
 
     assert job.budget_ratio is not None
     ratio_of = _ratio_predictor(task, problem, task.model(), device)
     try:
-        projection = project(job.distribution, problem.pruning, ratio_of, job.budget_ratio, floor=job.floor or None)
+        projection = project(
+            job.distribution, problem.pruning, ratio_of, job.budget_ratio, floor=job.floor or None,
+            fill=fills_slack(problem.budget),
+        )
     except BudgetUnreachable as exc:
         raise JobFailed(str(exc)) from exc
     info = {"scale": projection.scale, "predicted_ratio": projection.ratio, "proposal": dict(job.distribution)}
@@ -434,12 +441,12 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
         problem = problem.model_copy(update={"dense_latency_ms": median, "dense_latency_spread_ms": spread})
     if config.budget is None:
         return problem  # NetAdapt's older fields: it reduces step by step to the budget itself
-    from pruning.budget import BudgetUnreachable, project
+    from pruning.budget import BudgetUnreachable, fills_slack, project
     from pruning.projection import ratio_predictor
 
     ratio_of = ratio_predictor(model, pruning, budget, dummy, dense_latency_ms=problem.dense_latency_ms, device=device)
     try:
-        uniform = project({u.name: 1.0 for u in pruning.units}, pruning, ratio_of, budget.ratio)
+        uniform = project({u.name: 1.0 for u in pruning.units}, pruning, ratio_of, budget.ratio, fill=fills_slack(budget))
     except BudgetUnreachable as exc:
         raise ValueError(f"budget {budget.resource}={budget.ratio}: {exc}") from exc
     units = [u.model_copy(update={"initial_sparsity": uniform.distribution[u.name]}) for u in pruning.units]

@@ -69,6 +69,9 @@ class Job(BaseModel):
     # before running (a global scale of its shape above ``floor``); None runs the distribution as given.
     budget_ratio: float | None = None
     floor: dict[str, float] = Field(default_factory=dict)  # per-unit sparsity the projection never goes below
+    # The distribution is already an earlier trial's projection onto ``budget_ratio`` (a finalist re-running a
+    # candidate): run it exactly. Projecting again would spend rounding slack a second time.
+    projected: bool = False
 
 
 class Result(BaseModel):

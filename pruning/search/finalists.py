@@ -91,12 +91,19 @@ def choose_finalists(state: FinalistsState, problem: SearchProblem) -> list[Job]
             continue
         seen.add(signature)
         context = {"finalist": rank, "candidate": leader.key, "candidate_score": leader.score}
-        jobs.append(_finalist_job(f"finalist-{rank}", leader.distribution, state.epochs, problem, context))
+        jobs.append(
+            _finalist_job(f"finalist-{rank}", leader.distribution, state.epochs, problem, context, projected=True)
+        )
     return jobs
 
 
 def _finalist_job(
-    key: str, distribution: dict[str, float], epochs: int, problem: SearchProblem, context: dict[str, Any]
+    key: str,
+    distribution: dict[str, float],
+    epochs: int,
+    problem: SearchProblem,
+    context: dict[str, Any],
+    projected: bool = False,
 ) -> Job:
     return Job(
         key=key,
@@ -106,6 +113,7 @@ def _finalist_job(
         save_artifact=True,  # the winner's fine-tuned weights are the model the experiment hands out
         context={**context, "phase": "finalists"},
         budget_ratio=budget_ratio(problem),
+        projected=projected,  # a leader runs its evaluated distribution as it was: already on the budget
     )
 
 

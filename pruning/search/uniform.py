@@ -1,7 +1,9 @@
 """``uniform``: the baseline every search is compared with — each unit at its config-list sparsity.
 
 With a budget, the one uniform sparsity whose shrunk model meets it (the executor's projection of an all-equal
-shape): uniform-at-the-same-physical-budget, the number every search must beat.
+shape), with the slack that rounding to whole channels leaves spent one channel per unit at most
+(:func:`pruning.budget.project` with ``fill``): uniform-at-the-same-physical-budget, the number every search must
+beat.
 
 With ``ranking: "global"`` the job asks for the config list's overall sparsity and the executor ranks all selected
 layers together (:func:`pruning.pruner.global_distribution`); the distribution that emerged comes back in
@@ -35,8 +37,15 @@ class UniformSearch:
         self.config = config
 
     def start(self, problem: SearchProblem) -> UniformState:
+        distribution = initial_distribution(problem.pruning)
+        if problem.budget is not None and problem.pruning.units:
+            # An all-equal shape: the executor projects it onto the budget (and spends the slack one channel per
+            # unit at most). The resolved start is already that projection; projecting it again would read its
+            # one-channel differences as a shape and give back a second channel.
+            level = max(distribution.values())
+            distribution = {name: level for name in distribution}
         return UniformState(
-            distribution=initial_distribution(problem.pruning),
+            distribution=distribution,
             optimize_mode=problem.optimize_mode,
             ranking=self.config.ranking,
             budget_ratio=budget_ratio(problem),

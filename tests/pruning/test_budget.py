@@ -58,3 +58,47 @@ def test_an_unreachable_budget_says_what_the_shape_can_reach() -> None:
     shape = {"conv1": 0.0, "conv2": 0.0, "conv3": 0.0, "conv4": 0.0, "fc1": 0.9}
     with pytest.raises(BudgetUnreachable, match="unreachable"):
         project(shape, problem.pruning, _ratio(problem), 0.01)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.35, 0.6])
+def test_fill_spends_the_slack_one_channel_per_unit_at_most(target: float) -> None:
+    problem = fake_problem(budget={"flops": target})
+    ratio_of = _ratio(problem)
+    units = problem.pruning.units
+    plain = project({u.name: 1.0 for u in units}, problem.pruning, ratio_of, target)
+    filled = project({u.name: 1.0 for u in units}, problem.pruning, ratio_of, target, fill=True)
+    assert plain.ratio <= filled.ratio <= target
+    counts = {u.name: (u.count(plain.distribution[u.name]), u.count(filled.distribution[u.name])) for u in units}
+    assert all(before - 1 <= after <= before for before, after in counts.values())
+    # No unit can give one more channel back: the budget has no whole channel of slack left in any of them.
+    for unit in units:
+        count = unit.count(filled.distribution[unit.name])
+        if count > 0:
+            lighter = filled.distribution | {unit.name: (count - 1) / unit.channels}
+            assert ratio_of(lighter) > target or counts[unit.name][0] - count == 1
+
+
+def test_fill_closes_a_coarse_networks_gap_to_the_budget() -> None:
+    # Eight channels per unit: one global scale moves between counts in steps of an eighth, so the plain
+    # projection lands a whole step under the budget; filling takes single channels back where they fit.
+    problem = fake_problem(budget={"flops": 0.35})
+    coarse = [u.model_copy(update={"channels": 8}) for u in problem.pruning.units]
+    pruning = problem.pruning.model_copy(update={"units": coarse})
+    problem = problem.model_copy(update={"pruning": pruning})
+    ratio_of = _ratio(problem)
+    shape = {u.name: 1.0 for u in coarse}
+    plain = project(shape, pruning, ratio_of, 0.35)
+    filled = project(shape, pruning, ratio_of, 0.35, fill=True)
+    assert filled.ratio <= 0.35 and filled.ratio > plain.ratio
+    kept = {u.count(filled.distribution[u.name]) for u in coarse}
+    assert max(kept) - min(kept) <= 1  # still uniform within one channel
+
+
+def test_fill_never_goes_below_the_floor() -> None:
+    problem = fake_problem(budget={"flops": 0.3})
+    ratio_of = _ratio(problem)
+    floor = {"conv1": 0.25, "conv2": 0.5, "conv3": 0.25, "conv4": 0.0, "fc1": 0.5}
+    above = project({n: 0.6 for n in floor}, problem.pruning, ratio_of, 0.3, floor=floor, fill=True)
+    assert above.ratio <= 0.3
+    for unit in problem.pruning.units:
+        assert unit.count(above.distribution[unit.name]) >= unit.count(floor[unit.name])

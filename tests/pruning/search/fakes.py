@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pruning.budget import Budget, project
+from pruning.budget import Budget, fills_slack, project
 from pruning.config import PrunableLayer, PruningProblem, PruningUnit, layer_distribution, overall_sparsity
 from pruning.search._common import evaluated_distribution
 from pruning.search.base import Job, Result, SearchProblem
@@ -55,6 +55,7 @@ def fake_problem(
         problem.pruning,
         lambda d: executor.ratio(problem, d),
         problem.budget.ratio,
+        fill=fills_slack(problem.budget),
     ).distribution
     units = [u.model_copy(update={"initial_sparsity": uniform[u.name]}) for u in problem.pruning.units]
     pruning = problem.pruning.model_copy(update={"units": units})
@@ -162,9 +163,14 @@ class FakeExecutor:
     def __call__(self, problem: SearchProblem, job: Job) -> Result:
         # The executor's budget rule, with the closed-form predictor: project, run, report the measured ratio.
         projection = None
-        if job.budget_ratio is not None and problem.budget is not None and job.distribution:
+        if job.budget_ratio is not None and problem.budget is not None and job.distribution and not job.projected:
             projection = project(
-                job.distribution, problem.pruning, lambda d: self.ratio(problem, d), job.budget_ratio, job.floor or None
+                job.distribution,
+                problem.pruning,
+                lambda d: self.ratio(problem, d),
+                job.budget_ratio,
+                job.floor or None,
+                fill=fills_slack(problem.budget),
             )
             job = job.model_copy(update={"distribution": projection.distribution})
         result = self._run(problem, job)
@@ -252,3 +258,19 @@ class FakeExecutor:
             bound = min(unit.count(unit.max_sparsity), unit.channels - 1) / unit.channels
             out[unit.name] = min(parent[unit.name] + (1.0 - parent[unit.name]) * fraction, bound)
         return out
+
+
+def within_one_channel_of_uniform(distribution: dict[str, float], pruning: PruningProblem) -> bool:
+    """Whether every structured unit is within one channel of one common sparsity (uniform-at-budget after its
+    projection spends the rounding slack, one channel per unit at most): the common level is the largest value,
+    the units that got no channel back sit at it."""
+    level = max(distribution.values())
+    units = {u.name: u for u in pruning.units}
+    for name, value in distribution.items():
+        channels = units[name].channels
+        if channels is None:
+            if abs(value - level) > 1e-6:
+                return False
+        elif abs(round(value * channels) - round(level * channels)) > 1:
+            return False
+    return True

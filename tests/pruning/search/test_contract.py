@@ -214,11 +214,16 @@ def test_uniform_at_budget_is_the_single_uniform_sparsity_that_meets_it() -> Non
                 FakeExecutor())
     distribution = best_distribution(run.state)
     assert distribution is not None
-    values = set(round(v, 9) for v in distribution.values())
-    assert len(values) == 1
-    # One step less pruning would break the budget: the baseline is the least pruning that meets it.
-    (level,) = values
-    lighter = {name: level - 0.02 for name in distribution}
+    # One sparsity for every unit, each rounded to its channels, and where that leaves room one channel back.
+    units = {u.name: u for u in problem.pruning.units}
+    level = max(distribution.values())
+    for name, value in distribution.items():
+        channels = units[name].channels
+        assert channels is not None
+        assert round(level * channels) - 1 <= round(value * channels) <= round(level * channels) + 1, name
+    assert FakeExecutor().ratio(problem, distribution) <= 0.3
+    # One step less pruning everywhere would break the budget: the baseline is the least pruning that meets it.
+    lighter = {name: value - 0.02 for name, value in distribution.items()}
     assert FakeExecutor().ratio(problem, lighter) > 0.3
 
 
