@@ -115,8 +115,10 @@ def test_searches_under_a_flops_budget_over_http(live_embedded: LiveService) -> 
                 assert [t["id"] for t in chosen] == [best["trial_id"]]
                 worse = [t for t in decided if "acceptance_probability" in t["context"]]
                 assert all(0.0 <= t["context"]["acceptance_probability"] <= 1.0 for t in worse)
-        # Uniform-at-budget is one sparsity for every unit; the searches start from or around it.
-        assert len({round(v, 6) for v in bests["uniform"]["distribution"].values()}) == 1
+        # Uniform-at-budget is one sparsity for every unit (up to one channel each where the projection spent the
+        # rounding slack: the digits CNN's narrowest unit has 16); the searches start from or around it.
+        levels = bests["uniform"]["distribution"].values()
+        assert 0 < max(levels) - min(levels) <= 1 / 16 + 1e-6 or len(set(levels)) == 1
         assert bests["annealing"]["score"] >= bests["uniform"]["score"]
 
 
