@@ -705,7 +705,10 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         if ctx.commit_and_emit(release):
             return "retrying"
 
+    locked_rows: list[Experiment] = []  # in-process: the row record locked and read, handed to the advance after it
+
     def record(session: Session, outbox: list[Message]) -> None:
+        locked_rows.clear()
         trial = session.get(Trial, trial_id, with_for_update=True)
         assert trial is not None
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
@@ -714,7 +717,8 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         # The experiment's row lock serialises the step's finishers (_after_job); its whole row is read only when
         # this job changes it (a problem, a fatal failure).
         if ctx.inprocess:  # the advance that follows in this transaction reads the row: lock it by reading it
-            status = _experiment(session, trial.experiment_id, lock=True).status
+            locked_rows.append(_experiment(session, trial.experiment_id, lock=True))
+            status = locked_rows[0].status
         else:
             locked = runs.lock_experiment(session, trial.experiment_id)
             assert locked is not None
@@ -736,7 +740,8 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         record(session, outbox)
         if (ADVANCE, claimed.experiment_id) in outbox:
             outbox.remove((ADVANCE, claimed.experiment_id))
-            _advance_locked(session, _experiment(session, claimed.experiment_id), outbox)  # locked by record
+            experiment = locked_rows[0] if locked_rows else _experiment(session, claimed.experiment_id)
+            _advance_locked(session, experiment, outbox)  # locked by record
 
     if ctx.inprocess:
         try:
