@@ -490,8 +490,9 @@ def run(quick: bool = False, plan: Plan | None = None, jobs: int = 2, home: str 
         task = _task(setting.task)
         dense[setting.task] = task.evaluate(task.model())  # trains and caches each dense model before the pool
     if "lottery_ticket" in strategies:
-        rounds = ", ".join(f"`{t}` {dense_epochs(t)}" for t in dict.fromkeys(s.task.split(":")[0] for s in plan.settings))
-        notes.append(f"lottery_ticket: each round trains as many epochs as the task's dense model was trained ({rounds})")
+        modules = dict.fromkeys(s.task.split(":")[0] for s in plan.settings)
+        rounds = ", ".join(f"`{t}` {dense_epochs(t)}" for t in modules)
+        notes.append(f"lottery_ticket: each round trains as many epochs as the task's dense model did ({rounds})")
     stochastic = {name for name in strategies if plan.settings and is_stochastic(name, plan.settings[0])}
     seeds = {(s, name): plan.seeds if name in stochastic else 1 for s in plan.settings for name in strategies}
     work: list[tuple[str, tuple[Any, ...]]] = [

@@ -446,7 +446,8 @@ def resolve_problem(task: Task, config: Any, device: str = "cpu") -> SearchProbl
 
     ratio_of = ratio_predictor(model, pruning, budget, dummy, dense_latency_ms=problem.dense_latency_ms, device=device)
     try:
-        uniform = project({u.name: 1.0 for u in pruning.units}, pruning, ratio_of, budget.ratio, fill=fills_slack(budget))
+        shape = {u.name: 1.0 for u in pruning.units}
+        uniform = project(shape, pruning, ratio_of, budget.ratio, fill=fills_slack(budget))
     except BudgetUnreachable as exc:
         raise ValueError(f"budget {budget.resource}={budget.ratio}: {exc}") from exc
     units = [u.model_copy(update={"initial_sparsity": uniform.distribution[u.name]}) for u in pruning.units]
