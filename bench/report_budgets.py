@@ -132,6 +132,70 @@ def verdict(b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The bar a search is held to against uniform-at-budget after the same final fine-tune: at least as good (accuracy
+# no more than 0.3 pt below, a loss no more than 5% above), and for the distribution searches clearly better (0.5 pt
+# more accuracy, or at most 0.85x the loss).
+AS_GOOD = {"maximize": -0.003, "minimize": -0.05}
+CLEARLY = {"maximize": 0.005, "minimize": 0.15}
+BAR_BUDGETS = {"maximize": 0.25, "minimize": 0.35}
+
+
+def _bar_value(row: dict[str, Any], mode: str) -> float:
+    # Accuracy as its difference to uniform, a loss as its relative difference (positive = better).
+    return row["gain"] if not _is_loss(mode) else row["relative_gain"] or 0.0
+
+
+def _bar_cell(row: dict[str, Any] | None, mode: str) -> str:
+    if row is None:
+        return "—"
+    met = _bar_value(row, mode) >= CLEARLY[mode]
+    if _is_loss(mode):
+        text = f"{1 - row['relative_gain']:.2f}× uniform's loss"
+    else:
+        text = _gain(row["gain"], mode)
+    if row.get("gain_vs_trained") is not None:
+        text += f" ({_gain(row['gain_vs_trained'], mode)} vs `uniform_trained`)"
+    return ("**yes**: " if met else "no: ") + text
+
+
+def _bar_lines(b: dict[str, Any]) -> list[str]:
+    """Per setting at FLOPs x0.25 (accuracy) or x0.35 (a loss): whether every strategy is at least as good as
+    uniform, and whether the distribution searches are clearly better."""
+    comparison = [c for c in b.get("comparison") or [] if c["budget"] == BAR_BUDGETS[c["optimize_mode"]]]
+    if not comparison:
+        return []
+    searches = sorted(FINALIST_STRATEGIES)
+    lines = [
+        "**Against the bar a search must clear**, at FLOPs ×0.25 (accuracy) and ×0.35 (a loss): every strategy at "
+        "least as good as uniform (no more than 0.3 pt below it, or 5% above its loss), and "
+        + ", ".join(f"`{m}`" for m in searches)
+        + " clearly better (0.5 pt more, or at most 0.85× its loss); in brackets the same gain against "
+        "`uniform_trained`, the equal-training control.",
+        "",
+        "| setting | models in budget | below uniform | " + " | ".join(f"{m} clearly better" for m in searches) + " |",
+        "|---|---|---|" + "---|" * len(searches),
+    ]
+    for c in comparison:
+        mode = c["optimize_mode"]
+        rows = {r["method"]: r for r in c["rows"]}
+        strategies = [r for r in c["rows"] if r["method"] not in CONTROLS]
+        below = [r for r in strategies if _bar_value(r, mode) < AS_GOOD[mode]]
+        runs = [r for r in b.get("runs") or [] if (r["task"], r["budget"]) == (c["task"], c["budget"])]
+        in_budget = sum(1 for r in runs if r.get("status") == "succeeded" and r.get("feasible"))
+        total = len(runs)
+        below_text = ", ".join(
+            f"`{r['method']}` ({_gain(r['gain'], mode)})" if not _is_loss(mode)
+            else f"`{r['method']}` ({1 - r['relative_gain']:.2f}×)"
+            for r in below
+        ) or "none"
+        lines.append(
+            f"| {_title(c['task'], c['budget'])} | {in_budget} of {total} | {below_text} | "
+            + " | ".join(_bar_cell(rows.get(m), mode) for m in searches)
+            + " |"
+        )
+    return lines + [""]
+
+
 def _finalist_lines(b: dict[str, Any]) -> list[str]:
     """What the finalist round is worth: each finalist strategy against uniform, against the equal-training control
     (uniform fine-tuned as long as a finalist) and with only its distribution (masks on the pretrained weights)."""
@@ -611,6 +675,7 @@ def budgets_md(b: dict[str, Any], img: Path) -> list[str]:
     for note in b.get("notes") or []:
         lines += [f"- {note}", ""]
     lines += _verdict_lines(b)
+    lines += _bar_lines(b)
     name = plot_gains(b, img)
     if name:
         lines += [f"![gain vs uniform](img/{name})", ""]
