@@ -103,15 +103,19 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "sensitivity": {},  # run only when pruning.search has it
     # The equal-training control: uniform-at-budget fine-tuned as long as one finalist is (see FINALISTS), so a
     # search's gain over it is what its distribution gives, not the epoch of training its finalist round adds.
-    "uniform_trained": {"finetune_epochs": 1},
+    "uniform_trained": {"finetune_epochs": FINAL_EPOCHS},
 }
 # Rows that run another algorithm under their own name.
 ALGORITHM_OF = {"uniform_trained": "uniform", "netadapt_uniform": "netadapt"}
 # The baselines: never counted as a search that wins.
 CONTROLS = {"uniform", "uniform_trained"}
 # The distribution-choosing searches end with a finalist round (pruning.search.finalists): their 3 best distinct
-# candidates and uniform-at-budget, each fine-tuned 1 epoch, and the best of those is handed out.
-FINALISTS = {"finalists": 3, "finalist_epochs": 1}
+# candidates and uniform-at-budget, each fine-tuned as long as the final fine-tune (FINAL_EPOCHS), and the best of
+# those is handed out. Why as long as the final fine-tune: chosen after a 1-epoch round, annealing and sensitivity
+# handed out candidates on the narrow net's loss setting that ended 25 above uniform_trained after the final 2
+# epochs (the budgets run of commit 17fad61): a shorter round ranks the candidates by how fast they recover, not by
+# where they end.
+FINALISTS = {"finalists": 3, "finalist_epochs": FINAL_EPOCHS}
 FINALIST_STRATEGIES = {"annealing", "optuna", "sensitivity"}
 # Strategies whose training is the method: the final fine-tuning continues from their best checkpoint.
 # The finalist strategies hand out their winning finalist's fine-tuned weights, and the control its trained model.
@@ -534,6 +538,7 @@ def run(quick: bool = False, plan: Plan | None = None, jobs: int = 2, home: str 
     return {
         "plan": dataclasses.asdict(plan),
         "strategy_configs": {name: STRATEGIES[name] for name in strategies},
+        "finalist_config": dict(FINALISTS),
         "keep_weights": sorted(KEEP_WEIGHTS & set(strategies)),
         "stochastic": sorted(stochastic),  # strategies run with plan.seeds seeds; the others once
         "notes": notes,

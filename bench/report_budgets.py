@@ -203,18 +203,23 @@ def _finalist_lines(b: dict[str, Any]) -> list[str]:
     runs = [r for r in b.get("runs", []) if r.get("finalist") is not None]
     if not runs or not any(r["method"] == "uniform_trained" for c in comparison for r in c["rows"]):
         return []
+    # Runs before the round's settings were stored used 3 finalists of 1 epoch each.
+    finalists = b.get("finalist_config") or {"finalists": 3, "finalist_epochs": 1}
+    count, epochs = finalists["finalists"], finalists["finalist_epochs"]
     lines = [
         "**The finalist round, and what it is worth.** `annealing`, `optuna` and `sensitivity` end with "
-        '`candidate_eval: {"finalists": 3, "finalist_epochs": 1}`: their 3 best distinct candidates and '
-        "uniform-at-budget are fine-tuned 1 epoch each and the best of those is handed out (with its weights). "
-        "So their handed-out model has one epoch more training than `uniform`'s; `uniform_trained` (uniform "
-        "fine-tuned that one epoch) is the equal-training control. *vs uniform*: the table's gain; *vs "
+        f"`candidate_eval: {json.dumps(finalists)}`: their {count} best distinct candidates and "
+        f"uniform-at-budget are fine-tuned {epochs} epoch{'s' if epochs != 1 else ''} each and the best of those is "
+        f"handed out (with its weights). So their handed-out model has {epochs} epoch{'s' if epochs != 1 else ''} "
+        "more training than `uniform`'s; `uniform_trained` (uniform fine-tuned as long) is the equal-training "
+        "control. *vs uniform*: the table's gain; *vs "
         "uniform_trained*: the gain at equal training; *masks only*: the chosen distribution's masks on the "
         "pretrained weights, the same final fine-tuning, against uniform (what the distribution alone gives); "
         "*uniform chosen*: runs whose finalist round handed out uniform."
         + (
-            " The strategies that train while they search ran with the uniform guard (uniform fine-tuned 1 epoch "
-            "replaces their best only when it scores better); they are in the table too, *uniform chosen* "
+            " The strategies that train while they search ran with the uniform guard (uniform fine-tuned "
+            f"{epochs} epoch{'s' if epochs != 1 else ''} replaces their best only when it scores better); they are "
+            "in the table too, *uniform chosen* "
             "counting the runs whose guard handed out uniform (*masks only* does not apply to them)."
             if any(r["method"] not in FINALIST_STRATEGIES for r in runs)
             else ""
