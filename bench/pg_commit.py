@@ -1,8 +1,8 @@
 """What one PostgreSQL commit costs on this machine: a durable commit (the WAL flushed to disk before it returns)
 against one with ``synchronous_commit = off``, alternating, on a one-row table in the bench database.
 
-Why: every job the service runs is a few small transactions (claim, record, advance), so on a machine whose disk
-flush is slow the per-job figures of ``bench/service.py`` are mostly these flushes; this prints the floor they set.
+Why: every job the service runs is a few small transactions (claim, record, advance); this prints how much of
+``bench/service.py``'s per-job figures those commits can account for on the machine it runs on.
 
     python -m bench.pg_commit [--commits N] [--rounds R]
 """

@@ -705,20 +705,19 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         if ctx.commit_and_emit(release):
             return "retrying"
 
-    locked_rows: list[Experiment] = []  # in-process: the row record locked and read, handed to the advance after it
-
-    def record(session: Session, outbox: list[Message]) -> None:
-        locked_rows.clear()
+    def record(session: Session, outbox: list[Message]) -> Experiment | None:
+        # In-process it returns the experiment row it locked: the advance that follows in this transaction uses it.
         trial = session.get(Trial, trial_id, with_for_update=True)
         assert trial is not None
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
-            return  # taken over (our lease went stale) and recorded by the other worker
+            return None  # taken over (our lease went stale) and recorded by the other worker
         runs.record_result(session, trial, result)
         # The experiment's row lock serialises the step's finishers (_after_job); its whole row is read only when
         # this job changes it (a problem, a fatal failure).
+        experiment = None
         if ctx.inprocess:  # the advance that follows in this transaction reads the row: lock it by reading it
-            locked_rows.append(_experiment(session, trial.experiment_id, lock=True))
-            status = locked_rows[0].status
+            experiment = _experiment(session, trial.experiment_id, lock=True)
+            status = experiment.status
         else:
             locked = runs.lock_experiment(session, trial.experiment_id)
             assert locked is not None
@@ -733,14 +732,15 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
         if executed.fatal is not None and live:
             runs.finish_experiment(session, _experiment(session, trial.experiment_id), ExperimentStatus.failed,
                                    error=executed.fatal, traceback=executed.traceback)
-            return
+            return experiment
         _after_job(session, trial, outbox)
+        return experiment
 
     def record_and_advance(session: Session, outbox: list[Message]) -> None:
-        record(session, outbox)
+        experiment = record(session, outbox)
         if (ADVANCE, claimed.experiment_id) in outbox:
+            assert experiment is not None  # only a recorded job emits the advance
             outbox.remove((ADVANCE, claimed.experiment_id))
-            experiment = locked_rows[0] if locked_rows else _experiment(session, claimed.experiment_id)
             _advance_locked(session, experiment, outbox)  # locked by record
 
     if ctx.inprocess:

@@ -10,7 +10,7 @@ from pruning.config import overall_sparsity
 from pruning.search import ALGORITHMS, make_strategy
 from pruning.search._common import resource_value
 from tests.pruning.search.driver import best_distribution, drive
-from tests.pruning.search.fakes import FakeExecutor, fake_problem
+from tests.pruning.search.fakes import FakeExecutor, fake_problem, within_one_channel_of_uniform
 
 CONFIG_LIST = [{"sparsity": 0.5, "op_types": ["Conv2d", "Linear"]}]
 
@@ -215,12 +215,7 @@ def test_uniform_at_budget_is_the_single_uniform_sparsity_that_meets_it() -> Non
     distribution = best_distribution(run.state)
     assert distribution is not None
     # One sparsity for every unit, each rounded to its channels, and where that leaves room one channel back.
-    units = {u.name: u for u in problem.pruning.units}
-    level = max(distribution.values())
-    for name, value in distribution.items():
-        channels = units[name].channels
-        assert channels is not None
-        assert round(level * channels) - 1 <= round(value * channels) <= round(level * channels) + 1, name
+    assert within_one_channel_of_uniform(distribution, problem.pruning)
     assert FakeExecutor().ratio(problem, distribution) <= 0.3
     # One step less pruning everywhere would break the budget: the baseline is the least pruning that meets it.
     lighter = {name: value - 0.02 for name, value in distribution.items()}
