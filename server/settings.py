@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     )
     worker_heartbeat_s: float = Field(default=5.0, gt=0, description="how often a running worker renews its lease")
     lease_grace_s: float = Field(default=30.0, gt=0, description="a lease older than this is stale")
+    chain_jobs_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="distributed runner: for how long (seconds from the start of its task) an evaluation worker "
+        "goes on with one job of the step its last job advanced instead of sending it through the broker (the "
+        "step's other jobs are sent at once); 0 sends every job through the broker",
+    )
     db_retry_s: float = Field(default=300.0, ge=0, description="how long a worker waits out a database outage")
     db_idle_in_transaction_s: float = Field(
         default=30.0,

@@ -200,6 +200,12 @@ class Transport(Protocol):
 
     def emit(self, messages: Sequence[Message]) -> None: ...
 
+    def runs_next_job(self) -> bool:
+        """Whether the worker that advanced a step after recording its last job may run one job of the new step
+        itself, claimed in the same transaction, instead of emitting it: a commit, a claim and (on a broker) a
+        round trip less per job of a sequential search."""
+        ...
+
 
 class CeleryTransport:
     """Each message goes to the broker on the queue :mod:`server.services.dispatch` routes it to. A send that fails
@@ -207,8 +213,15 @@ class CeleryTransport:
 
     tracks_sends = True
 
-    def __init__(self, send: Send, session_factory: sessionmaker[Session], settings: Settings) -> None:
+    def __init__(self, send: Send, session_factory: sessionmaker[Session], settings: Settings,
+                 go_on: Callable[[], bool] | None = None) -> None:
         self._send, self._session_factory, self._settings = send, session_factory, settings
+        self._go_on = go_on
+
+    def runs_next_job(self) -> bool:
+        """Whether :func:`evaluate` may go on with a job of the step it advanced (``go_on``; never without one):
+        the step's other jobs are sent as ever, so other workers take them."""
+        return self._go_on is not None and self._go_on()
 
     def emit(self, messages: Sequence[Message]) -> None:
         failed = []
@@ -233,6 +246,9 @@ class InProcessTransport:
 
     def emit(self, messages: Sequence[Message]) -> None:
         self.queue.extend(messages)
+
+    def runs_next_job(self) -> bool:
+        return True  # the worker holds the experiment: every job is drained here anyway
 
 
 @dataclass
@@ -332,7 +348,17 @@ def _max_minutes(config: dict[str, Any]) -> float | None:
 # ----------------------------------------------------------------------------------------------------- advance
 
 
-def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message]) -> str:
+@dataclass(frozen=True)
+class _Joined:
+    """How an advance that joined the record of its step's last job differs from one of its own (``None``)."""
+
+    lease_to: str | None
+    """The worker that will run the new step's first job itself (:func:`_claim_next`): it is inserted under its
+    lease. ``None``: every job is emitted."""
+
+
+def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message],
+                    joined: _Joined | None = None) -> str:
     """:func:`advance` on an experiment this transaction has locked.
 
     Its reads come first and the experiment's row is written once, in the flush that inserts the step's trials
@@ -359,7 +385,7 @@ def _advance_locked(session: Session, experiment: Experiment, outbox: list[Messa
             return "step still running"
         if experiment.problem is None:
             return _resolve_step(session, experiment, outbox)
-        return _advance_step(session, experiment, tally, outbox)
+        return _advance_step(session, experiment, tally, outbox, joined)
 
 
 def advance(experiment_id: int, ctx: RunContext) -> str:
@@ -415,6 +441,7 @@ def _resolve_step(session: Session, experiment: Experiment, outbox: list[Message
     # The runner's own job, not one the strategy asked for: seq 0, before every search trial.
     trial = runs.add_job_trial(session, experiment.id, key=runs.RESOLVE_KEY, kind=runs.RESOLVE_KIND,
                                job={"kind": "resolve"}, step=0, seq=0)
+    _inserted(session, [trial])
     outbox.append((EVALUATE, trial.id))
     return "resolving"
 
@@ -424,6 +451,14 @@ def _experiment(session: Session, experiment_id: int, *, lock: bool = False) -> 
     experiment = session.get(Experiment, experiment_id, with_for_update=lock, options=[defer(Experiment.search_state)])
     assert experiment is not None
     return experiment
+
+
+_STEP_TRIALS = "prunehub.step_trials"  # session.info: the trials the advance in this transaction inserted, by id
+
+def _inserted(session: Session, trials: Sequence[Trial]) -> None:
+    """Hold the trials this transaction's advance inserted for :func:`_claim_next`: the session keeps clean rows
+    only while something refers to them, and reading the job back was a query per job."""
+    session.info[_STEP_TRIALS] = {trial.id: trial for trial in trials}
 
 
 StateKey = tuple[int, Any, int]
@@ -474,7 +509,8 @@ def _load(experiment: Experiment) -> tuple[Any, Any, Any]:
     return config, strategy, state
 
 
-def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTally, outbox: list[Message]) -> str:
+def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTally, outbox: list[Message],
+                  joined: _Joined | None) -> str:
     if tally.exports:  # the search ended and its export ran (its result is on the best trial)
         export = session.scalar(
             select(Trial).where(Trial.experiment_id == experiment.id, Trial.kind == runs.EXPORT_KIND)
@@ -507,9 +543,13 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     if not jobs:
         if stop_reason is None and not state.done:
             raise RuntimeError("the strategy asked for no job but is not done")
-        return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox)
+        return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox,
+                           joined.lease_to if joined is not None else None)
     next_step = experiment.step + 1
-    known = runs.trials_by_key(session, experiment_id, [job.key for job in jobs])
+    # A job whose trial exists (recorded before a restart, by an older runner) is told its stored result, not run
+    # again. The state is stored with the trials it asked for, so a joined advance does not look: a key that
+    # exists fails its INSERT, which undoes the joined transaction, and the advance then runs on its own (here).
+    known = {} if joined is not None else runs.trials_by_key(session, experiment_id, [job.key for job in jobs])
     for trial in known.values():
         if trial.step == next_step:
             raise IntegrityError("a racing advance asked this step", None, ValueError(trial.job_key))
@@ -522,8 +562,10 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     add_event(session, experiment_id, "step", step=next_step, jobs=len(jobs))
     # One flush: the experiment's row, the told trials' decisions and one INSERT of the step's new trials.
     new = runs.add_trials(session, experiment_id, [job for job in jobs if job.key not in known],
-                          status=TrialStatus.pending, step=next_step, first_seq=tally.last_seq + 1)
+                          status=TrialStatus.pending, step=next_step, first_seq=tally.last_seq + 1,
+                          lease_first=joined.lease_to if joined is not None and not known else None)
     known.update((trial.job_key, trial) for trial in new)
+    _inserted(session, new)
     outbox.extend((EVALUATE, known[job.key].id) for job in jobs if known[job.key].status not in runs.FINISHED)
     _keep_state(session, experiment, (config, strategy, state))  # the state just stored, for the next tell here
     if not outbox:
@@ -533,7 +575,7 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
 
 def _end_search(
     session: Session, experiment: Experiment, state: Any, state_json: dict[str, Any], reason: str | None,
-    outbox: list[Message],
+    outbox: list[Message], lease_to: str | None = None,
 ) -> str:
     """The strategy is done (or a budget ran out): export the best trial's model when it has none, else finish."""
     experiment.search_state = state_json
@@ -551,7 +593,8 @@ def _end_search(
     experiment.phase = "saving the best pruned model"
     trial = runs.add_job_trial(session, experiment.id, key=runs.EXPORT_KEY, kind=runs.EXPORT_KIND,
                                job={**job, "best_trial_id": best.id}, step=experiment.step + 1,
-                               context={"reason": reason} if reason else {})
+                               context={"reason": reason} if reason else {}, lease=lease_to)
+    _inserted(session, [trial])
     outbox.append((EVALUATE, trial.id))
     return "exporting"
 
@@ -688,8 +731,16 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
                                experiment.started_at)
 
     outcome, claimed = ctx.commit_and_emit(claim)
-    if claimed is None:
-        return outcome
+    while claimed is not None:  # the job claimed, then each job of a new step this worker went on with
+        outcome, chained = _run_claimed(trial_id, claimed, ctx)
+        trial_id, claimed = chained if chained is not None else (trial_id, None)
+    return outcome
+
+
+def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str, tuple[int, _Claimed] | None]:
+    """Execute a claimed job, record it, and advance when it was its step's last; returns the outcome and the job
+    of the new step this worker claimed in the same transaction to run next (:meth:`Transport.runs_next_job`)."""
+    worker_id = ctx.worker_id
     executed = _execute(trial_id, claimed, ctx)
     result = executed.result
     if executed.retry and claimed.attempt < MAX_JOB_ATTEMPTS:
@@ -703,56 +754,73 @@ def evaluate(trial_id: int, ctx: RunContext) -> str:
             return True
 
         if ctx.commit_and_emit(release):
-            return "retrying"
+            return "retrying", None
 
-    def record(session: Session, outbox: list[Message]) -> Experiment | None:
-        # In-process it returns the experiment row it locked: the advance that follows in this transaction uses it.
+    def record(session: Session, outbox: list[Message], *, joined: bool = False) -> Experiment | None:
+        # Returns the experiment row it locked (None: nothing to advance). ``joined``: the advance that follows in
+        # this transaction works on that row and decides itself whether the step is over (its tally counts every
+        # unfinished job), so the step's own count (_after_job) is not made.
         trial = session.get(Trial, trial_id, with_for_update=True)
         assert trial is not None
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
             return None  # taken over (our lease went stale) and recorded by the other worker
         runs.record_result(session, trial, result)
-        # The experiment's row lock serialises the step's finishers (_after_job); its whole row is read only when
-        # this job changes it (a problem, a fatal failure).
-        experiment = None
-        if ctx.inprocess:  # the advance that follows in this transaction reads the row: lock it by reading it
-            experiment = _experiment(session, trial.experiment_id, lock=True)
-            status = experiment.status
-        else:
-            locked = runs.lock_experiment(session, trial.experiment_id)
-            assert locked is not None
-            status = locked
-        live = not ExperimentStatus(status).terminal
+        # The experiment's row lock serialises the step's finishers (_after_job); its search state is not read.
+        experiment = _experiment(session, trial.experiment_id, lock=True)
+        live = not ExperimentStatus(experiment.status).terminal
         if executed.problem is not None and live:
-            runs.store_problem(session, _experiment(session, trial.experiment_id), executed.problem)
+            runs.store_problem(session, experiment, executed.problem)
         elif trial.kind == runs.EXPORT_KIND:
             best = session.get(Trial, int(claimed.job["best_trial_id"]))
             if best is not None:
                 runs.attach_model_result(session, best, result)
         if executed.fatal is not None and live:
-            runs.finish_experiment(session, _experiment(session, trial.experiment_id), ExperimentStatus.failed,
-                                   error=executed.fatal, traceback=executed.traceback)
-            return experiment
-        _after_job(session, trial, outbox)
+            runs.finish_experiment(session, experiment, ExperimentStatus.failed, error=executed.fatal,
+                                   traceback=executed.traceback)
+            return None
+        if not joined:
+            _after_job(session, trial, outbox)
         return experiment
 
-    def record_and_advance(session: Session, outbox: list[Message]) -> None:
-        experiment = record(session, outbox)
-        if (ADVANCE, claimed.experiment_id) in outbox:
-            assert experiment is not None  # only a recorded job emits the advance
-            outbox.remove((ADVANCE, claimed.experiment_id))
-            _advance_locked(session, experiment, outbox)  # locked by record
+    def record_and_advance(session: Session, outbox: list[Message]) -> tuple[str | None, tuple[int, _Claimed] | None]:
+        # The advance a step's last job emits runs here, in the transaction that records the job, on both
+        # transports: it would only be sent to (or queued in) a worker that locks the same row next, and sending
+        # it cost a broker hop, a task and a commit per step. It runs after every recorded job and does nothing
+        # while the step has unfinished jobs. Returns the advance's outcome (None: none ran) and the job of the
+        # new step this worker claimed to run next.
+        experiment = record(session, outbox, joined=True)
+        if experiment is None:
+            return None, None
+        lease_to = worker_id if ctx.transport.runs_next_job() else None
+        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to))
+        return advanced, _claim_next(session, experiment, outbox, worker_id) if lease_to is not None else None
 
-    if ctx.inprocess:
-        try:
-            ctx.commit_and_emit(record_and_advance)
-            return str(result.status)
-        except DB_CONNECTION_ERRORS:
-            raise
-        except Exception:  # noqa: BLE001 - the advance failed and its transaction was undone, the record with it:
-            pass  # record alone, and the advance runs on its own, which reports the failure (as without joining)
-    ctx.commit_and_emit(record)
-    return str(result.status)
+    try:
+        advanced, chained = ctx.commit_and_emit(record_and_advance)
+    except DB_CONNECTION_ERRORS:
+        raise
+    except Exception:  # noqa: BLE001 - the advance failed and its transaction was undone, the record with it:
+        # record alone; the advance it emits runs on its own and reports the failure (as if never joined).
+        ctx.commit_and_emit(record)
+        return str(result.status), None
+    return (f"experiment {advanced}" if advanced in ENDED else str(result.status)), chained
+
+
+def _claim_next(session: Session, experiment: Experiment, outbox: list[Message],
+                worker_id: str) -> tuple[int, _Claimed] | None:
+    """The first job the advance in this transaction inserted under ``worker_id``'s lease (:class:`_Joined`), taken
+    out of the outbox: this worker runs it next. It is new (inserted under the experiment's row lock this
+    transaction holds, invisible to every other worker until the commit), so the checks of a claim hold by
+    construction, and no row is read: the advance left it in the session (``_STEP_TRIALS``)."""
+    for message in outbox:
+        trial = session.info.get(_STEP_TRIALS, {}).get(message[1]) if message[0] == EVALUATE else None
+        if trial is None or trial.lease_owner != worker_id or trial.status != TrialStatus.running.value:
+            continue
+        outbox.remove(message)
+        return trial.id, _Claimed(experiment.id, experiment.entrypoint, experiment.bundle, trial.kind,
+                                  experiment.config, experiment.problem, dict(trial.extra["job"]), trial.attempts,
+                                  experiment.started_at)
+    return None
 
 
 def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:
@@ -945,10 +1013,12 @@ ENDED = frozenset(status.value for status in ExperimentStatus if status.terminal
 def may_have_ended(task: str, outcome: str) -> bool:
     """Whether the use case ``task`` that returned ``outcome`` may have ended its experiment, so that
     :func:`kick_queue` should start who is next. An advance ends a run with one of :data:`ENDED`; an evaluation
-    ends one only with a job whose failure is fatal (a broken task module), whose outcome is ``"failed"``. Its
-    ``"succeeded"`` (most jobs) ends nothing: kicking after each of those cost a transaction per job."""
+    ends one with a job whose failure is fatal (a broken task module), whose outcome is ``"failed"``, or with the
+    advance it joined ending it (``"experiment succeeded"``, ...). A job's ``"succeeded"`` (most jobs) ends
+    nothing: kicking after each of those cost a transaction per job."""
     if task == EVALUATE:
-        return outcome == TrialStatus.failed.value
+        return outcome == TrialStatus.failed.value or (
+            outcome.startswith("experiment ") and outcome.removeprefix("experiment ") in ENDED)
     return outcome in ENDED
 
 

@@ -8,6 +8,8 @@ what follows to the broker.
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
 
 from server.services.dispatch import ADVANCE, EVALUATE, CeleryDispatcher
@@ -32,13 +34,19 @@ def register_tasks(app: Celery) -> None:
 
         context = get_context()
         factory, settings, worker_id = context.session_factory, context.settings, context.worker_id
-        ctx = RunContext(factory, settings, worker_id, CeleryTransport(send, factory, settings),
-                         leases=context.leases)
+        # An evaluation goes on with one job of the step it advanced, for up to chain_jobs_s from the task's start
+        # (a broker hop per job was most of a short job's cost); the step's other jobs go to the broker at once.
+        chain_until = time.monotonic() + settings.chain_jobs_s
+        go_on = (lambda: time.monotonic() < chain_until) if task == EVALUATE and settings.chain_jobs_s > 0 else None
+        transport = CeleryTransport(send, factory, settings, go_on=go_on)
+        ctx = RunContext(factory, settings, worker_id, transport, leases=context.leases)
         if settings.runner == "inprocess":
             outcome = run_inprocess((task, target_id), session_factory=factory, settings=settings,
                                     worker_id=worker_id)
+        elif task == ADVANCE:
+            outcome = advance(target_id, ctx)
         else:
-            outcome = advance(target_id, ctx) if task == ADVANCE else evaluate(target_id, ctx)
+            outcome = evaluate(target_id, ctx)
         # In-process, the message ran its experiment to the end; distributed, only an advance that finished it or
         # a failed job (which may have ended it: a token too many is harmless) frees a place. Start who is next.
         if may_have_ended(ADVANCE if settings.runner == "inprocess" else task, outcome):

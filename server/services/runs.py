@@ -417,11 +417,13 @@ def add_job_trials(
     status: TrialStatus = TrialStatus.pending,
     step: int | None = None,
     first_seq: int | None = None,
+    lease_first: str | None = None,
 ) -> list[Trial]:
     """Insert one trial row per job of ``rows``, in order, numbered from ``first_seq`` (by default the next
     sequence number), in one INSERT (a step's jobs together), and return them with their ids. A job key the
     experiment already has fails at the flush (unique per experiment): the caller decides whether that is a replay
-    or a lost race."""
+    or a lost race. ``lease_first``: the first row is inserted running under that worker's lease
+    (:func:`take_trial_lease`), the worker that will run it next, instead of updating it after."""
     if first_seq is None:
         first_seq = (session.scalar(select(func.max(Trial.seq)).where(Trial.experiment_id == experiment_id)) or 0) + 1
     trials = [
@@ -438,6 +440,9 @@ def add_job_trials(
         )
         for i, row in enumerate(rows)
     ]
+    if lease_first is not None and trials:
+        trials[0].attempts = 0
+        take_trial_lease(trials[0], lease_first)
     session.add_all(trials)
     session.flush()
     return trials
@@ -451,10 +456,11 @@ def add_trials(
     status: TrialStatus,
     step: int | None = None,
     first_seq: int | None = None,
+    lease_first: str | None = None,
 ) -> list[Trial]:
     """Insert the trial rows of a strategy's ``jobs`` in one INSERT (:func:`add_job_trials`)."""
     return add_job_trials(session, experiment_id, [JobTrial.of(job) for job in jobs], status=status, step=step,
-                          first_seq=first_seq)
+                          first_seq=first_seq, lease_first=lease_first)
 
 
 def add_trial(session: Session, experiment_id: int, job: Any, *, status: TrialStatus, step: int | None = None) -> Trial:
@@ -474,11 +480,14 @@ def add_job_trial(
     seq: int | None = None,
     distribution: dict[str, float] | None = None,
     context: dict[str, Any] | None = None,
+    lease: str | None = None,
 ) -> Trial:
     """Insert a trial row running ``job`` (JSON), by default with the next sequence number: what
-    :func:`add_trial` does for a strategy's job, and the runner for its own (resolve, export)."""
+    :func:`add_trial` does for a strategy's job, and the runner for its own (resolve, export); ``lease``: inserted
+    running under that worker's lease (``lease_first`` of :func:`add_job_trials`)."""
     row = JobTrial(key=key, kind=kind, job=job, distribution=distribution or {}, context=context or {})
-    return add_job_trials(session, experiment_id, [row], status=status, step=step, first_seq=seq)[0]
+    return add_job_trials(session, experiment_id, [row], status=status, step=step, first_seq=seq,
+                          lease_first=lease)[0]
 
 
 def renew_trial_leases(session: Session, trial_ids: Collection[int], worker_id: str) -> int:

@@ -200,6 +200,8 @@ def test_only_an_advance_that_ended_a_run_or_a_failed_job_kicks_the_queue() -> N
     for outcome in ("step 3: 1 job(s)", "step still running", "terminal", "exporting"):
         assert not may_have_ended(ADVANCE, outcome)
     assert may_have_ended(EVALUATE, "failed")
+    for outcome in ("experiment succeeded", "experiment failed", "experiment cancelled"):
+        assert may_have_ended(EVALUATE, outcome)  # the advance the job's record joined ended the run
     for outcome in ("succeeded", "cancelled", "skipped", "done", "retrying", "missing"):
         assert not may_have_ended(EVALUATE, outcome)
 
