@@ -355,6 +355,9 @@ class _Joined:
     lease_to: str | None
     """The worker that will run the new step's first job itself (:func:`_claim_next`): it is inserted under its
     lease. ``None``: every job is emitted."""
+    recorded: Trial
+    """The job just recorded: when it is the only search trial of the step told, it is told without reading the
+    step's trials back."""
 
 
 def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message],
@@ -369,7 +372,7 @@ def _advance_locked(session: Session, experiment: Experiment, outbox: list[Messa
         return "terminal"
     session.flush()  # what the caller changed (the record of a step's last job) counts in the tally
     with session.no_autoflush:
-        tally = runs.tally_trials(session, experiment_id)
+        tally = runs.tally_trials(session, experiment_id, experiment.step)
         if status is ExperimentStatus.cancelling:
             if tally.unfinished:
                 return "waiting for jobs to stop"
@@ -522,10 +525,15 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     experiment_id = experiment.id
     told: dict[str, Trial] = {}
     if experiment.step > 0:
-        step_trials = select(Trial).where(
-            Trial.experiment_id == experiment_id, Trial.step == experiment.step, runs.SEARCH_TRIAL
-        )
-        trials = list(session.scalars(step_trials.order_by(Trial.seq)))
+        recorded = joined.recorded if joined is not None else None
+        if (tally.in_step == 1 and recorded is not None and recorded.step == experiment.step
+                and recorded.kind not in runs.SERVICE_KINDS):
+            trials = [recorded]  # a one-job step (a sequential search): the job this transaction recorded
+        else:
+            step_trials = select(Trial).where(
+                Trial.experiment_id == experiment_id, Trial.step == experiment.step, runs.SEARCH_TRIAL
+            )
+            trials = list(session.scalars(step_trials.order_by(Trial.seq)))
         state = strategy.tell(state, [trial_to_result(t) for t in trials])
         told = {t.job_key: t for t in trials}
     finished = tally.finished
@@ -756,17 +764,23 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         if ctx.commit_and_emit(release):
             return "retrying", None
 
+    recorded: list[Trial] = []  # the trial record() stored, for the joined advance
+
     def record(session: Session, outbox: list[Message], *, joined: bool = False) -> Experiment | None:
         # Returns the experiment row it locked (None: nothing to advance). ``joined``: the advance that follows in
         # this transaction works on that row and decides itself whether the step is over (its tally counts every
         # unfinished job), so the step's own count (_after_job) is not made.
-        trial = session.get(Trial, trial_id, with_for_update=True)
-        assert trial is not None
+        # The trial and its experiment, both locked, in one query; the experiment's row lock serialises the step's
+        # finishers (_after_job, the joined advance). Its search state is not read.
+        row = session.execute(
+            select(Trial, Experiment).join(Experiment, Experiment.id == Trial.experiment_id)
+            .where(Trial.id == trial_id).options(defer(Experiment.search_state)).with_for_update()
+        ).one()
+        trial, experiment = row[0], row[1]
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
             return None  # taken over (our lease went stale) and recorded by the other worker
         runs.record_result(session, trial, result)
-        # The experiment's row lock serialises the step's finishers (_after_job); its search state is not read.
-        experiment = _experiment(session, trial.experiment_id, lock=True)
+        recorded.append(trial)
         live = not ExperimentStatus(experiment.status).terminal
         if executed.problem is not None and live:
             runs.store_problem(session, experiment, executed.problem)
@@ -792,7 +806,7 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         if experiment is None:
             return None, None
         lease_to = worker_id if ctx.transport.runs_next_job() else None
-        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to))
+        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to, recorded[-1]))
         return advanced, _claim_next(session, experiment, outbox, worker_id) if lease_to is not None else None
 
     try:

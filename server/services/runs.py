@@ -285,11 +285,13 @@ class TrialTally:
     """The highest sequence number so far (0 without trials): the next trial gets ``last_seq + 1``."""
     exports: int
     """Export trials (at most one): the search ended and its best model's export was asked for."""
+    in_step: int
+    """Search trials of the step counted (``step`` of :func:`tally_trials`; 0 without one)."""
 
 
-def tally_trials(session: Session, experiment_id: int) -> TrialTally:
-    """Count the experiment's unfinished and finished trials, its last sequence number and its export in one
-    query (an advance asked each in a statement of its own)."""
+def tally_trials(session: Session, experiment_id: int, step: int | None = None) -> TrialTally:
+    """Count the experiment's unfinished and finished trials, its last sequence number, its export and the search
+    trials of ``step`` in one query (an advance asked each in a statement of its own)."""
     count = func.count(Trial.id)
     row = session.execute(
         select(
@@ -297,9 +299,11 @@ def tally_trials(session: Session, experiment_id: int) -> TrialTally:
             count.filter(Trial.status.in_(FINISHED), SEARCH_TRIAL),
             func.coalesce(func.max(Trial.seq), 0),
             count.filter(Trial.kind == EXPORT_KIND),
+            count.filter(Trial.step == (step if step is not None else -1), SEARCH_TRIAL),
         ).where(Trial.experiment_id == experiment_id)
     ).one()
-    return TrialTally(unfinished=int(row[0]), finished=int(row[1]), last_seq=int(row[2]), exports=int(row[3]))
+    return TrialTally(unfinished=int(row[0]), finished=int(row[1]), last_seq=int(row[2]), exports=int(row[3]),
+                      in_step=int(row[4]))
 
 
 def finished_trials(session: Session, experiment_id: int) -> int:

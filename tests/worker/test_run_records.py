@@ -99,18 +99,20 @@ def test_a_steps_trials_go_in_one_insert_and_match_one_at_a_time(factory: sessio
 def test_trials_by_key_and_the_tally(factory: sessionmaker[Session]) -> None:
     experiment_id = _experiment(factory)
     with factory() as session:
-        assert runs.tally_trials(session, experiment_id) == runs.TrialTally(0, 0, 0, 0)
+        assert runs.tally_trials(session, experiment_id) == runs.TrialTally(0, 0, 0, 0, 0)
         runs.add_job_trial(session, experiment_id, key=runs.RESOLVE_KEY, kind=runs.RESOLVE_KIND,
                            job={"kind": "resolve"}, step=0, seq=0, status=TrialStatus.succeeded)
         first, second, third = runs.add_trials(session, experiment_id, _jobs(3), status=TrialStatus.pending, step=1)
         first.status, second.status = TrialStatus.succeeded.value, TrialStatus.failed.value
         session.flush()
         assert runs.tally_trials(session, experiment_id) == runs.TrialTally(
-            unfinished=1, finished=2, last_seq=3, exports=0)
+            unfinished=1, finished=2, last_seq=3, exports=0, in_step=0)
+        assert runs.tally_trials(session, experiment_id, 1).in_step == 3  # the step's search trials
+        assert runs.tally_trials(session, experiment_id, 0).in_step == 0  # the resolve job is not one
         assert runs.tally_trials(session, experiment_id).finished == runs.finished_trials(session, experiment_id)
         runs.add_job_trial(session, experiment_id, key=runs.EXPORT_KEY, kind=runs.EXPORT_KIND, job={}, step=2)
         assert runs.tally_trials(session, experiment_id) == runs.TrialTally(
-            unfinished=2, finished=2, last_seq=4, exports=1)
+            unfinished=2, finished=2, last_seq=4, exports=1, in_step=0)
         found = runs.trials_by_key(session, experiment_id, ["job-0", "job-2", "elsewhere"])
         assert {k: t.id for k, t in found.items()} == {"job-0": first.id, "job-2": third.id}
         assert runs.trials_by_key(session, experiment_id, ["job-1"]) == {"job-1": second}
