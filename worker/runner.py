@@ -25,6 +25,7 @@ twice (two advances racing) is inserted once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import event, func, select
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -357,7 +359,19 @@ class _Joined:
     lease. ``None``: every job is emitted."""
     recorded: Trial
     """The job just recorded: when it is the only search trial of the step told, it is told without reading the
-    step's trials back."""
+    step's trials back. Its record is not flushed before the advance, so its result and the decision the tell
+    makes on it are written in one UPDATE; the tally, counted in the database, is corrected for it (:meth:`counted`)."""
+
+    def counted(self, tally: runs.TrialTally) -> runs.TrialTally:
+        """``tally`` (counted in the database) as it is with the recorded job's status, while that is not flushed."""
+        history = sa_inspect(self.recorded).attrs.status.history
+        if not history.added or not history.deleted:
+            return tally  # flushed already (a query of the record autoflushed it): the database counted it
+        before, after = history.deleted[0], history.added[0]
+        if before not in runs.UNFINISHED or after not in runs.FINISHED:
+            return tally
+        search = self.recorded.kind not in runs.SERVICE_KINDS
+        return dataclasses.replace(tally, unfinished=tally.unfinished - 1, finished=tally.finished + int(search))
 
 
 def _advance_locked(session: Session, experiment: Experiment, outbox: list[Message],
@@ -370,9 +384,10 @@ def _advance_locked(session: Session, experiment: Experiment, outbox: list[Messa
     status = ExperimentStatus(experiment.status)
     if status.terminal:
         return "terminal"
-    session.flush()  # what the caller changed (the record of a step's last job) counts in the tally
     with session.no_autoflush:
         tally = runs.tally_trials(session, experiment_id, experiment.step)
+        if joined is not None:
+            tally = joined.counted(tally)  # the record of the job before this advance is not flushed yet
         if status is ExperimentStatus.cancelling:
             if tally.unfinished:
                 return "waiting for jobs to stop"
@@ -586,6 +601,7 @@ def _end_search(
     outbox: list[Message], lease_to: str | None = None,
 ) -> str:
     """The strategy is done (or a budget ran out): export the best trial's model when it has none, else finish."""
+    session.flush()  # the joined record of the last job: the failure reason reads the trials back
     experiment.search_state = state_json
     experiment.state_version += 1
     if state.best_key is None:
