@@ -5,16 +5,22 @@
   emit one ``evaluations.run`` per job. Resolving the problem and exporting the best model are jobs too: the first
   advance inserts a ``resolve`` trial, the last one an ``export`` trial. It never waits for a job.
 * :func:`evaluate` (``evaluations.run``): take one trial's lease (renewed by a heartbeat while it runs), execute its
-  job in the supervised task process, record the result, and emit the next advance when it was the last
-  unfinished job of its step. One execution path, one mapping from an exception to a result, one retry rule.
+  job in the supervised task process, and record the result. The advance after a step's last job runs in the
+  transaction that records it (on both transports: sending it only brought it to a worker that locks the same
+  row next), and when the transport lets it (:meth:`Transport.runs_next_job`) the worker goes on with the new
+  step's first job, inserted under its own lease in that transaction, while the step's other jobs are emitted.
+  One execution path, one mapping from an exception to a result, one retry rule.
 
 Two transports carry the emits, both after the commit that stored what they point at:
 
 * :class:`CeleryTransport` sends each message to the broker (the ``distributed`` runner: each job its own task on
-  the ``evaluations`` queue, one process per GPU);
+  the ``evaluations`` queue, one process per GPU); an evaluation task goes on with the next job of a sequential
+  search for up to ``chain_jobs_s``, then hands it to the broker;
 * :class:`InProcessTransport` (the embedded default, one-GPU workers) drains them in the worker that holds the
-  experiment's lease (:func:`run_inprocess`): no broker hop per job, and the advance a step's last job emits runs
-  in the transaction that records that job (the message would be drained next, by the same worker, anyway).
+  experiment's lease (:func:`run_inprocess`): no broker hop per job.
+
+Per job of a sequential search that is one transaction of six statements (the trial and its experiment locked,
+the result with the tell's decision, the tally, the state, the next trial under its lease, the events).
 
 Either way the database is the source of truth: a job whose trial already finished is not run again (the
 strategy is told its stored result), a job another worker holds under a live lease is not run (a broker delivery

@@ -2,8 +2,9 @@
 
 Their names and queues come from :mod:`server.services.dispatch`, and everything they send goes through it. With
 ``runner = "inprocess"`` a message starts the experiment in this worker and every later step is drained here
-(:func:`worker.runner.run_inprocess`); with ``"distributed"`` each message advances or evaluates once and sends
-what follows to the broker.
+(:func:`worker.runner.run_inprocess`); with ``"distributed"`` each message advances or evaluates once (an
+evaluation goes on with the jobs of a sequential search for up to ``chain_jobs_s``) and sends what follows to the
+broker.
 """
 
 from __future__ import annotations

@@ -5,10 +5,14 @@ A message carries one id and is sent after the commit that stored what it points
 ============================  ===============  =============  ================================================
 task                          queue            argument       sent by
 ============================  ===============  =============  ================================================
-``experiments.run``           ``experiments``  experiment id  the API (a new experiment), the reaper, the last
-                                                              job of a step (advance: tell, ask, insert jobs)
+``experiments.run``           ``experiments``  experiment id  the API (a new experiment), the reaper, a queue
+                                                              kick after a run ended, the last job of a step
+                                                              whose joined advance failed (advance: tell, ask,
+                                                              insert jobs; it runs on its own then)
 ``evaluations.run``           ``evaluations``  trial id       an advance (one per job of the step, including
-                                                              the resolve and export jobs), a retry, the reaper
+                                                              the resolve and export jobs, less the one the
+                                                              worker that advanced runs itself), a retry, the
+                                                              reaper
 ============================  ===============  =============  ================================================
 
 The API, the reaper and the runner's broker transport all send through :class:`CeleryDispatcher` (or anything
