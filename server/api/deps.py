@@ -50,8 +50,14 @@ class Reader:
     :func:`server.api.main.create_app`). One per app, made in its lifespan.
     """
 
+    THREADS = 8
+    """Reads run on at most this many threads at once; the others wait on the event loop. A read is a millisecond
+    of Python with the GIL held around a round trip, so 32 of them on 32 threads only took turns at the GIL (and
+    the switches between them were the tail latency under load), while a few threads keep the database busy."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._limiter = anyio.CapacityLimiter(self.THREADS)
 
     async def __call__(
         self, work: Callable[Concatenate[Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
@@ -61,7 +67,7 @@ class Reader:
                 return work(connection, *args, **kwargs)
 
         # Not abandoned on cancellation: a client that goes away waits for the thread, which closes the connection.
-        return await anyio.to_thread.run_sync(run)
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
 
 # Plain lookups on app.state are async: FastAPI runs a sync dependency on the threadpool, a hop for nothing.
