@@ -553,28 +553,34 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
             "include the start-up (the task process importing torch, the problem's resolve) and the export. "
             "*Steady* is the search once it runs: from the first search trial's creation to the last one's end, "
             "divided by the search trials (what `bench.scaling` reports \"once the search runs\"); the issue's "
-            "target for a no-op trial (15 ms embedded, 15 ms per job distributed) is judged on it.",
+            "target for a no-op trial (15 ms embedded, 15 ms per job distributed) is judged on it. Each backend "
+            "ran several times in alternating rounds; the row is its median run (by steady wall time) and the "
+            "last column lists every run's steady figure.",
             "",
             "| backend | trials | experiment wall s | sum of trial durations s | overhead per trial ms | "
-            "wall per trial ms | steady wall per trial ms | steady overhead per trial ms | submit → done s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "wall per trial ms | steady wall per trial ms | steady overhead per trial ms | submit → done s | "
+            "steady, every run ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for o in orch:
             if o.get("status") != "succeeded":
-                lines.append(f"| {o['backend']} | failed: `{str(o.get('error'))[:200]}` | | | | | | | |")
+                lines.append(f"| {o['backend']} | failed: `{str(o.get('error'))[:200]}` | | | | | | | | |")
                 continue
             steady, steady_overhead = o.get("steady_wall_per_trial_ms"), o.get("steady_overhead_per_trial_ms")
             lines.append(
                 f"| {o['backend']} | {o['trials']} | {o['experiment_wall_s']:.2f} | {o['sum_trial_s']:.2f} | "
                 f"{o['overhead_per_trial_ms']:.0f} | {o['wall_per_trial_ms']:.0f} | "
                 f"{'' if steady is None else f'{steady:.1f}'} | "
-                f"{'' if steady_overhead is None else f'{steady_overhead:.1f}'} | {o['submit_to_done_s']:.1f} |"
+                f"{'' if steady_overhead is None else f'{steady_overhead:.1f}'} | {o['submit_to_done_s']:.1f} | "
+                f"{', '.join(f'{v:.1f}' for v in o.get('steady_runs_ms') or [])} |"
             )
         lines += [
             "",
             "*embedded*: SQLite + Celery filesystem transport, in-process runner; *postgres*: PostgreSQL "
             "(`prunehub_bench`) + Redis (db 5), in-process runner; *distributed*: PostgreSQL + Redis, the "
-            "distributed runner (each advance and each job a Celery task: two broker hops per trial) on a "
+            "distributed runner (each job a Celery task; the worker that records a step's last job advances the "
+            "search and goes on with the next job for up to `PRUNEHUB_CHAIN_JOBS_S`, so a sequential search's job "
+            "needs no broker hop) on a "
             "coordinator worker and one evaluation worker.",
             "",
         ]

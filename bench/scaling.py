@@ -4,7 +4,7 @@ For 1, 2, 3 and 4 evaluation worker processes (one coordinator besides), a NetAd
 search (``batch_size`` 4) run on ``bench.tasks.sleepy``, whose evaluator sleeps a fixed time in place of GPU work.
 Reported: wall time from submission to the end of the experiment, speed-up against one worker, and efficiency
 (speed-up / workers). Then the orchestration overhead per job with a no-op evaluator (sleep 0): wall time per
-job and (wall − time inside jobs) / jobs, which is what prunehub itself costs per job (two broker hops, database
+job and (wall − time inside jobs) / jobs, which is what prunehub itself costs per job (database
 writes, the supervised task process, pruning and measuring a tiny model).
 
 Every configuration runs in the same invocation, one after another, on this machine (2 cores shared with other
@@ -198,7 +198,8 @@ def _markdown(rows: list[dict[str, Any]], overhead: dict[str, Any], sleep_s: flo
         f"wall per job, of which {overhead['inside_job_ms']} ms inside the job (pruning, shrinking and measuring "
         f"the model in the task process) and {overhead['orchestration_per_job_ms']} ms in prunehub around it, "
         f"start-up included; {overhead['steady_orchestration_per_job_ms']} ms per job once the search runs (the "
-        "advance, two broker hops, the database writes). Machine load during the run is in the JSON.",
+        "record with the joined advance, the database writes; the next job of a one-job step is run by the same "
+        "worker without a broker hop). Machine load during the run is in the JSON.",
     ]
     return "\n".join(lines)
 

@@ -463,6 +463,20 @@ def orchestration(backend: str, trials: int, code_root: Path | None = None, sett
         shutil.rmtree(home, ignore_errors=True)
 
 
+ORCHESTRATION_REPEATS = 3
+"""Runs per backend: one 40-trial run's steady figure moved by a quarter between runs on these shared cores."""
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose steady wall time per trial is the median of the backend's runs, with every run's figure
+    (``steady_runs_ms``); a failed run, if any failed."""
+    failed = [r for r in runs if r.get("status") != "succeeded"]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["steady_wall_per_trial_ms"])
+    return {**ordered[(len(ordered) - 1) // 2], "steady_runs_ms": [r["steady_wall_per_trial_ms"] for r in runs]}
+
+
 def run(quick: bool = False, *, api_only: bool = False, baseline: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {}
@@ -475,13 +489,16 @@ def run(quick: bool = False, *, api_only: bool = False, baseline: Path | None = 
         out["wall_s"] = time.perf_counter() - started
         return out
     trials = 10 if quick else 40
-    out["orchestration"] = []
-    for backend in ORCHESTRATION_BACKENDS:
-        try:
-            out["orchestration"].append(orchestration(backend, trials))
-        except Exception as exc:
-            out["orchestration"].append({"backend": backend, "status": "failed", "error": f"{exc}"})
-            print(f"orchestration ({backend}) failed: {exc}", flush=True)
+    repeats = 1 if quick else ORCHESTRATION_REPEATS
+    runs: dict[str, list[dict[str, Any]]] = {backend: [] for backend in ORCHESTRATION_BACKENDS}
+    for _ in range(repeats):  # alternating rounds: a spell of load on the shared cores touches every backend
+        for backend in ORCHESTRATION_BACKENDS:
+            try:
+                runs[backend].append(orchestration(backend, trials))
+            except Exception as exc:
+                runs[backend].append({"backend": backend, "status": "failed", "error": f"{exc}"})
+                print(f"orchestration ({backend}) failed: {exc}", flush=True)
+    out["orchestration"] = [_median_run(backend_runs) for backend_runs in runs.values()]
     out["wall_s"] = time.perf_counter() - started
     return out
 
