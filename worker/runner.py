@@ -270,8 +270,7 @@ class RunContext:
     inprocess: bool = False
     """Set by :func:`run_inprocess`, whose worker holds the experiment and drains every message itself. Then
     :func:`evaluate` does not hold the job's lease in :attr:`leases` (the experiment's heartbeat renews the lease
-    of the job it runs, :func:`~server.services.runs.heartbeat`), and the advance after a step's last job joins
-    the transaction that records it: one commit instead of two per step."""
+    of the job it runs, :func:`~server.services.runs.heartbeat`)."""
     leases: TrialLeases | None = None
     """The process's lease registry (``worker.signals.WorkerContext.leases``) that renews the leases of the jobs
     :func:`evaluate` runs; without one, each job gets a registry of its own, closed after it."""
@@ -361,8 +360,8 @@ class _Joined:
     """How an advance that joined the record of its step's last job differs from one of its own (``None``)."""
 
     lease_to: str | None
-    """The worker that will run the new step's first job itself (:func:`_claim_next`): it is inserted under its
-    lease. ``None``: every job is emitted."""
+    """The worker that will run the new step's first job (or the export) itself (:func:`_claim_next`): it is
+    inserted under its lease. ``None``: every job is emitted."""
     recorded: Trial
     """The job just recorded: when it is the only search trial of the step told, it is told without reading the
     step's trials back. Its record is not flushed before the advance, so its result and the decision the tell
@@ -465,24 +464,18 @@ def _resolve_step(session: Session, experiment: Experiment, outbox: list[Message
     # The runner's own job, not one the strategy asked for: seq 0, before every search trial.
     trial = runs.add_job_trial(session, experiment.id, key=runs.RESOLVE_KEY, kind=runs.RESOLVE_KIND,
                                job={"kind": "resolve"}, step=0, seq=0)
-    _inserted(session, [trial])
     outbox.append((EVALUATE, trial.id))
     return "resolving"
 
 
-def _experiment(session: Session, experiment_id: int, *, lock: bool = False) -> Experiment:
-    """The experiment's row (locked when ``lock``), its search state left unread until it is used."""
-    experiment = session.get(Experiment, experiment_id, with_for_update=lock, options=[defer(Experiment.search_state)])
-    assert experiment is not None
-    return experiment
+_LEASED = "prunehub.leased_trial"  # session.info: the trial this transaction's advance inserted under a lease
 
 
-_STEP_TRIALS = "prunehub.step_trials"  # session.info: the trials the advance in this transaction inserted, by id
-
-def _inserted(session: Session, trials: Sequence[Trial]) -> None:
-    """Hold the trials this transaction's advance inserted for :func:`_claim_next`: the session keeps clean rows
-    only while something refers to them, and reading the job back was a query per job."""
-    session.info[_STEP_TRIALS] = {trial.id: trial for trial in trials}
+def _leased(session: Session, trials: Sequence[Trial], lease_to: str | None) -> None:
+    """Hold the first of ``trials`` (inserted under ``lease_to``'s lease) for :func:`_claim_next`: the session keeps
+    clean rows only while something refers to them, and reading the job back was a query per job."""
+    if lease_to is not None and trials:
+        session.info[_LEASED] = trials[0]
 
 
 StateKey = tuple[int, Any, int]
@@ -542,6 +535,7 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
         assert export is not None
         return _finish(session, experiment, export.context.get("reason"))
     config, strategy, state = _load(experiment)
+    lease_to = joined.lease_to if joined is not None else None
     previous_best = state.best_key
     experiment_id = experiment.id
     told: dict[str, Trial] = {}
@@ -572,8 +566,7 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     if not jobs:
         if stop_reason is None and not state.done:
             raise RuntimeError("the strategy asked for no job but is not done")
-        return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox,
-                           joined.lease_to if joined is not None else None)
+        return _end_search(session, experiment, state, state_json, stop_reason or state.stop_reason, outbox, lease_to)
     next_step = experiment.step + 1
     # A job whose trial exists (recorded before a restart, by an older runner) is told its stored result, not run
     # again. The state is stored with the trials it asked for, so a joined advance does not look: a key that
@@ -592,9 +585,9 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     # One flush: the experiment's row, the told trials' decisions and one INSERT of the step's new trials.
     new = runs.add_trials(session, experiment_id, [job for job in jobs if job.key not in known],
                           status=TrialStatus.pending, step=next_step, first_seq=tally.last_seq + 1,
-                          lease_first=joined.lease_to if joined is not None and not known else None)
+                          lease_first=lease_to)
     known.update((trial.job_key, trial) for trial in new)
-    _inserted(session, new)
+    _leased(session, new, lease_to)
     outbox.extend((EVALUATE, known[job.key].id) for job in jobs if known[job.key].status not in runs.FINISHED)
     _keep_state(session, experiment, (config, strategy, state))  # the state just stored, for the next tell here
     if not outbox:
@@ -624,7 +617,7 @@ def _end_search(
     trial = runs.add_job_trial(session, experiment.id, key=runs.EXPORT_KEY, kind=runs.EXPORT_KIND,
                                job={**job, "best_trial_id": best.id}, step=experiment.step + 1,
                                context={"reason": reason} if reason else {}, lease=lease_to)
-    _inserted(session, [trial])
+    _leased(session, [trial], lease_to)
     outbox.append((EVALUATE, trial.id))
     return "exporting"
 
@@ -786,12 +779,10 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         if ctx.commit_and_emit(release):
             return "retrying", None
 
-    recorded: list[Trial] = []  # the trial record() stored, for the joined advance
-
-    def record(session: Session, outbox: list[Message], *, joined: bool = False) -> Experiment | None:
-        # Returns the experiment row it locked (None: nothing to advance). ``joined``: the advance that follows in
-        # this transaction works on that row and decides itself whether the step is over (its tally counts every
-        # unfinished job), so the step's own count (_after_job) is not made.
+    def record(session: Session, outbox: list[Message], *, joined: bool = False) -> tuple[Trial, Experiment] | None:
+        # Returns the trial it recorded and the experiment row it locked (None: nothing to advance). ``joined``:
+        # the advance that follows in this transaction works on that row and decides itself whether the step is
+        # over (its tally counts every unfinished job), so the step's own count (_after_job) is not made.
         # The trial and its experiment, both locked, in one query; the experiment's row lock serialises the step's
         # finishers (_after_job, the joined advance). Its search state is not read.
         row = session.execute(
@@ -802,7 +793,6 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         if trial.lease_owner != worker_id and trial.status != TrialStatus.running.value:
             return None  # taken over (our lease went stale) and recorded by the other worker
         runs.record_result(session, trial, result)
-        recorded.append(trial)
         live = not ExperimentStatus(experiment.status).terminal
         if executed.problem is not None and live:
             runs.store_problem(session, experiment, executed.problem)
@@ -816,7 +806,7 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
             return None
         if not joined:
             _after_job(session, trial, outbox)
-        return experiment
+        return trial, experiment
 
     def record_and_advance(session: Session, outbox: list[Message]) -> tuple[str | None, tuple[int, _Claimed] | None]:
         # The advance a step's last job emits runs here, in the transaction that records the job, on both
@@ -824,12 +814,13 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         # it cost a broker hop, a task and a commit per step. It runs after every recorded job and does nothing
         # while the step has unfinished jobs. Returns the advance's outcome (None: none ran) and the job of the
         # new step this worker claimed to run next.
-        experiment = record(session, outbox, joined=True)
-        if experiment is None:
+        recorded = record(session, outbox, joined=True)
+        if recorded is None:
             return None, None
+        trial, experiment = recorded
         lease_to = worker_id if ctx.transport.runs_next_job() else None
-        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to, recorded[-1]))
-        return advanced, _claim_next(session, experiment, outbox, worker_id) if lease_to is not None else None
+        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to, trial))
+        return advanced, _claim_next(session, experiment, outbox)
 
     try:
         advanced, chained = ctx.commit_and_emit(record_and_advance)
@@ -842,21 +833,17 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
     return (f"experiment {advanced}" if advanced in ENDED else str(result.status)), chained
 
 
-def _claim_next(session: Session, experiment: Experiment, outbox: list[Message],
-                worker_id: str) -> tuple[int, _Claimed] | None:
-    """The first job the advance in this transaction inserted under ``worker_id``'s lease (:class:`_Joined`), taken
-    out of the outbox: this worker runs it next. It is new (inserted under the experiment's row lock this
-    transaction holds, invisible to every other worker until the commit), so the checks of a claim hold by
-    construction, and no row is read: the advance left it in the session (``_STEP_TRIALS``)."""
-    for message in outbox:
-        trial = session.info.get(_STEP_TRIALS, {}).get(message[1]) if message[0] == EVALUATE else None
-        if trial is None or trial.lease_owner != worker_id or trial.status != TrialStatus.running.value:
-            continue
-        outbox.remove(message)
-        return trial.id, _Claimed(experiment.id, experiment.entrypoint, experiment.bundle, trial.kind,
-                                  experiment.config, experiment.problem, dict(trial.extra["job"]), trial.attempts,
-                                  experiment.started_at)
-    return None
+def _claim_next(session: Session, experiment: Experiment, outbox: list[Message]) -> tuple[int, _Claimed] | None:
+    """The job the advance in this transaction inserted under this worker's lease (:class:`_Joined`), taken out of
+    the outbox: this worker runs it next. It is new (inserted under the experiment's row lock this transaction
+    holds, invisible to every other worker until the commit), so the checks of a claim hold by construction, and
+    no row is read: the advance left it in the session (:func:`_leased`)."""
+    trial = session.info.pop(_LEASED, None)
+    if trial is None:
+        return None
+    outbox.remove((EVALUATE, trial.id))
+    return trial.id, _Claimed(experiment.id, experiment.entrypoint, experiment.bundle, trial.kind, experiment.config,
+                              experiment.problem, dict(trial.extra["job"]), trial.attempts, experiment.started_at)
 
 
 def _execute(trial_id: int, claimed: _Claimed, ctx: RunContext) -> _Outcome:

@@ -48,8 +48,9 @@ def register_tasks(app: Celery) -> None:
             outcome = advance(target_id, ctx)
         else:
             outcome = evaluate(target_id, ctx)
-        # In-process, the message ran its experiment to the end; distributed, only an advance that finished it or
-        # a failed job (which may have ended it: a token too many is harmless) frees a place. Start who is next.
+        # In-process, the message ran its experiment to the end; distributed, only an advance that finished it (on
+        # its own or joined to a job's record) or a failed job (which may have ended it: a token too many is
+        # harmless) frees a place. Start who is next.
         if may_have_ended(ADVANCE if settings.runner == "inprocess" else task, outcome):
             kick_queue(ctx)
         return outcome

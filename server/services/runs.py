@@ -37,7 +37,6 @@ __all__ = [
     "heartbeat",
     "lease_is_live",
     "lease_is_live_at",
-    "lock_experiment",
     "record_sent",
     "renew_trial_leases",
     "trials_to_resend",
@@ -370,12 +369,6 @@ def heartbeat(session: Session, experiment_id: int, worker_id: str) -> bool:
     return True
 
 
-def lock_experiment(session: Session, experiment_id: int) -> str | None:
-    """Lock the experiment's row until this transaction ends and return its status (``None``: no such row),
-    without reading the rest of it."""
-    return session.scalar(select(Experiment.status).where(Experiment.id == experiment_id).with_for_update())
-
-
 def cancel_requested(session: Session, experiment_id: int) -> bool:
     status = session.scalar(select(Experiment.status).where(Experiment.id == experiment_id))
     return status in (ExperimentStatus.cancelling.value, ExperimentStatus.cancelled.value)
@@ -451,7 +444,7 @@ def add_job_trials(
         for i, row in enumerate(rows)
     ]
     if lease_first is not None and trials:
-        trials[0].attempts = 0
+        trials[0].attempts = 0  # its column default applies only at the INSERT; the lease counts the first attempt
         take_trial_lease(trials[0], lease_first)
     session.add_all(trials)
     session.flush()
