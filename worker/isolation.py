@@ -82,6 +82,12 @@ def describe_exit(returncode: int) -> str:
     return f"the task process exited with status {returncode} (sys.exit or os._exit in user code)"
 
 
+def _job_key(op: str, payload: dict[str, Any]) -> str | None:
+    """What tells one job's request from another's: its key (``None`` for a request that is not a job)."""
+    job = payload.get("job")
+    return str(job.get("key")) if op == "job" and isinstance(job, dict) else None
+
+
 class JobProcess:
     """A supervised child that loads the task ``entrypoint`` and answers requests.
 
@@ -120,6 +126,7 @@ class JobProcess:
         self._from_child: Any = None
         self._buffer = b""
         self._started_blank = False
+        self._ahead: str | None = None  # the key of the job sent ahead of its request (send_ahead)
 
     def bind(self, entrypoint: str, allowed_prefixes: list[str]) -> None:
         """Give a blank child its entrypoint; every request to the running child carries it from now on (the
@@ -216,6 +223,7 @@ class JobProcess:
             except OSError:
                 pass
         self._process, self._to_child, self._from_child, self._buffer = None, None, None, b""
+        self._ahead = None
 
     def request(
         self,
@@ -225,16 +233,16 @@ class JobProcess:
         should_stop: Callable[[], bool] | None = None,
         deadline: float | None = None,
     ) -> dict[str, Any]:
-        """Send one request and wait for its answer, checking ``should_stop`` and ``deadline`` (monotonic)."""
-        self.start()
+        """Send one request and wait for its answer, checking ``should_stop`` and ``deadline`` (monotonic). A job
+        :meth:`send_ahead` sent already is not sent again: this waits for its answer."""
+        key = _job_key(op, payload)
+        if self._ahead is not None and (key != self._ahead or self.pid is None):
+            self.kill()  # its answer would be read as this request's: a job sent ahead for nothing
+        if self._ahead is None:
+            self.start()
+            self._write(op, payload)
+        self._ahead = None
         assert self._process is not None
-        if self._started_blank:
-            # Checked by the child against this allow-list, exactly as a configured entrypoint is.
-            payload = {**payload, "entrypoint": self.entrypoint, "allowed_prefixes": self.allowed_prefixes}
-        try:
-            self._to_child.write(json.dumps({"op": op, **payload}).encode() + b"\n")
-        except BrokenPipeError:
-            pass  # it died already: reported below with its exit status
         last_check = 0.0
         while True:
             line = self._read_line(self.poll_interval)
@@ -262,6 +270,39 @@ class JobProcess:
                 if should_stop():
                     self.kill()
                     raise JobCancelled("cancelled while running; the task process was killed")
+
+    def send_ahead(self, op: str, payload: dict[str, Any]) -> None:
+        """Send a job's request now and return at once: the child runs it while the caller still works (commits the
+        transaction that claimed it); the :meth:`request` with the same job then only waits for the answer. A job
+        that will not be requested after all must be dropped (:meth:`drop_ahead`): its answer is still to come."""
+        key = _job_key(op, payload)
+        if key is None or key == self._ahead:
+            return  # not a job, or sent already (a transaction that is retried sends it once)
+        if self._ahead is not None:
+            self.kill()
+        self.start()
+        self._write(op, payload)
+        self._ahead = key
+
+    @property
+    def has_ahead(self) -> bool:
+        """Whether a job sent ahead (:meth:`send_ahead`) has not been requested yet."""
+        return self._ahead is not None
+
+    def drop_ahead(self) -> None:
+        """Forget a job sent ahead that will not be requested: the child is killed (it runs that job still, and its
+        answer would be taken for the next request's); the next request starts a new one."""
+        if self._ahead is not None:
+            self.kill()
+
+    def _write(self, op: str, payload: dict[str, Any]) -> None:
+        if self._started_blank:
+            # Checked by the child against this allow-list, exactly as a configured entrypoint is.
+            payload = {**payload, "entrypoint": self.entrypoint, "allowed_prefixes": self.allowed_prefixes}
+        try:
+            self._to_child.write(json.dumps({"op": op, **payload}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # it died already: reported by the request with its exit status
 
     def _read_line(self, timeout: float) -> bytes | None:
         import select
@@ -316,6 +357,47 @@ def _refill() -> None:
     _spare = (_warm_settings, spare)
 
 
+def _process_key(
+    entrypoint: str, allowed_prefixes: list[str], artifacts_dir: str, device: str, memory_limit_mb: int | None,
+    bundle: BundleSource | None,
+) -> tuple[Any, ...]:
+    return entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb, bundle
+
+
+def send_ahead(
+    entrypoint: str,
+    allowed_prefixes: list[str],
+    payload: dict[str, Any],
+    *,
+    artifacts_dir: str,
+    device: str = "cpu",
+    memory_limit_mb: int | None = None,
+    bundle: BundleSource | None = None,
+) -> bool:
+    """Send a job (``payload`` of a ``"job"`` request) to the parked task process that :func:`task_process` will hand
+    out for these settings, so that it runs while the caller finishes its transaction (:meth:`JobProcess.send_ahead`);
+    ``False`` when none is parked for them (the job is sent with its request, as always)."""
+    if _idle is None:
+        return False
+    idle_key, child = _idle
+    if idle_key != _process_key(entrypoint, allowed_prefixes, artifacts_dir, device, memory_limit_mb, bundle):
+        return False
+    if child.pid is None:
+        return False
+    child.send_ahead("job", payload)
+    return True
+
+
+def drop_ahead() -> None:
+    """Drop the job :func:`send_ahead` sent, when it will not be requested (its transaction failed): the parked
+    process running it is closed and the spare refilled."""
+    global _idle
+    if _idle is not None and _idle[1].has_ahead:
+        _idle[1].drop_ahead()
+        _idle = None
+        _refill()
+
+
 @contextmanager
 def task_process(
     entrypoint: str,
@@ -334,7 +416,7 @@ def task_process(
     bundle is part of the match: a process that imported one bundle's code (for one experiment) never runs
     another's."""
     global _idle, _spare
-    key = (entrypoint, tuple(allowed_prefixes), artifacts_dir, device, memory_limit_mb, bundle)
+    key = _process_key(entrypoint, allowed_prefixes, artifacts_dir, device, memory_limit_mb, bundle)
     child: JobProcess | None = None
     if _idle is not None:
         idle_key, idle_child = _idle

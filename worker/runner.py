@@ -9,7 +9,10 @@
   transaction that records it (on both transports: sending it only brought it to a worker that locks the same
   row next), and when the transport lets it (:meth:`Transport.runs_next_job`) the worker goes on with the new
   step's first job, inserted under its own lease in that transaction, while the step's other jobs are emitted.
-  One execution path, one mapping from an exception to a result, one retry rule.
+  That job is sent to the task process as soon as the strategy has asked for it, before the transaction writes
+  the state and the new trials and commits (:func:`_send_ahead`): the job runs while the commit finishes, and a
+  transaction that fails kills it (its trial never existed). One execution path, one mapping from an exception to
+  a result, one retry rule.
 
 Two transports carry the emits, both after the commit that stored what they point at:
 
@@ -293,27 +296,41 @@ class RunContext:
         return value
 
 
-def open_task_process(
-    entrypoint: str, settings: Settings, *, bundle: str | None = None, experiment_id: int | None = None
-) -> Any:
-    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow), importing
-    it from the experiment's uploaded ``bundle`` when it has one (:mod:`worker.bundles`)."""
+def _task_process_settings(
+    settings: Settings, bundle: str | None, experiment_id: int | None
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`worker.isolation.task_process` (and ``send_ahead``) for these settings."""
     from worker.bundles import BundleSource
-    from worker.isolation import task_process
 
     source = None
     if bundle is not None:
         assert experiment_id is not None, "a bundled task process belongs to one experiment"
         source = BundleSource.of(bundle, experiment_id, settings)
-    return task_process(
-        entrypoint,
-        list(settings.allowed_entrypoints),
-        artifacts_dir=str(settings.artifacts_dir),
-        device=settings.device,
-        memory_limit_mb=settings.job_memory_limit_mb,
-        reuse=settings.reuse_task_process,
-        bundle=source,
-    )
+    return {"artifacts_dir": str(settings.artifacts_dir), "device": settings.device,
+            "memory_limit_mb": settings.job_memory_limit_mb, "bundle": source}
+
+
+def open_task_process(
+    entrypoint: str, settings: Settings, *, bundle: str | None = None, experiment_id: int | None = None
+) -> Any:
+    """The supervised task process for ``entrypoint`` (a context manager; reused when the settings allow), importing
+    it from the experiment's uploaded ``bundle`` when it has one (:mod:`worker.bundles`)."""
+    from worker.isolation import task_process
+
+    return task_process(entrypoint, list(settings.allowed_entrypoints), reuse=settings.reuse_task_process,
+                        **_task_process_settings(settings, bundle, experiment_id))
+
+
+def _send_ahead(settings: Settings, experiment: Experiment, job: dict[str, Any]) -> None:
+    """Start ``job``, the new step's first, in this worker's parked task process before the transaction that
+    inserted it under this worker's lease commits: the job runs while the commit (and the record, tell and ask
+    before it) finish, instead of after them. The request that follows the commit waits for its answer; when
+    the transaction fails, :func:`worker.isolation.drop_ahead` kills the process running it (its trial does not
+    exist, so nothing records it, and the advance that asks the step again starts it again)."""
+    from worker.isolation import send_ahead
+
+    send_ahead(experiment.entrypoint, list(settings.allowed_entrypoints), {"problem": experiment.problem, "job": job},
+               **_task_process_settings(settings, experiment.bundle, experiment.id))
 
 
 def trial_to_result(trial: Trial) -> Any:
@@ -362,6 +379,9 @@ class _Joined:
     lease_to: str | None
     """The worker that will run the new step's first job (or the export) itself (:func:`_claim_next`): it is
     inserted under its lease. ``None``: every job is emitted."""
+    start: Callable[[dict[str, Any]], None] | None
+    """Starts the job that will be leased to :attr:`lease_to` (this worker) ahead of the commit
+    (:func:`_send_ahead`); ``None``: it starts when it is run."""
     recorded: Trial
     """The job just recorded: when it is the only search trial of the step told, it is told without reading the
     step's trials back. Its record is not flushed before the advance, so its result and the decision the tell
@@ -558,6 +578,8 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
     if jobs and config.max_trials is not None and finished >= config.max_trials:
         stop_reason, jobs = f"stopped after max_trials={config.max_trials}", []
+    if jobs and lease_to is not None and joined is not None and joined.start is not None:
+        joined.start(jobs[0].model_dump(mode="json"))  # the first is leased to this worker (add_trials below)
     # The state is serialised once per step, after ask (what the next tell continues from); the told step's
     # decisions are in its history already. Serialising it after tell too doubled the cost of every step.
     state_json = state.model_dump(mode="json")
@@ -819,17 +841,24 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
             return None, None
         trial, experiment = recorded
         lease_to = worker_id if ctx.transport.runs_next_job() else None
-        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to, trial))
+        start = (lambda job: _send_ahead(ctx.settings, experiment, job)) if lease_to is not None else None
+        advanced = _advance_locked(session, experiment, outbox, _Joined(lease_to, start, trial))
         return advanced, _claim_next(session, experiment, outbox)
+
+    from worker.isolation import drop_ahead
 
     try:
         advanced, chained = ctx.commit_and_emit(record_and_advance)
     except DB_CONNECTION_ERRORS:
+        drop_ahead()  # the job sent ahead was not committed: nothing will request it
         raise
     except Exception:  # noqa: BLE001 - the advance failed and its transaction was undone, the record with it:
         # record alone; the advance it emits runs on its own and reports the failure (as if never joined).
+        drop_ahead()
         ctx.commit_and_emit(record)
         return str(result.status), None
+    if chained is None:
+        drop_ahead()  # none is sent ahead without a job to claim; this only keeps the task process in step
     return (f"experiment {advanced}" if advanced in ENDED else str(result.status)), chained
 
 
