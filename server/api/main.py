@@ -93,6 +93,7 @@ def create_app(
         if freeze_heap:
             _freeze_heap(engine)
         yield
+        await app.state.reader.close()
         engine.dispose()
 
     app = FastAPI(

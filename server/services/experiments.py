@@ -163,7 +163,7 @@ DETAIL_COLUMNS = (
 
 
 @functools.cache
-def _detail_statement() -> Select[Any]:
+def detail_statement() -> Select[Any]:
     """Experiment ``:experiment_id``'s shown columns, its best trial's (outer join, ``best_*``) and its number of
     search trials (a correlated count), built once per process (one statement object reuses its compiled form).
 
@@ -201,7 +201,13 @@ def experiment_detail(db: Session | Connection, experiment_id: int, owner: str |
 
     ``db`` is a session (a route that has just changed the experiment) or a connection in autocommit (a plain read:
     one statement is consistent on its own, and needs no transaction around it)."""
-    row = db.execute(_detail_statement(), {"experiment_id": experiment_id}).first()
+    row = db.execute(detail_statement(), {"experiment_id": experiment_id}).first()
+    return visible_detail(row, experiment_id, owner)
+
+
+def visible_detail(row: Any, experiment_id: int, owner: str | None = None) -> Any:
+    """``row`` (of :func:`detail_statement`, ``None`` when no experiment has the id) when ``owner`` may see it (any
+    owner when ``None``), else :class:`NotFound`: someone else's experiment is as absent as a missing one."""
     if row is None or (owner is not None and row.owner != owner):
         raise NotFound(f"experiment {experiment_id} not found", field="id")
     return row
