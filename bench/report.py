@@ -580,8 +580,9 @@ def service_md(sv: dict[str, Any], img: Path) -> list[str]:
             "(`prunehub_bench`) + Redis (db 5), in-process runner; *distributed*: PostgreSQL + Redis, the "
             "distributed runner (each job a Celery task; the worker that records a step's last job advances the "
             "search and goes on with the next job for up to `PRUNEHUB_CHAIN_JOBS_S`, so a sequential search's job "
-            "needs no broker hop) on a "
-            "coordinator worker and one evaluation worker.",
+            "needs no broker hop) on a coordinator worker and one evaluation worker. On every backend the next job "
+            "is sent to the task process as soon as the strategy asked for it, so it runs while its transaction "
+            "commits.",
             "",
         ]
     return lines
