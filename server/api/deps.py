@@ -115,6 +115,8 @@ class _NativeReads:
         if known is None or known[0] is not statement:
             compiled = statement.compile(dialect=self._dialect)  # type: ignore[attr-defined]
             known = (statement, str(compiled), dict(compiled.params))
+            if len(self._compiled) >= 64:
+                self._compiled.clear()  # the routes' statements are built once; anything else is not kept forever
             self._compiled[id(statement)] = known
         return known[1], known[2]
 
