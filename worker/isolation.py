@@ -271,29 +271,24 @@ class JobProcess:
                     self.kill()
                     raise JobCancelled("cancelled while running; the task process was killed")
 
-    def send_ahead(self, op: str, payload: dict[str, Any]) -> None:
-        """Send a job's request now and return at once: the child runs it while the caller still works (commits the
-        transaction that claimed it); the :meth:`request` with the same job then only waits for the answer. A job
-        that will not be requested after all must be dropped (:meth:`drop_ahead`): its answer is still to come."""
-        key = _job_key(op, payload)
-        if key is None or key == self._ahead:
-            return  # not a job, or sent already (a transaction that is retried sends it once)
+    def send_ahead(self, payload: dict[str, Any]) -> None:
+        """Send a job's request (``payload`` of a ``"job"`` request) now and return at once: the child runs it while
+        the caller still works (commits the transaction that claimed it); the :meth:`request` with the same job then
+        only waits for the answer. A job that will not be requested after all is dropped (:func:`drop_ahead`): its
+        answer is still to come. Sent again (a transaction that is retried), it is sent once."""
+        key = _job_key("job", payload)
+        if key == self._ahead:
+            return
         if self._ahead is not None:
             self.kill()
         self.start()
-        self._write(op, payload)
+        self._write("job", payload)
         self._ahead = key
 
     @property
     def has_ahead(self) -> bool:
         """Whether a job sent ahead (:meth:`send_ahead`) has not been requested yet."""
         return self._ahead is not None
-
-    def drop_ahead(self) -> None:
-        """Forget a job sent ahead that will not be requested: the child is killed (it runs that job still, and its
-        answer would be taken for the next request's); the next request starts a new one."""
-        if self._ahead is not None:
-            self.kill()
 
     def _write(self, op: str, payload: dict[str, Any]) -> None:
         if self._started_blank:
@@ -377,23 +372,19 @@ def send_ahead(
     """Send a job (``payload`` of a ``"job"`` request) to the parked task process that :func:`task_process` will hand
     out for these settings, so that it runs while the caller finishes its transaction (:meth:`JobProcess.send_ahead`);
     ``False`` when none is parked for them (the job is sent with its request, as always)."""
-    if _idle is None:
+    key = _process_key(entrypoint, allowed_prefixes, artifacts_dir, device, memory_limit_mb, bundle)
+    if _idle is None or _idle[0] != key or _idle[1].pid is None:
         return False
-    idle_key, child = _idle
-    if idle_key != _process_key(entrypoint, allowed_prefixes, artifacts_dir, device, memory_limit_mb, bundle):
-        return False
-    if child.pid is None:
-        return False
-    child.send_ahead("job", payload)
+    _idle[1].send_ahead(payload)
     return True
 
 
 def drop_ahead() -> None:
     """Drop the job :func:`send_ahead` sent, when it will not be requested (its transaction failed): the parked
-    process running it is closed and the spare refilled."""
+    process running it is killed (its answer would be taken for the next request's) and the spare refilled."""
     global _idle
     if _idle is not None and _idle[1].has_ahead:
-        _idle[1].drop_ahead()
+        _idle[1].kill()
         _idle = None
         _refill()
 

@@ -381,7 +381,7 @@ class _Joined:
     inserted under its lease. ``None``: every job is emitted."""
     start: Callable[[dict[str, Any]], None] | None
     """Starts the job that will be leased to :attr:`lease_to` (this worker) ahead of the commit
-    (:func:`_send_ahead`); ``None``: it starts when it is run."""
+    (:func:`_send_ahead`); ``None`` exactly when :attr:`lease_to` is: it starts when it is run."""
     recorded: Trial
     """The job just recorded: when it is the only search trial of the step told, it is told without reading the
     step's trials back. Its record is not flushed before the advance, so its result and the decision the tell
@@ -578,7 +578,7 @@ def _advance_step(session: Session, experiment: Experiment, tally: runs.TrialTal
     state, jobs = strategy.ask(state) if stop_reason is None else (state, [])
     if jobs and config.max_trials is not None and finished >= config.max_trials:
         stop_reason, jobs = f"stopped after max_trials={config.max_trials}", []
-    if jobs and lease_to is not None and joined is not None and joined.start is not None:
+    if jobs and joined is not None and joined.start is not None:
         joined.start(jobs[0].model_dump(mode="json"))  # the first is leased to this worker (add_trials below)
     # The state is serialised once per step, after ask (what the next tell continues from); the told step's
     # decisions are in its history already. Serialising it after tell too doubled the cost of every step.
@@ -857,8 +857,6 @@ def _run_claimed(trial_id: int, claimed: _Claimed, ctx: RunContext) -> tuple[str
         drop_ahead()
         ctx.commit_and_emit(record)
         return str(result.status), None
-    if chained is None:
-        drop_ahead()  # none is sent ahead without a job to claim; this only keeps the task process in step
     return (f"experiment {advanced}" if advanced in ENDED else str(result.status)), chained
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
 import psycopg
 from fastapi import Depends, HTTPException, Path, Request
 from psycopg.rows import namedtuple_row
-from sqlalchemy import Connection, Dialect, Engine
+from sqlalchemy import Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import Executable
@@ -22,8 +22,6 @@ from server.settings import Settings
 
 __all__ = ["DispatcherDep", "ExperimentId", "PrincipalDep", "Reader", "ReaderDep", "SessionDep", "SettingsDep"]
 
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
 
 # Ids are 32-bit integers in every database we run on; a larger number is a 422, not a driver overflow.
 ExperimentId = Annotated[int, Path(ge=1, le=2_147_483_647, description="the experiment's id")]
@@ -52,8 +50,8 @@ class Reader:
     On PostgreSQL through psycopg the statement runs on the event loop, on a few of psycopg's own asyncio connections
     (:class:`_NativeReads`): no thread hop (a queue, a thread switch and the event loop's wake-up per read) and no
     SQLAlchemy execution around the driver's (``bench.service`` measures the route against ``/healthz``). Elsewhere
-    (SQLite) it runs on a pooled connection in autocommit on one threadpool thread, as ``reader(work, *args)`` does
-    for any work. One per app, made in its lifespan; :meth:`close` at its end.
+    (SQLite) it runs on a pooled connection in autocommit on one threadpool thread. One per app, made in its
+    lifespan; :meth:`close` at its end.
     """
 
     THREADS = 8
@@ -67,22 +65,18 @@ class Reader:
         self._limiter = anyio.CapacityLimiter(self.THREADS)
         self._native = _NativeReads.of(engine, self.THREADS)
 
-    async def __call__(
-        self, work: Callable[Concatenate[Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        def run() -> _T:
-            with self._engine.connect() as connection:
-                return work(connection, *args, **kwargs)
-
-        # Not abandoned on cancellation: a client that goes away waits for the thread, which closes the connection.
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
-
     async def row(self, statement: Executable, params: dict[str, Any]) -> Any:
         """The first row of ``statement`` with ``params`` (``None`` without one), its columns as attributes. A
         database that cannot be reached raises :class:`~sqlalchemy.exc.DBAPIError`, as SQLAlchemy does (a 503)."""
         if self._native is not None:
             return await self._native.first(statement, params)
-        return await self(lambda connection: connection.execute(statement, params).first())
+
+        def run() -> Any:
+            with self._engine.connect() as connection:
+                return connection.execute(statement, params).first()
+
+        # Not abandoned on cancellation: a client that goes away waits for the thread, which closes the connection.
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def close(self) -> None:
         """Close the native connections (the pooled ones go with the engine)."""

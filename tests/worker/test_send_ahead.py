@@ -44,9 +44,6 @@ def env(tmp_path: Path, digits_weights: Path, monkeypatch: pytest.MonkeyPatch) -
     engine = make_engine(url)
     yield settings, make_session_factory(engine)
     engine.dispose()
-    with open_task_process(TASK, settings):
-        pass  # the parked process of this test's settings
-    isolation.drop_ahead()
 
 
 def _evaluations(settings: Settings) -> int:
